@@ -1,0 +1,141 @@
+"""The worker's synchronous core: weights, KV cache, and the per-slot mirror of scheduler state.
+
+The scheduler owns block tables; the worker keeps a mirror that StepPlan diffs update:
+
+    new_slots      -> reset the slot's block count, store its sampling parameters
+    block_appends  -> block_tables[slot, count[slot]] = block; count[slot] += 1
+
+Everything per step is built with array ops over the batch (no per-request Python loop).
+"""
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from mi.actors.messages import StepPlan
+from mi.models.loader import load_model, read_mi_config
+from mi.models.parallel import TensorParallel
+from mi.ops import AttentionMetadata, rotary_cos_sin, sample
+
+_GPU_KV_FRACTION = 0.9
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    model_dir: str
+    device: str  # "cpu" or "cuda:N"
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    block_size: int
+    max_num_seqs: int
+    max_model_len: int
+    num_kv_blocks: int  # 0: size from kv_cache_bytes
+    kv_cache_bytes: int  # -1: auto (GPU)
+
+
+def kv_block_bytes(model_cfg: dict, tp: int, block_size: int, dtype: torch.dtype) -> int:
+    num_kv_heads = max(1, model_cfg["num_key_value_heads"] // tp)
+    per_token = 2 * model_cfg["num_hidden_layers"] * num_kv_heads * model_cfg["head_dim"]
+    return per_token * block_size * torch.finfo(dtype).bits // 8
+
+
+class ModelRunner:
+    def __init__(self, cfg: RunnerConfig, tp: TensorParallel):
+        self.cfg = cfg
+        self.tp = tp
+        self.device = torch.device(cfg.device)
+        dtype = getattr(torch, cfg.dtype)
+        model_cfg = read_mi_config(cfg.model_dir)["model"]
+        self.model = load_model(cfg.model_dir, tp, self.device, dtype)
+        self.cos_sin = rotary_cos_sin(model_cfg["head_dim"], cfg.max_model_len, model_cfg["rope_theta"],
+                                      model_cfg.get("rope_scaling"), self.device)
+
+        kv_bytes = cfg.kv_cache_bytes
+        if kv_bytes < 0:  # auto: most of what the weights left free on the GPU
+            kv_bytes = int(torch.cuda.mem_get_info(self.device)[0] * _GPU_KV_FRACTION)
+        self.num_kv_blocks = cfg.num_kv_blocks or kv_bytes // kv_block_bytes(
+            model_cfg, tp.size, cfg.block_size, dtype)
+        if self.num_kv_blocks < 1:
+            raise ValueError("the KV cache budget is smaller than one block; raise --kv-cache-memory")
+        num_kv_heads = model_cfg["num_key_value_heads"] // tp.size or 1
+        shape = (self.num_kv_blocks, cfg.block_size, num_kv_heads, model_cfg["head_dim"])
+        # Zeroed, not empty: masked-out keys still meet V rows in the matmul, and garbage NaNs there
+        # would poison the output (0 * NaN = NaN).
+        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
+                           torch.zeros(shape, dtype=dtype, device=self.device))
+                          for _ in range(model_cfg["num_hidden_layers"])]
+
+        max_blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
+        self.block_tables = np.zeros((cfg.max_num_seqs, max_blocks_per_seq), dtype=np.int64)
+        self.num_slot_blocks = np.zeros(cfg.max_num_seqs, dtype=np.int64)
+        self.temperature = np.zeros(cfg.max_num_seqs, dtype=np.float32)
+        self.top_p = np.ones(cfg.max_num_seqs, dtype=np.float32)
+        self.top_k = np.zeros(cfg.max_num_seqs, dtype=np.int64)
+        self.seeds = np.zeros(cfg.max_num_seqs, dtype=np.int64)
+
+    def apply_diffs(self, plan: StepPlan) -> None:
+        if plan.new_slots:
+            params = np.asarray(plan.new_slots, dtype=np.float64)  # [n, 5]
+            slots = params[:, 0].astype(np.int64)
+            self.num_slot_blocks[slots] = 0
+            self.temperature[slots] = params[:, 1]
+            self.top_p[slots] = params[:, 2]
+            self.top_k[slots] = params[:, 3]
+            # Seeds go through int64 exactly (float64 would round them).
+            self.seeds[slots] = np.asarray([row[4] for row in plan.new_slots], dtype=np.int64)
+        appends = plan.block_appends
+        if len(appends):
+            slots, blocks = appends[:, 0].astype(np.int64), appends[:, 1]
+            # Rank of each append among earlier appends to the same slot in this plan.
+            order = np.argsort(slots, kind="stable")
+            sorted_slots = slots[order]
+            starts = np.r_[True, sorted_slots[1:] != sorted_slots[:-1]]
+            group_start = np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))
+            rank = np.arange(len(order)) - group_start
+            self.block_tables[sorted_slots, self.num_slot_blocks[sorted_slots] + rank] = blocks[order]
+            np.add.at(self.num_slot_blocks, slots, 1)
+
+    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, np.ndarray]:
+        slots = plan.slots.astype(np.int64)
+        num_new = plan.num_new_tokens.astype(np.int64)
+        num_computed = plan.num_computed_tokens.astype(np.int64)
+        seq_lens = num_computed + num_new
+        num_tokens = int(num_new.sum())
+        token_seq_idx = np.repeat(np.arange(len(slots)), num_new)
+        query_starts = np.cumsum(num_new) - num_new
+        token_query_idx = np.arange(num_tokens) - query_starts[token_seq_idx]
+        positions = num_computed[token_seq_idx] + token_query_idx
+        block_size = self.cfg.block_size
+        token_blocks = self.block_tables[slots[token_seq_idx], positions // block_size]
+        slot_mapping = token_blocks * block_size + positions % block_size
+        max_seq_len = int(seq_lens.max())
+        tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
+
+        to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        meta = AttentionMetadata(
+            slot_mapping=to_device(slot_mapping), block_tables=to_device(tables),
+            seq_lens=to_device(seq_lens), token_seq_idx=to_device(token_seq_idx),
+            token_query_idx=to_device(token_query_idx), positions=to_device(positions),
+            max_query_len=int(num_new.max()), max_seq_len=max_seq_len)
+        return meta, seq_lens
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> np.ndarray | None:
+        """Runs one forward pass; returns sampled token ids (rank 0) for rows with do_sample."""
+        self.apply_diffs(plan)
+        if len(plan.slots) == 0:
+            return np.zeros(0, dtype=np.int32)
+        meta, seq_lens = self._metadata(plan)
+        input_ids = torch.from_numpy(plan.input_ids.astype(np.int64)).to(self.device)
+        hidden = self.model(input_ids, self.kv_caches, meta, self.cos_sin)
+        sample_rows = np.flatnonzero(plan.do_sample)
+        last_token_idx = np.cumsum(plan.num_new_tokens.astype(np.int64))[sample_rows] - 1
+        logits = self.model.compute_logits(hidden[torch.from_numpy(last_token_idx).to(self.device)])
+        if self.tp.rank != 0:
+            return None
+        slots = plan.slots[sample_rows].astype(np.int64)
+        tensor = lambda a: torch.from_numpy(a[slots]).to(self.device)  # noqa: E731
+        # The sampled token's position (= sequence length so far) keys its random noise.
+        positions = torch.from_numpy(seq_lens[sample_rows]).to(self.device)
+        token_ids = sample(logits, tensor(self.temperature), tensor(self.top_p), tensor(self.top_k),
+                           tensor(self.seeds), positions)
+        return token_ids.to(torch.int32).cpu().numpy()

@@ -1,0 +1,119 @@
+"""`mi-backend` / `python -m mi.backend.launch`: serve a converted model on this host's devices.
+
+    mi-backend --model OUT --device all|N --port 12222
+
+Prints `service start at localhost:PORT` once it accepts requests; SIGTERM or Ctrl-C stops it
+cleanly (exit 0).
+"""
+import argparse
+import asyncio
+import logging
+import sys
+
+from mi.config import BackendConfig, parse_bytes
+
+_DEFAULT_CPU_KV_BYTES = 1 << 30
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mi-backend", description=__doc__.split("\n\n")[0],
+                                allow_abbrev=False)
+    p.add_argument("--model", required=True, help="a directory written by mi-convert")
+    p.add_argument("--device", default="all",
+                   help="'all' or a number of devices, a multiple of the checkpoint's tp. "
+                        "On a host without a GPU a device is a CPU worker with an equal share of "
+                        "the cores, and 'all' means one replica (tp workers).")
+    p.add_argument("--port", type=int, default=12222)
+    p.add_argument("--host", default="127.0.0.1", help="TCP bind address (default: loopback only)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 on CPU (bf16/fp16 matmuls are slow there), the "
+                        "checkpoint's dtype on GPU")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument("--max-num-seqs", type=int, default=None,
+                   help="running requests per replica (default: 64 on CPU, 256 on GPU)")
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                   help="tokens computed per step; longer prompts are prefilled in chunks")
+    p.add_argument("--max-model-len", type=int, default=None,
+                   help="prompt + completion tokens (default: the model's max positions)")
+    p.add_argument("--kv-cache-memory", default=None,
+                   help="KV-cache size per worker, e.g. 2GiB (default: 1GiB on CPU, "
+                        "90%% of free memory after the weights on GPU)")
+    p.add_argument("--num-kv-blocks", type=int, default=0,
+                   help="exact number of KV blocks per worker; overrides --kv-cache-memory")
+    p.add_argument("--ready-timeout", type=float, default=600.0,
+                   help="seconds to wait for the workers to load the model")
+    p.add_argument("--log-level", default="INFO")
+    return p
+
+
+def _device_count(requested: str, tp: int) -> tuple[str, int]:
+    import torch
+
+    device_type = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "all":
+        return device_type, torch.cuda.device_count() if device_type == "cuda" else tp
+    try:
+        count = int(requested)
+    except ValueError:
+        raise ValueError(f"--device must be 'all' or a number, got {requested!r}") from None
+    if device_type == "cuda" and count > torch.cuda.device_count():
+        raise ValueError(f"--device {count}: only {torch.cuda.device_count()} GPUs are visible")
+    return device_type, count
+
+
+def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig:
+    tp = mi_config["tp"]
+    device_type, num_devices = _device_count(args.device, tp)
+    if num_devices % tp or num_devices < 1:
+        raise ValueError(f"--device {num_devices} is not a positive multiple of the "
+                         f"checkpoint's tp={tp}")
+    if num_devices != tp:
+        raise ValueError(f"--device {num_devices} would run {num_devices // tp} replicas; this "
+                         f"version serves one replica (--device {tp})")
+    dtype = args.dtype
+    if dtype == "auto":
+        dtype = "float32" if device_type == "cpu" else mi_config["dtype"]
+    model_len = mi_config["model"]["max_position_embeddings"]
+    max_model_len = args.max_model_len or model_len
+    if max_model_len > model_len:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions")
+    if args.kv_cache_memory is not None:
+        kv_bytes = parse_bytes(args.kv_cache_memory)
+    else:
+        kv_bytes = _DEFAULT_CPU_KV_BYTES if device_type == "cpu" else -1  # -1: GPU auto-size
+    return BackendConfig(
+        model_dir=args.model, host=args.host, port=args.port, device_type=device_type,
+        num_devices=num_devices, tp=tp, dtype=dtype, block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs or (64 if device_type == "cpu" else 256),
+        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
+        kv_cache_bytes=kv_bytes, num_kv_blocks=args.num_kv_blocks,
+        ready_timeout=args.ready_timeout, shutdown_grace=5.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="mi-backend %(levelname)s %(message)s")
+    try:
+        from mi.models.loader import read_mi_config
+
+        mi_config = read_mi_config(args.model)
+        cfg = config_from_args(args, mi_config)
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    except (ValueError, OSError) as exc:
+        print(f"mi-backend: error: {exc}", file=sys.stderr)
+        return 2
+    from mi.actors.backend_server import serve
+
+    try:
+        import uvloop
+        run = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    return run(serve(cfg, mi_config, tokenizer))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

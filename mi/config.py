@@ -1,0 +1,54 @@
+"""Frozen configuration of the backend, built once from the command line."""
+import re
+from dataclasses import dataclass
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
+          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+
+
+def parse_bytes(text: str) -> int:
+    """'1GiB', '512MiB', '2g', '1048576' -> bytes."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a memory size: {text!r} (examples: 1GiB, 512MiB, 1073741824)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    model_dir: str  # a mi-convert output directory
+    host: str  # TCP bind address (loopback unless asked otherwise)
+    port: int
+    device_type: str  # "cpu" or "cuda"
+    num_devices: int  # workers in total = replicas * tp
+    tp: int  # from the checkpoint
+    dtype: str  # "float32" | "bfloat16" | "float16"
+    block_size: int  # tokens per KV block
+    max_num_seqs: int  # running requests per replica
+    max_num_batched_tokens: int  # tokens computed per step (the chunked-prefill budget)
+    max_model_len: int  # prompt + completion, in tokens
+    kv_cache_bytes: int  # per worker; used when num_kv_blocks is 0
+    num_kv_blocks: int  # 0: derive from kv_cache_bytes
+    ready_timeout: float  # seconds for the workers to load and report ready
+    shutdown_grace: float  # seconds children get to exit before SIGKILL
+
+    def __post_init__(self):
+        checks = [
+            (self.num_devices >= 1 and self.num_devices % self.tp == 0,
+             f"--device {self.num_devices} is not a positive multiple of the checkpoint's tp={self.tp}"),
+            (self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
+             f"--block-size must be a power of two, got {self.block_size}"),
+            (self.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {self.max_num_seqs}"),
+            (self.max_num_batched_tokens >= 1,
+             f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (self.max_model_len >= 2, f"--max-model-len must be >= 2, got {self.max_model_len}"),
+            (self.num_kv_blocks >= 0, f"--num-kv-blocks must be >= 0, got {self.num_kv_blocks}"),
+            (1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+    @property
+    def num_replicas(self) -> int:
+        return self.num_devices // self.tp

@@ -1,0 +1,158 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3), tensor parallel inside its layers.
+
+Reads top-down: config, attention, MLP, decoder layer, model. Module attribute names equal the
+keys of a converted `rank-{r}.safetensors` (see docs/format.md), so loading is
+`load_state_dict(..., assign=True)`: the weights arrive already sliced for this rank, with q/k/v
+fused into `qkv_proj` and gate/up into `gate_up_proj`.
+
+Shapes: N = tokens in the step (all sequences packed), E = hidden, H/K = this rank's query/KV
+heads, D = head dim, I = this rank's intermediate size, V' = this rank's vocab shard.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mi.models.parallel import TensorParallel
+from mi.ops import (AttentionMetadata, apply_rotary, paged_attention, rms_norm, silu_and_mul,
+                    write_kv_cache)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    padded_vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: dict | None
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    qk_norm: bool
+
+    @classmethod
+    def from_mi_config(cls, model: dict) -> "ModelConfig":
+        return cls(**{name: model[name] for name in cls.__dataclass_fields__})
+
+    def num_kv_heads_per_rank(self, tp: int) -> int:
+        # tp > num_kv_heads: each rank holds one replicated KV head (see docs/format.md).
+        return max(1, self.num_key_value_heads // tp)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.num_heads = cfg.num_attention_heads // tp.size
+        self.num_kv_heads = cfg.num_kv_heads_per_rank(tp.size)
+        self.head_dim = cfg.head_dim
+        qkv_rows = (self.num_heads + 2 * self.num_kv_heads) * cfg.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv_rows, bias=cfg.attention_bias)  # column-parallel
+        self.o_proj = nn.Linear(self.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)  # row-parallel
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+        self.qk_norm = cfg.qk_norm
+        self.scale = cfg.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+        num_tokens = x.shape[0]
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(num_tokens, self.num_heads, self.head_dim)  # [N, H, D]
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)  # [N, K, D]
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rotary(q, k, meta.positions, cos_sin)
+        k_cache, v_cache = kv_cache
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [N, H, D]
+        return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, q_size)))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        shard = cfg.intermediate_size // tp.size
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * shard, bias=False)  # column-parallel
+        self.down_proj = nn.Linear(shard, cfg.hidden_size, bias=False)  # row-parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.tp.all_reduce(self.down_proj(silu_and_mul(self.gate_up_proj(x))))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, tp)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg, tp)
+
+    def forward(self, x, kv_cache, meta, cos_sin):
+        x = x + self.self_attn(self.input_layernorm(x), kv_cache, meta, cos_sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Each rank holds rows [rank * V', (rank + 1) * V') of the (padded) vocabulary."""
+
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        self.tp = tp
+        self.shard_size = cfg.padded_vocab_size // tp.size
+        self.weight = nn.Parameter(torch.empty(self.shard_size, cfg.hidden_size))
+
+    def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp.size == 1:
+            return F.embedding(token_ids, self.weight)
+        local_ids = token_ids - self.tp.rank * self.shard_size
+        is_local = (local_ids >= 0) & (local_ids < self.shard_size)
+        out = F.embedding(local_ids.clamp(0, self.shard_size - 1), self.weight)
+        return self.tp.all_reduce(out * is_local[:, None])
+
+
+class CausalLM(nn.Module):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+        super().__init__()
+        self.cfg = cfg
+        self.tp = tp
+        self.embed_tokens = VocabParallelEmbedding(cfg, tp)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if not cfg.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size // tp.size, bias=False)
+
+    def forward(self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+        """input_ids [N] -> final hidden states [N, E]."""
+        x = self.embed_tokens(input_ids)
+        for layer, kv_cache in zip(self.layers, kv_caches):
+            x = layer(x, kv_cache, meta, cos_sin)
+        return self.norm(x)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [S, E] -> logits [S, vocab_size] (padding columns dropped)."""
+        weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        logits = self.tp.all_gather_last_dim(F.linear(hidden, weight))  # [S, V'] per rank
+        return logits[:, : self.cfg.vocab_size]
