@@ -66,11 +66,12 @@ class SchedulerActor:
     def _handle(self, msg) -> bool:
         """Applies one supervisor message; False on Shutdown."""
         if isinstance(msg, m.AddRequest):
-            params = SamplingParams(
-                max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
-                top_k=msg.top_k, seed=msg.seed, stop_token_ids=tuple(msg.stop_token_ids.tolist()),
-                ignore_eos=msg.ignore_eos, min_tokens=msg.min_tokens)
             try:
+                params = SamplingParams(
+                    max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+                    top_k=msg.top_k, seed=msg.seed,
+                    stop_token_ids=tuple(msg.stop_token_ids.tolist()),
+                    ignore_eos=msg.ignore_eos, min_tokens=msg.min_tokens)
                 self.core.add_request(msg.req_id, msg.prompt_ids, params)
             except ValueError as exc:
                 self.outputs.send(m.RequestRejected(req_id=msg.req_id, reason=str(exc)))
