@@ -1,0 +1,185 @@
+"""OpenAI-style API errors, shared by the backend, the frontend and the SDK.
+
+Every 4xx/5xx body any `mi` server sends has the OpenAI shape
+`{"error": {"message": str, "type": str, "param": str | None, "code": str | None}}`.
+Messages are for end users: they never name file paths, addresses or internals.
+"""
+
+from __future__ import annotations
+
+__all__ = ["ApiError", "error_body", "default_error_type"]
+
+_TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "invalid_request_error",  # OpenAI answers an unknown model with this type
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+}
+
+
+def default_error_type(status: int) -> str:
+    """The OpenAI error `type` for an HTTP status."""
+    if status in _TYPE_BY_STATUS:
+        return _TYPE_BY_STATUS[status]
+    return "server_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field name
+    param: str | None = None,
+    code: str | None = None,
+) -> dict:
+    """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class ApiError(Exception):
+    """A request that must be answered with `status` and an OpenAI error body.
+
+    `retry_after` (seconds) is sent as the `Retry-After` header, e.g. on 503.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        param: str | None = None,
+        type: str | None = None,  # noqa: A002 - the OpenAI field name
+        code: str | None = None,
+        *,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.type = type or default_error_type(status)
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict:
+        return error_body(self.message, self.type, self.param, self.code)
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else {}
+
+    def __repr__(self) -> str:
+        return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
+
+    @classmethod
+    def from_body(cls, status: int, body: object) -> "ApiError":
+        """Rebuild an error received from another `mi` server (any malformed body is tolerated)."""
+        err = body.get("error") if isinstance(body, dict) else None
+        if not isinstance(err, dict) or not isinstance(err.get("message"), str):
+            return cls(status, f"The backend answered with HTTP status {status}.")
+
+        def opt_str(key: str) -> str | None:
+            value = err.get(key)
+            return value if isinstance(value, str) else None
+
+        return cls(status, err["message"], opt_str("param"), opt_str("type"), opt_str("code"))
+
+
+# -- field checks -------------------------------------------------------------------------------
+# Strict JSON types: a bool is not an int, an int is a valid float, `null` means "use the
+# default" (OpenAI marks its optional fields nullable). Each raises a 400 naming the field.
+
+_JSON_TYPE_NAMES = {
+    bool: "boolean", int: "integer", float: "number", str: "string",
+    list: "array", dict: "object", type(None): "null",
+}
+
+
+def json_type_name(value: object) -> str:
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
+
+
+def invalid(param: str, message: str) -> ApiError:
+    return ApiError(400, message, param, code="invalid_value")
+
+
+def wrong_type(param: str, value: object, expected: str) -> ApiError:
+    return ApiError(
+        400, f"'{param}' must be {expected}, got {json_type_name(value)}.", param, code="invalid_type"
+    )
+
+
+def is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_bool(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise wrong_type(key, value, "a boolean")
+    return value
+
+
+def read_int(body: dict, key: str, default, lo: int | None = None, hi: int | None = None):
+    value = body.get(key)
+    if value is None:
+        return default
+    if not is_int(value):
+        raise wrong_type(key, value, "an integer")
+    if lo is not None and value < lo:
+        raise invalid(key, f"'{key}' must be at least {lo}, got {value}.")
+    if hi is not None and value > hi:
+        raise invalid(key, f"'{key}' must be at most {hi}, got {value}.")
+    return value
+
+
+def read_float(
+    body: dict, key: str, default: float, lo: float, hi: float | None = None, *, lo_open: bool = False
+) -> float:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise wrong_type(key, value, "a number")
+    value = float(value)
+    if value != value or value < lo or (lo_open and value == lo):
+        bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
+        raise invalid(key, f"'{key}' must be {bound}, got {value:g}.")
+    if hi is not None and value > hi:
+        raise invalid(key, f"'{key}' must be at most {hi:g}, got {value:g}.")
+    return value
+
+
+def read_str(body: dict, key: str, default: str | None) -> str | None:
+    value = body.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise wrong_type(key, value, "a string")
+    return value
+
+
+def read_token_ids(value: object, param: str, vocab_size: int, *, allow_empty: bool) -> tuple[int, ...]:
+    """A JSON array of token ids, each in [0, vocab_size)."""
+    if not isinstance(value, list):
+        raise wrong_type(param, value, "an array of integers")
+    if not value and not allow_empty:
+        raise invalid(param, f"'{param}' must not be empty.")
+    for token_id in value:
+        if not is_int(token_id):
+            raise wrong_type(param, token_id, "an array of integers")
+        if not 0 <= token_id < vocab_size:
+            raise invalid(
+                param, f"Token id {token_id} in '{param}' is out of range [0, {vocab_size})."
+            )
+    return tuple(value)
+
+
+def reject_unknown(body: dict, known: frozenset[str]) -> None:
+    for key in body:
+        if key not in known:
+            key = key[:64]
+            raise ApiError(
+                400, f"Unrecognized request argument supplied: {key}", key, code="unknown_parameter"
+            )
