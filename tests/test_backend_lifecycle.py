@@ -135,4 +135,4 @@ def test_not_a_converted_model(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mi.backend.launch", "--model", str(tmp_path),
                              "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
-    assert "run mi-convert first" in result.stderr
+    assert "is not a converted model" in result.stderr

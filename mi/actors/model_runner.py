@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from mi.actors.messages import StepPlan
-from mi.models.loader import load_model, read_mi_config
+from mi.convert import load_mi_config
+from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, rotary_cos_sin, sample
 
@@ -44,7 +45,7 @@ class ModelRunner:
         self.tp = tp
         self.device = torch.device(cfg.device)
         dtype = getattr(torch, cfg.dtype)
-        model_cfg = read_mi_config(cfg.model_dir)["model"]
+        model_cfg = load_mi_config(cfg.model_dir)["model"]
         self.model = load_model(cfg.model_dir, tp, self.device, dtype)
         self.cos_sin = rotary_cos_sin(model_cfg["head_dim"], cfg.max_model_len, model_cfg["rope_theta"],
                                       model_cfg.get("rope_scaling"), self.device)

@@ -74,9 +74,15 @@ def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig
     if dtype == "auto":
         dtype = "float32" if device_type == "cpu" else mi_config["dtype"]
     model_len = mi_config["model"]["max_position_embeddings"]
+    # Sliding-window attention is not implemented: within the window it equals full attention,
+    # so serving stays exact if no sequence outgrows the window.
+    window = mi_config["model"].get("sliding_window")
+    if window:
+        model_len = min(model_len, window)
     max_model_len = args.max_model_len or model_len
     if max_model_len > model_len:
-        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions")
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions"
+                         + (" (its sliding window)" if window else ""))
     if args.kv_cache_memory is not None:
         kv_bytes = parse_bytes(args.kv_cache_memory)
     else:
@@ -95,9 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="mi-backend %(levelname)s %(message)s")
     try:
-        from mi.models.loader import read_mi_config
+        from mi.convert import load_mi_config
 
-        mi_config = read_mi_config(args.model)
+        mi_config = load_mi_config(args.model)
         cfg = config_from_args(args, mi_config)
         from transformers import AutoTokenizer
 

@@ -1,0 +1,204 @@
+"""Tiny random-weight Hugging Face models for tests and the demo.
+
+`build_tiny_model(out_dir, arch)` writes a directory that `AutoModelForCausalLM.from_pretrained`
+and `AutoTokenizer.from_pretrained` load: float32 safetensors weights, config.json,
+generation_config.json and a real byte-level BPE tokenizer (trained here, on source files that
+ship with Python) with a chat template.
+
+Invariants:
+- Same arch + seed + Python/transformers versions -> byte-identical files.
+- Weights use a large initializer range, random (non-zero) qkv biases and random norm weights:
+  greedy logits are well separated (HF is compared to `mi` token for token) and a misplaced
+  tensor changes the output.
+- Every arch is GQA with 8 query heads (tp 1/2/4/8 divide them) and a power-of-two head_dim >= 16.
+- The global torch RNG is left untouched (weights are drawn inside `torch.random.fork_rng`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.util
+import pathlib
+
+import torch
+from tokenizers import (
+    Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers)
+from transformers import (
+    GenerationConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.utils import logging as hf_logging
+
+BOS, EOS, PAD, UNK = "<|bos|>", "<|eos|>", "<|pad|>", "<|unk|>"
+SYSTEM, USER, ASSISTANT, END = "<|system|>", "<|user|>", "<|assistant|>", "<|end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, UNK, SYSTEM, USER, ASSISTANT, END]  # ids 0..7, in this order
+VOCAB_SIZE = 500  # not a multiple of 64: converted checkpoints exercise vocab padding
+
+# The rendered prompt starts with BOS: tokenize it with add_special_tokens=False
+# (apply_chat_template(tokenize=True) does), or BOS appears twice.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + '<|end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
+# Qwen2's pre-tokenizer split (the GPT-4 style regex). transformers always loads a qwen2
+# checkpoint's tokenizer with Qwen2Tokenizer, which rebuilds the normalizer and pre-tokenizer
+# as NFC + this split; using the same pipeline for every arch makes AutoTokenizer give the same
+# ids whether it loads the HF directory or a converted one (which has no config.json).
+_SPLIT_REGEX = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+# Stdlib modules whose source trains the BPE (fixed order; read by file, never imported).
+_CORPUS_MODULES = [
+    "argparse", "textwrap", "difflib", "string", "json.decoder", "json.encoder",
+    "csv", "enum", "functools", "dataclasses", "calendar", "shlex",
+]
+_EXTRA_TEXT = "Héllo wörld, naïve café. 日本語のテキスト。Ελληνικά. Привет, мир! 🙂 ✓ — “quotes”.\n"
+
+_ARCHS = {
+    # arch: (config class, model class, dims and arch-specific config fields)
+    "llama": (LlamaConfig, LlamaForCausalLM, dict(
+        hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
+        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(
+        hidden_size=128, intermediate_size=192, num_attention_heads=8, num_key_value_heads=4,
+        rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None,
+        tie_word_embeddings=False)),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(
+        hidden_size=128, intermediate_size=320, num_attention_heads=8, num_key_value_heads=2,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    # head_dim 16 != 256 / 8. (With tied embeddings a narrower qwen3 greedily repeats one token.)
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
+        hidden_size=256, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4,
+        head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+}
+ARCHS = tuple(_ARCHS)
+
+
+def _corpus() -> list[str]:
+    texts = []
+    for name in _CORPUS_MODULES:
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin and spec.origin.endswith(".py"):
+            texts.append(pathlib.Path(spec.origin).read_text(encoding="utf-8"))
+    texts.append(_EXTRA_TEXT * 20)
+    return texts
+
+
+@functools.lru_cache(maxsize=1)
+def _trained_tokenizer_json() -> str:
+    """Train the BPE once per process; return it serialized (callers rebuild a fresh copy)."""
+    tok = Tokenizer(models.BPE())
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(_corpus(), trainer=trainer)
+    bos_id = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)])
+    return tok.to_str()
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    """A fresh HF tokenizer around the (cached) trained BPE."""
+    tok = Tokenizer.from_str(_trained_tokenizer_json())
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=UNK,
+        additional_special_tokens=[SYSTEM, USER, ASSISTANT, END],
+        chat_template=CHAT_TEMPLATE,
+        clean_up_tokenization_spaces=False,
+        model_max_length=2048,
+    )
+
+
+def _randomize(model: torch.nn.Module, std: float) -> None:
+    """Give biases and norm weights random values (HF initializes them to 0 and 1)."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(".bias"):
+                param.normal_(0.0, std)
+            elif name.endswith("norm.weight"):
+                param.normal_(1.0, std)
+
+
+def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0) -> pathlib.Path:
+    """Write a tiny random `arch` model with its tokenizer to `out_dir`; return the path."""
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    config_cls, model_cls, dims = _ARCHS[arch]
+    tokenizer = build_tokenizer()
+    bos_id, eos_id, pad_id = (tokenizer.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD))
+    end_id = tokenizer.convert_tokens_to_ids(END)
+    dims = dict(dims)
+    rope_theta = dims.pop("rope_theta")
+    config = config_cls(
+        vocab_size=len(tokenizer),
+        num_hidden_layers=2,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+        pad_token_id=pad_id,
+        dtype="float32",
+        **dims,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = model_cls(config).to(torch.float32).eval()
+        _randomize(model, config.initializer_range)
+    model.generation_config = GenerationConfig(
+        bos_token_id=bos_id, eos_token_id=[eos_id, end_id], pad_token_id=pad_id)
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+    return out
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m mi.models.tiny",
+                                     description=__doc__.split("\n")[0])
+    parser.add_argument("--arch", choices=ARCHS, default="llama")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    print(build_tiny_model(args.out, args.arch, args.seed))
+
+
+if __name__ == "__main__":
+    main()
