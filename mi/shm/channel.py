@@ -1,0 +1,37 @@
+"""Typed channels: the codec on top of a ring endpoint (one message per ring record)."""
+
+from __future__ import annotations
+
+from mi.shm.codec import decode, encode
+from mi.shm.ring import RingReader, RingWriter
+
+
+class Sender:
+    """Encodes registered messages onto a ring writer."""
+
+    def __init__(self, writer: RingWriter):
+        self._writer = writer
+
+    def send(self, msg, timeout: float | None = None) -> None:
+        """Blocks while the ring is full; RingTimeout past `timeout`, CodecError if unencodable."""
+        self._writer.write(encode(msg), timeout)
+
+
+class Receiver:
+    """Decodes messages from a ring reader; a bad record raises CodecError or RingCorrupt."""
+
+    def __init__(self, reader: RingReader):
+        self._reader = reader
+
+    def fileno(self) -> int:
+        return self._reader.fileno()
+
+    def recv(self, timeout: float | None = None):
+        return decode(self._reader.read(timeout))
+
+    def try_recv(self):
+        buf = self._reader.try_read()
+        return None if buf is None else decode(buf)
+
+    async def recv_async(self):
+        return decode(await self._reader.read_async())
