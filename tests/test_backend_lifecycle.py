@@ -11,7 +11,7 @@ import urllib.request
 import psutil
 import pytest
 
-from servers import Process, free_port, start_backend
+from servers import free_port, start_backend
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
