@@ -136,3 +136,29 @@ def test_not_a_converted_model(tmp_path):
                              "--port", str(free_port())], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "is not a converted model" in result.stderr
+
+
+def test_new_request_joins_a_running_batch(backend):
+    """Continuous batching: a short request finishes while a long one keeps streaming."""
+    import asyncio
+
+    import aiohttp
+
+    _, port = backend
+    url = f"http://127.0.0.1:{port}/v1/generate"
+
+    async def scenario():
+        async with aiohttp.ClientSession() as session:
+            long_body = {"prompt": "x", "max_tokens": 1500, "ignore_eos": True, "stream": True}
+            async with session.post(url, json=long_body) as long_resp:
+                await long_resp.content.readline()  # stream start
+                await long_resp.content.readline()  # first token: the long request is running
+                async with session.post(url, json={"prompt": "hello", "max_tokens": 4,
+                                                   "temperature": 0}) as short_resp:
+                    short = await short_resp.json()
+                later = json.loads(await long_resp.content.readline())
+                return short, later
+
+    short, later = asyncio.run(scenario())
+    assert short["finish_reason"] == "length" and len(short["ids"]) == 4
+    assert later["finish_reason"] is None, "the long request was still running"
