@@ -16,12 +16,12 @@ stop() {
 }
 trap stop EXIT
 
-echo "== building the tiny Llama model in $OUT/hf"
-python -m mi.models.tiny --arch llama --out "$OUT/hf"
-echo "== mi-convert --path $OUT/hf --out $OUT/mi --tp 1"
-mi-convert --path "$OUT/hf" --out "$OUT/mi" --tp 1 --force
-echo "== mi-backend --model $OUT/mi --device all --port $BACKEND_PORT"
-mi-backend --model "$OUT/mi" --device all --port "$BACKEND_PORT" > "$OUT/backend.log" 2>&1 &
+echo "== building the tiny Llama model in $OUT/tiny-llama"
+python -m mi.models.tiny --arch llama --out "$OUT/tiny-llama"
+echo "== mi-convert --path $OUT/tiny-llama --out $OUT/tiny-llama-tp1 --tp 1"
+mi-convert --path "$OUT/tiny-llama" --out "$OUT/tiny-llama-tp1" --tp 1 --force
+echo "== mi-backend --model $OUT/tiny-llama-tp1 --device all --port $BACKEND_PORT"
+mi-backend --model "$OUT/tiny-llama-tp1" --device all --port "$BACKEND_PORT" > "$OUT/backend.log" 2>&1 &
 BACKEND_PID=$!
 for _ in $(seq 600); do
   grep -q "service start at" "$OUT/backend.log" && break
