@@ -22,7 +22,7 @@ import orjson
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from servers import start_backend, start_frontend  # noqa: E402
+from servers import backend_headers, start_backend, start_frontend  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
 
@@ -79,7 +79,7 @@ async def _stream_frontend(session, url, tokens):
 
 
 async def server_decode_rate(stream, url: str, batch: int, tokens: int) -> float:
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=backend_headers()) as session:
         await stream(session, url, 4)  # warm-up
         results = await asyncio.gather(*(stream(session, url, tokens) for _ in range(batch)))
     first = min(r[0] for r in results)

@@ -29,8 +29,12 @@ class BackendConfig:
     max_model_len: int  # prompt + completion, in tokens
     kv_cache_bytes: int  # per worker; used when num_kv_blocks is 0
     num_kv_blocks: int  # 0: derive from kv_cache_bytes
+    enable_prefix_caching: bool  # reuse KV blocks of identical prompt prefixes
+    max_queued_requests: int  # per replica, beyond max_num_seqs running; more get a 503
+    cert_path: str  # the shared secret every request but /health must present
     ready_timeout: float  # seconds for the workers to load and report ready
     shutdown_grace: float  # seconds children get to exit before SIGKILL
+    profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
 
     def __post_init__(self):
         checks = [
@@ -43,6 +47,8 @@ class BackendConfig:
              f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"),
             (self.max_model_len >= 2, f"--max-model-len must be >= 2, got {self.max_model_len}"),
             (self.num_kv_blocks >= 0, f"--num-kv-blocks must be >= 0, got {self.num_kv_blocks}"),
+            (self.max_queued_requests >= 0,
+             f"--max-queued-requests must be >= 0, got {self.max_queued_requests}"),
             (1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}"),
         ]
         for ok, message in checks:

@@ -1,5 +1,15 @@
 """Shared fixtures: tiny models (built once per session) and a served Llama model."""
+import os
+import tempfile
+
 import pytest
+
+# Triton kernels run under the interpreter on CPU; it must be chosen before anything (transformers
+# pulls in torch._dynamo, which imports triton) imports triton.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every process of the session (servers, SDK, frontend) shares one backend secret, kept out of
+# the real ~/.mi/cert.
+os.environ.setdefault("MI_CERT", os.path.join(tempfile.mkdtemp(prefix="mi-test-cert-"), "cert"))
 
 from servers import ServedModel, start_backend, start_frontend
 
@@ -49,3 +59,19 @@ def served_model(tiny_model_dirs, converted):
     yield ServedModel(tiny_model_dirs("llama"), mi_dir, backend, backend_port, frontend, frontend_url)
     frontend.stop()
     backend.stop()
+
+
+@pytest.fixture(scope="session")
+def secured_frontend(served_model):
+    """A second mi-frontend on the session backend: API key, two model names (aliases), CORS for
+    one origin, and tight limits (n <= 4, max_tokens <= 32, bodies <= 64 KiB)."""
+    from servers import Frontend
+
+    api_key, names = "sk-test-0123456789", ("tiny-llama", "gpt-3.5-turbo-instruct")
+    proc, url = start_frontend(
+        served_model.backend_port, "--api-key", api_key, "--served-model-name", *names,
+        "--allowed-origins", "http://allowed.example", "--max-n", "4", "--max-tokens", "32",
+        "--max-body-bytes", "64KiB",
+    )
+    yield Frontend(url, api_key, names, proc)
+    proc.stop()

@@ -14,6 +14,14 @@ import urllib.request
 REPO = Path(__file__).resolve().parents[1]
 
 
+def backend_headers() -> dict:
+    """The Authorization header the backend requires (its secret comes from $MI_CERT)."""
+    from mi.auth import cert_path, read_secret
+
+    secret = read_secret(cert_path())
+    return {"Authorization": f"Bearer {secret}"} if secret else {}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -100,3 +108,17 @@ class ServedModel:
     @property
     def backend_url(self) -> str:
         return f"http://127.0.0.1:{self.backend_port}"
+
+
+@dataclass
+class Frontend:
+    """An extra mi-frontend started with flags (see the `secured_frontend` fixture)."""
+
+    url: str
+    api_key: str
+    model_names: tuple[str, ...]
+    proc: Process
+
+    @property
+    def headers(self) -> dict:
+        return {"Authorization": f"Bearer {self.api_key}"}

@@ -11,11 +11,12 @@ import urllib.request
 import psutil
 import pytest
 
-from servers import free_port, start_backend
+from servers import backend_headers, free_port, start_backend
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(url, data=body,
+                                 headers={"Content-Type": "application/json", **backend_headers()})
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -105,7 +106,8 @@ def test_sigterm_exits_zero_and_leaves_nothing_behind(converted):
 def test_sigterm_during_generation_ends_the_stream(converted):
     proc, port = start_backend(converted("llama", 1))
     body = json.dumps({"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True})
-    curl = subprocess.Popen(["curl", "-sN", f"http://127.0.0.1:{port}/v1/generate", "-d", body],
+    auth = f"Authorization: {backend_headers()['Authorization']}"
+    curl = subprocess.Popen(["curl", "-sN", "-H", auth, f"http://127.0.0.1:{port}/v1/generate", "-d", body],
                             stdout=subprocess.PIPE, text=True)
     time.sleep(1.0)
     proc.proc.send_signal(signal.SIGTERM)
@@ -148,7 +150,7 @@ def test_new_request_joins_a_running_batch(backend):
     url = f"http://127.0.0.1:{port}/v1/generate"
 
     async def scenario():
-        async with aiohttp.ClientSession() as session:
+        async with aiohttp.ClientSession(headers=backend_headers()) as session:
             long_body = {"prompt": "x", "max_tokens": 1500, "ignore_eos": True, "stream": True}
             async with session.post(url, json=long_body) as long_resp:
                 await long_resp.content.readline()  # stream start
@@ -162,3 +164,25 @@ def test_new_request_joins_a_running_batch(backend):
     short, later = asyncio.run(scenario())
     assert short["finish_reason"] == "length" and len(short["ids"]) == 4
     assert later["finish_reason"] is None, "the long request was still running"
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "secret"}])
+def test_backend_requires_its_secret(backend, headers):
+    _, port = backend
+    for path in ("/v1/model", "/v1/stats", "/v1/tokenizer"):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 401
+        assert json.loads(err.value.read())["error"]["code"] == "unauthorized"
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as resp:
+        assert resp.status == 200
+
+
+def test_cert_file_is_created_private(backend):
+    from mi.auth import cert_path
+
+    path = cert_path()
+    assert path.is_file()
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(path.read_text().strip()) == 64

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from servers import start_backend, start_frontend
+from servers import backend_headers, start_backend, start_frontend
 
 PROMPTS = [
     "Hi",
@@ -37,7 +37,7 @@ def hf_greedy(hf_dir, prompts, max_new_tokens):
 
 
 async def _post_all(url, bodies):
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=backend_headers()) as session:
         async def post(body):
             async with session.post(url, json=body) as resp:
                 assert resp.status == 200, await resp.text()

@@ -2,8 +2,9 @@
 
 The fake worker rebuilds each slot's block table and token history from the plan diffs alone
 (``freed_slots``, ``new_reqs``, ``block_appends``, ``input_ids``) and checks them against the
-scheduler after every step; the fake model's next token is a function of all previous tokens, so
-any scheduling bug that feeds the wrong tokens changes the output.
+scheduler after every step. Its fake KV cache holds, per token slot, the model state after that
+token — a function of every token before it, as real KV is — and a row starts from the state it
+reads in the cache, so feeding wrong tokens or serving KV from a wrong block changes the output.
 """
 import os
 import random
@@ -15,6 +16,7 @@ from mi.actors.block_manager import InvariantError
 from mi.actors.scheduler_core import RequestOutput, SamplingParams, SchedulerCore, StepPlan
 
 EOS = 0
+INITIAL_STATE = 7
 
 
 def make_core(**overrides) -> SchedulerCore:
@@ -32,47 +34,110 @@ def prompt(n: int, start: int = 1) -> list[int]:
     return [start + i for i in range(n)]
 
 
+def fold(state: int, token: int) -> int:
+    return (state * 31 + token) % 1_000_003
+
+
+def fold_all(tokens: list[int], state: int = INITIAL_STATE) -> int:
+    for t in tokens:
+        state = fold(state, t)
+    return state
+
+
+def next_token(state: int) -> int:
+    """The fake model's next token after ``state``; never EOS."""
+    return 1 + state % 997
+
+
+def eos_model(state: int) -> int:
+    """Like ``next_token``, but EOS about one time in 13."""
+    token = next_token(state)
+    return EOS if token % 13 == 0 else token
+
+
 def fake_model(tokens: list[int]) -> int:
     """Deterministic next token from all previous ones; never EOS."""
-    h = 7
-    for t in tokens:
-        h = (h * 31 + t) % 1_000_003
-    return 1 + h % 997
+    return next_token(fold_all(tokens))
 
 
 class FakeWorker:
-    """Mirror of the worker side: per-slot block tables and token histories, from diffs only."""
+    """Mirror of the worker side, from diffs only: per-slot block tables, token histories, a fake
+    KV cache (block id -> model state after each of its token slots) and the prompt targets seen
+    (req_id -> {position: token id}, restarted when a row starts at position 0)."""
 
-    def __init__(self, core: SchedulerCore, model=fake_model):
+    def __init__(self, core: SchedulerCore, model=next_token):
         self.core, self.model = core, model
         self.tables: dict[int, list[int]] = {}
         self.history: dict[int, list[int]] = {}
         self.slot_req: dict[int, int] = {}
+        self.num_prompt: dict[int, int] = {}
+        self.kv: dict[int, list[int | None]] = {}
+        self.prompt_targets: dict[int, dict[int, int]] = {}
 
     def apply(self, plan: StepPlan) -> list[int]:
+        bs = self.core.block_size
         for slot in plan.freed_slots.tolist():
-            del self.tables[slot], self.history[slot], self.slot_req[slot]
+            del self.tables[slot], self.history[slot], self.slot_req[slot], self.num_prompt[slot]
         for new in plan.new_reqs:
             assert new.slot not in self.tables, "slot reused without being freed"
-            self.tables[new.slot], self.history[new.slot] = [], []
-            self.slot_req[new.slot] = new.req_id
+            assert new.cached_token_ids.dtype == np.int32 and len(new.cached_token_ids) % bs == 0
+            self.tables[new.slot], self.history[new.slot] = [], new.cached_token_ids.tolist()
+            self.slot_req[new.slot], self.num_prompt[new.slot] = new.req_id, new.num_prompt_tokens
         for slot, block_id in plan.block_appends.tolist():
             self.tables[slot].append(block_id)
         assert plan.input_ids.dtype == np.int32 and plan.slots.dtype == np.int32
         assert int(plan.num_new_tokens.sum()) == len(plan.input_ids)
-        sampled, offset = [], 0
-        for slot, req_id, start, n, do_sample in zip(
-                plan.slots.tolist(), plan.req_ids, plan.num_computed_tokens.tolist(),
-                plan.num_new_tokens.tolist(), plan.do_sample.tolist()):
+        rows = list(zip(plan.slots.tolist(), plan.req_ids, plan.num_computed_tokens.tolist(),
+                        plan.num_new_tokens.tolist(), plan.do_sample.tolist(),
+                        plan.prompt_logprobs_rows.tolist()))
+        # NOTE: every row reads its cached prefix before any row writes: KV written in a step must
+        # not be read by another row of the same step.
+        states = [self.read_state(slot, start) for slot, _, start, *_ in rows]
+        sampled, offset, num_targets = [], 0, 0
+        for (slot, req_id, start, n, do_sample, wants_targets), state in zip(rows, states):
             assert self.slot_req[slot] == req_id
             assert len(self.history[slot]) == start, "chunk does not start at the cached length"
-            self.history[slot] += plan.input_ids[offset:offset + n].tolist()
+            assert state == fold_all(self.history[slot]), "cached KV holds other tokens"
+            new_ids = plan.input_ids[offset:offset + n].tolist()
             offset += n
-            assert len(self.tables[slot]) * self.core.block_size >= start + n
+            assert len(self.tables[slot]) * bs >= start + n
+            for pos, token in enumerate(new_ids, start):
+                block_id = self.tables[slot][pos // bs]
+                assert self.core.blocks.ref_count(block_id) == 1, "writes into a shared block"
+                state = fold(state, token)
+                self.kv.setdefault(block_id, [None] * bs)[pos % bs] = state
+            self.history[slot] += new_ids
             if do_sample:
-                sampled.append(self.model(self.history[slot]))
+                sampled.append(self.model(state))
+            if wants_targets:
+                targets = plan.prompt_targets[num_targets:num_targets + n].tolist()
+                num_targets += n
+                self.record_targets(slot, req_id, start, targets)
+        assert num_targets == len(plan.prompt_targets) and plan.prompt_targets.dtype == np.int32
         assert self.tables == self.core.block_tables(), "diffs do not reproduce the tables"
         return sampled
+
+    def read_state(self, slot: int, start: int) -> int:
+        if start == 0:
+            return INITIAL_STATE
+        bs = self.core.block_size
+        state = self.kv[self.tables[slot][(start - 1) // bs]][(start - 1) % bs]
+        assert state is not None, "reads a KV slot never written"
+        return state
+
+    def record_targets(self, slot: int, req_id: int, start: int, targets: list[int]) -> None:
+        assert start < self.num_prompt[slot], "a prompt-logprobs row past the prompt"
+        if start == 0:
+            self.prompt_targets[req_id] = {}
+        seen = self.prompt_targets[req_id]
+        for pos, target in enumerate(targets, start):
+            if pos + 1 >= self.num_prompt[slot]:
+                assert target == -1
+                continue
+            assert pos + 1 not in seen, "prompt target reported twice"
+            if pos + 1 < len(self.history[slot]):
+                assert target == self.history[slot][pos + 1]
+            seen[pos + 1] = target
 
 
 def step(core: SchedulerCore, worker: FakeWorker) -> tuple[StepPlan | None, list[RequestOutput]]:
@@ -274,9 +339,21 @@ def test_duplicate_id_is_rejected_and_boundaries_accepted():
 
 def test_invalid_sampling_params():
     for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1),
-                dict(min_tokens=9)):
+                dict(min_tokens=9), dict(min_p=1.5), dict(repetition_penalty=0.0),
+                dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
+                dict(temperature=float("nan")), dict(logit_bias=((5, 101.0),)),
+                dict(logit_bias=((5, 1.0), (5, 2.0))), dict(logit_bias=((-1, 1.0),)),
+                dict(logit_bias={5: 1.0}), dict(logprobs=21), dict(prompt_logprobs=-1),
+                dict(max_tokens=0, prompt_logprobs=0, min_tokens=1)):
         with pytest.raises(ValueError):
             SamplingParams(**{"max_tokens": 8, **bad})
+
+
+def test_valid_sampling_params_at_their_bounds():
+    SamplingParams(max_tokens=0, prompt_logprobs=0)
+    SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, min_p=1.0, repetition_penalty=0.01,
+                   presence_penalty=-2.0, frequency_penalty=2.0, logprobs=20, prompt_logprobs=20,
+                   logit_bias=((0, -100.0), (7, 100)))
 
 
 def scripted(req_params: SamplingParams, script: list[int], **core_overrides):
@@ -336,43 +413,93 @@ def test_check_invariants_detects_a_leaked_block():
         core.check_invariants()
 
 
-def test_randomized_run_keeps_invariants():
+def reference_tokens(prompt_ids: list[int], p: SamplingParams, model, max_model_len: int,
+                     eos_token_ids=(EOS,)) -> list[int]:
+    """What a request must output, computed without any scheduler (-1 alone: prompt scored)."""
+    if p.max_tokens == 0:
+        return [-1]
+    state, out = fold_all(prompt_ids), []
+    while True:
+        token = model(state)
+        out.append(token)
+        is_eos = not p.ignore_eos and token in eos_token_ids
+        if len(out) > p.min_tokens and (is_eos or token in p.stop_token_ids):
+            return out
+        if len(out) >= p.max_tokens or len(prompt_ids) + len(out) >= max_model_len:
+            return out
+        state = fold(state, token)
+
+
+def random_prompt(rng: random.Random, bases: list[list[int]], recent: list[list[int]]) -> list[int]:
+    """Mostly prompts sharing a prefix with others: a repeat, or a base's head plus a tail."""
+    if recent and rng.random() < 0.15:
+        return list(rng.choice(recent[-6:]))
+    head = []
+    if rng.random() < 0.6:
+        base = rng.choice(bases)
+        head = base[:rng.randint(0, len(base))]
+    tail_len = rng.randint(0 if head else 1, 40 - len(head))
+    return head + prompt(tail_len, start=rng.randint(1, 900))
+
+
+@pytest.mark.parametrize("enable_prefix_caching", [True, False])
+def test_randomized_run_keeps_invariants(enable_prefix_caching):
     seed = int(os.environ.get("MI_TEST_SEED", random.randrange(2**32)))
     print(f"seed={seed} (rerun with MI_TEST_SEED={seed})")
     rng = random.Random(seed)
+    max_model_len = 64
     core = make_core(num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=12,
-                     max_model_len=64)
-    worker = FakeWorker(core, model=lambda toks: EOS if fake_model(toks) % 13 == 0
-                        else fake_model(toks))
-    num_rejected = 0
+                     max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+    worker = FakeWorker(core, model=eos_model)
+    bases = [prompt(rng.randint(4, 24), start=rng.randint(1, 900)) for _ in range(3)]
+    requests: dict[int, tuple[list[int], SamplingParams]] = {}
+    generated: dict[int, list[int]] = {}
     live: set[int] = set()
-    next_id = num_finished = 0
-    for _ in range(1000):
-        if rng.random() < 0.3:
-            prompt_len = rng.randint(1, 40)
-            max_tokens = rng.randint(1, 64 - prompt_len)
+    next_id = num_finished = num_rejected = 0
+    for i in range(10_000):
+        if i < 1000 and rng.random() < 0.3:
+            prompt_ids = random_prompt(rng, bases, [p for p, _ in requests.values()])
+            kind = rng.random()
+            if kind < 0.05:
+                req_params = params(0, prompt_logprobs=rng.randint(0, 3))
+            else:
+                req_params = params(rng.randint(1, max_model_len - len(prompt_ids)),
+                                    ignore_eos=rng.random() < 0.5,
+                                    prompt_logprobs=2 if kind < 0.15 else None)
             try:
-                core.add_request(next_id, prompt(prompt_len, start=rng.randint(1, 900)),
-                                 params(max_tokens=max_tokens, ignore_eos=rng.random() < 0.5))
+                core.add_request(next_id, prompt_ids, req_params)
+                requests[next_id] = (prompt_ids, req_params)
                 live.add(next_id)
             except ValueError:                            # would never fit in 14 blocks
-                assert prompt_len + max_tokens - 1 > 14 * 4
+                assert len(prompt_ids) + req_params.max_tokens - 1 > 14 * 4
                 num_rejected += 1
             next_id += 1
-        if live and rng.random() < 0.05:
+        if i < 1000 and live and rng.random() < 0.05:
             victim = rng.choice(sorted(live))
             assert core.abort(victim) and not core.abort(victim)
             live.discard(victim)
             core.check_invariants()
-        _, outputs = step(core, worker)
+        plan, outputs = step(core, worker)
+        if plan is None and i >= 1000:
+            break
         for out in outputs:
             assert out.req_id in live
-            if out.finish_reason is not None:
-                live.discard(out.req_id)
-                num_finished += 1
+            generated.setdefault(out.req_id, []).append(out.token_id)
+            if out.finish_reason is None:
+                continue
+            live.discard(out.req_id)
+            num_finished += 1
+            prompt_ids, req_params = requests[out.req_id]
+            assert generated[out.req_id] == reference_tokens(
+                prompt_ids, req_params, eos_model, max_model_len), f"seed={seed}"
+            assert out.num_cached_tokens % 4 == 0 and out.num_cached_tokens < len(prompt_ids)
+            if req_params.prompt_logprobs is not None:
+                assert out.num_cached_tokens == 0
+                assert worker.prompt_targets[out.req_id] == {
+                    pos: prompt_ids[pos] for pos in range(1, len(prompt_ids))}, f"seed={seed}"
         assert core.num_running + core.num_waiting == len(live)
-    print(f"seed={seed} finished={num_finished} rejected={num_rejected} "
-          f"preemptions={core.num_preemptions}")
-    assert num_finished > 0, f"seed={seed}"
-    run_all(core, worker, max_steps=5_000)                # no livelock: the rest drains
-
+    stats = core.stats()
+    print(f"seed={seed} finished={num_finished} rejected={num_rejected} {stats}")
+    assert num_finished > 0 and not live and not core.has_unfinished(), f"seed={seed}"
+    assert core.blocks.num_free == core.blocks.num_blocks and stats["num_kv_blocks_used"] == 0
+    assert (stats["prefix_cache_hit_tokens"] > 0) == enable_prefix_caching, f"seed={seed}"

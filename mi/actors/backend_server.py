@@ -10,9 +10,11 @@ import orjson
 from aiohttp import web
 
 from mi.actors.supervisor import Supervisor
-from mi.api.backend import GenerateResult, ModelInfo, StreamStart, Usage, parse_generate_request, socket_path
+from mi.auth import is_authorized, load_or_create_secret
+from mi.api.backend import GenerateResult, ModelInfo, StreamStart, parse_generate_request, socket_path
 from mi.api.errors import ApiError, invalid
 from mi.config import BackendConfig
+
 
 log = logging.getLogger("mi.backend")
 
@@ -71,10 +73,14 @@ class BackendRoutes:
                 return await self._collect(live)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
-            start = StreamStart(live.request_id, tuple(live.prompt_ids))
+            # Prompt logprobs ride on the first line, so it waits for the prompt to be computed.
+            first = await live.events.get() if live.num_prompt_logprobs >= 0 else None
+            start = StreamStart(live.request_id, tuple(live.prompt_ids),
+                                live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None)
             await response.write(orjson.dumps(start.to_json()) + b"\n")
             while True:
-                event = await live.events.get()
+                event = first if first is not None else await live.events.get()
+                first = None
                 if isinstance(event, ApiError):
                     await response.write(orjson.dumps(event.body()) + b"\n")
                     break
@@ -88,16 +94,20 @@ class BackendRoutes:
             self.sup.cancel(live)
 
     async def _collect(self, live) -> web.Response:
-        texts = []
+        texts, logprobs = [], []
         while True:
             event = await live.events.get()
             if isinstance(event, ApiError):
                 return _error(event)
             texts.append(event.text)
+            logprobs += event.logprobs or []
             if event.finish_reason is not None:
                 return _json(GenerateResult(
                     live.request_id, tuple(live.prompt_ids), tuple(live.ids), "".join(texts),
-                    event.finish_reason, event.usage or Usage(len(live.prompt_ids), len(live.ids))).to_json())
+                    event.finish_reason, event.usage or live.usage(),
+                    logprobs=logprobs if live.num_logprobs >= 0 else None,
+                    prompt_logprobs=live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None,
+                ).to_json())
 
     async def abort(self, request: web.Request) -> web.Response:
         try:
@@ -108,23 +118,39 @@ class BackendRoutes:
             return _error(exc)
         return _json({"aborted": self.sup.abort(body["request_id"])})
 
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(self.sup.stats())
 
-def make_app(sup: Supervisor, model_name: str) -> web.Application:
+
+def _auth_middleware(secret: str):
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.path != "/health" and not is_authorized(request.headers.get("Authorization"), secret):
+            return _error(ApiError(401, "Missing or wrong backend secret (Authorization: Bearer, "
+                                        "from the backend's cert file).", code="unauthorized"))
+        return await handler(request)
+    return check
+
+
+def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
     routes = BackendRoutes(sup, model_name)
-    app = web.Application(client_max_size=_MAX_BODY_BYTES)
+    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[_auth_middleware(secret)])
     app.router.add_get("/health", routes.health)
     app.router.add_get("/v1/model", routes.model)
     app.router.add_get("/v1/tokenizer", routes.tokenizer)
     app.router.add_post("/v1/generate", routes.generate)
     app.router.add_post("/v1/abort", routes.abort)
+    app.router.add_get("/v1/stats", routes.stats)
     return app
 
 
 async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
     """Runs until SIGTERM/SIGINT (exit code 0) or a failed child (exit code 1)."""
     sup = Supervisor(cfg, mi_config, tokenizer)
-    runner = web.AppRunner(make_app(sup, mi_config["model"].get("model_name") or Path(cfg.model_dir).name),
-                           handler_cancellation=True, access_log=None)
+    secret = load_or_create_secret(cfg.cert_path)
+    model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
+    runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True,
+                           access_log=None)
     await runner.setup()
     unix_path = socket_path(cfg.port)
     stop = asyncio.Event()

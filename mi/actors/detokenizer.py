@@ -18,6 +18,7 @@ class TextStream:
     prompt_ids: list[int]
     stop: tuple[str, ...] = ()
     skip_special_tokens: bool = True
+    include_stop_str: bool = False  # keep the matched stop string at the end of `text`
     ids: list[int] = field(default_factory=list)  # prompt context + generated
     text: str = ""  # generated text accepted so far (before stop-string truncation)
     sent_len: int = 0  # characters of `text` already handed out
@@ -58,9 +59,11 @@ class TextStream:
             return
         longest = max(map(len, self.stop))
         window_start = max(0, self.sent_len - longest + 1)
-        hits = [i for i in (self.text.find(s, window_start) for s in self.stop) if i >= 0]
+        hits = [(i, len(s)) for i, s in ((self.text.find(s, window_start), s) for s in self.stop)
+                if i >= 0]
         if hits:
-            self.text = self.text[: min(hits)]
+            start, length = min(hits)
+            self.text = self.text[: start + length if self.include_stop_str else start]
             self.stopped = True
 
     def take_delta(self, final: bool) -> str:

@@ -2,7 +2,8 @@
 
 Channels (one writer each):
     supervisor -> scheduler   AddRequest, AbortRequest, Shutdown
-    scheduler  -> supervisor  SchedulerReady, TokenOutputs, RequestRejected, ActorFailed
+    scheduler  -> supervisor  SchedulerReady, TokenOutputs, PromptLogprobs, RequestRejected,
+                              SchedulerStats, ActorFailed
     scheduler  -> workers     StepPlan (broadcast), Shutdown
     worker 0   -> scheduler   WorkerReady, StepResult, ActorFailed
 
@@ -23,16 +24,25 @@ FINISH_REASON_NAMES = {FINISHED_STOP: "stop", FINISHED_LENGTH: "length", FINISHE
 @message(tag=1)
 @dataclass(frozen=True)
 class AddRequest:
+    """A request's prompt and sampling parameters (see docs/backend-api.md for each)."""
+
     req_id: int
     prompt_ids: np.ndarray  # int32
     max_tokens: int
+    min_tokens: int
     temperature: float
     top_p: float
     top_k: int
+    min_p: float
+    repetition_penalty: float
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: list  # [[token_id, bias], ...]
     seed: int
     stop_token_ids: np.ndarray  # int32
     ignore_eos: bool
-    min_tokens: int
+    logprobs: int  # -1: none
+    prompt_logprobs: int  # -1: none
 
 
 @message(tag=2)
@@ -67,6 +77,28 @@ class TokenOutputs:
     req_ids: np.ndarray  # int64
     token_ids: np.ndarray  # int32; -1 where a request finished without a new token (abort)
     finish_reasons: np.ndarray  # uint8, NOT_FINISHED / FINISHED_*
+    num_cached_tokens: np.ndarray  # int32: prompt tokens the request got from the prefix cache
+    logprobs: np.ndarray  # float32 [E]; empty when no request of the step asked
+    top_ids: np.ndarray  # int32 [E, k] (k = the largest number asked in the step)
+    top_logprobs: np.ndarray  # float32 [E, k]
+
+
+@message(tag=11)
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """Logprobs of prompt tokens start_pos + 1 ... computed in one step for one request."""
+
+    req_id: int
+    start_pos: int  # position of the first new token of the step; its target is the next token
+    logprobs: np.ndarray  # float32 [n]; NaN where the target is not a prompt token
+    top_ids: np.ndarray  # int32 [n, k]
+    top_logprobs: np.ndarray  # float32 [n, k]
+
+
+@message(tag=12)
+@dataclass(frozen=True)
+class SchedulerStats:
+    stats: dict  # SchedulerCore.stats()
 
 
 @message(tag=7)
@@ -87,7 +119,7 @@ class ActorFailed:
 @dataclass(frozen=True)
 class StepPlan:
     step_id: int
-    new_slots: list  # [[slot, temperature, top_p, top_k, seed], ...] for (re)admitted requests
+    new_slots: list  # one dict per (re)admitted request: slot, num_prompt_tokens, sampling params
     freed_slots: np.ndarray  # int32
     slots: np.ndarray  # int32 [B]
     num_new_tokens: np.ndarray  # int32 [B]
@@ -95,10 +127,18 @@ class StepPlan:
     input_ids: np.ndarray  # int32 [sum(num_new_tokens)]
     do_sample: np.ndarray  # uint8 [B]
     block_appends: np.ndarray  # int32 [M, 2]: (slot, block id), in order
+    prompt_logprobs_rows: np.ndarray  # uint8 [B]: the row's new tokens need prompt logprobs
+    prompt_targets: np.ndarray  # int32: next-token id for each new token of those rows (-1: none)
 
 
 @message(tag=10)
 @dataclass(frozen=True)
 class StepResult:
     step_id: int
-    token_ids: np.ndarray  # int32, one per sampled request of the plan, in plan order
+    token_ids: np.ndarray  # int32 [S], one per sampled request of the plan, in plan order
+    logprobs: np.ndarray  # float32 [S], or [0] when no request of the step asked
+    top_ids: np.ndarray  # int32 [S, k]
+    top_logprobs: np.ndarray  # float32 [S, k]
+    prompt_logprobs: np.ndarray  # float32 [T], aligned with StepPlan.prompt_targets
+    prompt_top_ids: np.ndarray  # int32 [T, k2]
+    prompt_top_logprobs: np.ndarray  # float32 [T, k2]

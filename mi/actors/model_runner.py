@@ -12,11 +12,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mi.actors.messages import StepPlan
+from mi.actors.messages import StepPlan, StepResult
+from mi.actors.slot_sampling import SlotSampling
 from mi.convert import load_mi_config
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
-from mi.ops import AttentionMetadata, rotary_cos_sin, sample
+from mi.ops import AttentionMetadata, rotary_cos_sin
+from mi.ops.logprobs import prompt_logprobs
+from mi.ops.sampling import sample
 
 _GPU_KV_FRACTION = 0.9
 
@@ -68,21 +71,12 @@ class ModelRunner:
         max_blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
         self.block_tables = np.zeros((cfg.max_num_seqs, max_blocks_per_seq), dtype=np.int64)
         self.num_slot_blocks = np.zeros(cfg.max_num_seqs, dtype=np.int64)
-        self.temperature = np.zeros(cfg.max_num_seqs, dtype=np.float32)
-        self.top_p = np.ones(cfg.max_num_seqs, dtype=np.float32)
-        self.top_k = np.zeros(cfg.max_num_seqs, dtype=np.int64)
-        self.seeds = np.zeros(cfg.max_num_seqs, dtype=np.int64)
+        self.sampling = SlotSampling(cfg.max_num_seqs, model_cfg["vocab_size"], self.device)
 
     def apply_diffs(self, plan: StepPlan) -> None:
         if plan.new_slots:
-            params = np.asarray(plan.new_slots, dtype=np.float64)  # [n, 5]
-            slots = params[:, 0].astype(np.int64)
-            self.num_slot_blocks[slots] = 0
-            self.temperature[slots] = params[:, 1]
-            self.top_p[slots] = params[:, 2]
-            self.top_k[slots] = params[:, 3]
-            # Seeds go through int64 exactly (float64 would round them).
-            self.seeds[slots] = np.asarray([row[4] for row in plan.new_slots], dtype=np.int64)
+            self.num_slot_blocks[[row["slot"] for row in plan.new_slots]] = 0
+            self.sampling.admit(plan.new_slots)
         appends = plan.block_appends
         if len(appends):
             slots, blocks = appends[:, 0].astype(np.int64), appends[:, 1]
@@ -95,7 +89,7 @@ class ModelRunner:
             self.block_tables[sorted_slots, self.num_slot_blocks[sorted_slots] + rank] = blocks[order]
             np.add.at(self.num_slot_blocks, slots, 1)
 
-    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, np.ndarray]:
+    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, np.ndarray, np.ndarray]:
         slots = plan.slots.astype(np.int64)
         num_new = plan.num_new_tokens.astype(np.int64)
         num_computed = plan.num_computed_tokens.astype(np.int64)
@@ -117,26 +111,60 @@ class ModelRunner:
             seq_lens=to_device(seq_lens), token_seq_idx=to_device(token_seq_idx),
             token_query_idx=to_device(token_query_idx), positions=to_device(positions),
             max_query_len=int(num_new.max()), max_seq_len=max_seq_len)
-        return meta, seq_lens
+        self.sampling.observe(slots[token_seq_idx], positions, plan.input_ids)
+        return meta, seq_lens, token_seq_idx
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> np.ndarray | None:
-        """Runs one forward pass; returns sampled token ids (rank 0) for rows with do_sample."""
+    def execute(self, plan: StepPlan) -> StepResult | None:
+        """Runs one forward pass. Rank 0 returns the sampled ids (rows with do_sample) and the
+        logprobs asked for; other ranks return None."""
         self.apply_diffs(plan)
         if len(plan.slots) == 0:
-            return np.zeros(0, dtype=np.int32)
-        meta, seq_lens = self._metadata(plan)
+            return StepResult(**_empty_result(plan.step_id))
+        meta, seq_lens, token_seq_idx = self._metadata(plan)
         input_ids = torch.from_numpy(plan.input_ids.astype(np.int64)).to(self.device)
         hidden = self.model(input_ids, self.kv_caches, meta, self.cos_sin)
+
         sample_rows = np.flatnonzero(plan.do_sample)
         last_token_idx = np.cumsum(plan.num_new_tokens.astype(np.int64))[sample_rows] - 1
+        # NOTE: every rank computes logits (the vocab-parallel head all-gathers); only rank 0 samples.
         logits = self.model.compute_logits(hidden[torch.from_numpy(last_token_idx).to(self.device)])
+        prompt_token_idx = np.flatnonzero(plan.prompt_logprobs_rows[token_seq_idx])
+        prompt_logits = None
+        if len(prompt_token_idx):
+            prompt_logits = self.model.compute_logits(
+                hidden[torch.from_numpy(prompt_token_idx).to(self.device)])
         if self.tp.rank != 0:
             return None
+
         slots = plan.slots[sample_rows].astype(np.int64)
-        tensor = lambda a: torch.from_numpy(a[slots]).to(self.device)  # noqa: E731
         # The sampled token's position (= sequence length so far) keys its random noise.
-        positions = torch.from_numpy(seq_lens[sample_rows]).to(self.device)
-        token_ids = sample(logits, tensor(self.temperature), tensor(self.top_p), tensor(self.top_k),
-                           tensor(self.seeds), positions)
-        return token_ids.to(torch.int32).cpu().numpy()
+        out = sample(logits, self.sampling.tensors(slots, seq_lens[sample_rows]))
+        result = _empty_result(plan.step_id, _numpy(out.token_ids, np.int32))
+        if out.logprobs is not None:
+            result["logprobs"] = _numpy(out.logprobs, np.float32)
+            result["top_ids"] = _numpy(out.top_ids, np.int32)
+            result["top_logprobs"] = _numpy(out.top_logprobs, np.float32)
+        if prompt_logits is not None:
+            row_slots = plan.slots[token_seq_idx[prompt_token_idx]].astype(np.int64)
+            k = max(0, int(self.sampling.params["prompt_logprobs"][row_slots].max()))
+            targets = torch.from_numpy(plan.prompt_targets.astype(np.int64)).to(self.device)
+            values, top_ids, top_logprobs = prompt_logprobs(prompt_logits, targets, k)
+            result["prompt_logprobs"] = _numpy(values, np.float32)
+            result["prompt_top_ids"] = _numpy(top_ids, np.int32)
+            result["prompt_top_logprobs"] = _numpy(top_logprobs, np.float32)
+        return StepResult(**result)
+
+
+def _numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
+    return tensor.cpu().numpy().astype(dtype, copy=False)
+
+
+def _empty_result(step_id: int, token_ids: np.ndarray | None = None) -> dict:
+    none_f = np.zeros(0, dtype=np.float32)
+    return dict(step_id=step_id,
+                token_ids=token_ids if token_ids is not None else np.zeros(0, dtype=np.int32),
+                logprobs=none_f, top_ids=np.zeros((0, 0), np.int32),
+                top_logprobs=np.zeros((0, 0), np.float32), prompt_logprobs=none_f,
+                prompt_top_ids=np.zeros((0, 0), np.int32),
+                prompt_top_logprobs=np.zeros((0, 0), np.float32))

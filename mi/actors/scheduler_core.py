@@ -9,10 +9,18 @@ continuous batching. A sampled token is not cached yet: the next step computes i
                        ▲                  │
                        └─────preempt──────┘      abort: from either queue, at once
 
+Prefix caching: an admitted request starts from its longest prefix of cached full blocks (shared,
+ref count + 1), keeping at least its last token to compute, so ``num_computed_tokens`` starts at
+``hits * block_size``. A block is indexed in ``update``, once the step that filled it has run: a
+request admitted in the same step cannot read KV that is still being written. A request asking
+for prompt logprobs never looks up (every prompt position needs its logits) but is indexed.
+
 Invariants (``check_invariants``): a waiting request holds no slot, blocks or cached tokens; a
 running one holds a unique slot in [0, max_num_seqs), exactly ``ceil(num_computed_tokens /
 block_size)`` blocks and, between steps, a token left to compute; ``running`` is in arrival order;
-``num_computed_tokens <= num_tokens <= max_model_len``; ref counts match the block tables.
+``num_computed_tokens <= num_tokens <= max_model_len``; ref counts match the block tables; an
+indexed block of a request stores that request's tokens and lies among its first
+``num_hashed_blocks`` blocks (so a partly computed block is never indexed).
 A plan is a diff for the workers' mirrors, applied in order: ``freed_slots``, ``new_reqs`` (reset
 the slot's table), ``block_appends``. ``schedule`` and ``update`` alternate (one plan in flight);
 ``abort`` is legal only between them.
@@ -28,56 +36,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mi.actors.block_manager import BlockManager, InvariantError, num_blocks_for
+from mi.actors.prefix_cache import ROOT, CachedBlock, extend_hashes
+from mi.actors.sched_types import NewSlot, RequestOutput, SamplingParams, StepPlan
 
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0                   # 0 = disabled
-    seed: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0              # EOS / stop ids end the request only after this many tokens
-
-    def __post_init__(self) -> None:
-        if not (self.max_tokens >= 1 and self.temperature >= 0 and 0 < self.top_p <= 1
-                and self.top_k >= 0 and 0 <= self.min_tokens <= self.max_tokens):
-            raise ValueError(f"invalid {self}: need max_tokens >= 1, temperature >= 0, 0 < top_p "
-                             "<= 1, top_k >= 0 and 0 <= min_tokens <= max_tokens")
-
-
-@dataclass(frozen=True)
-class NewSlot:
-    """A request (re)admitted into a worker slot: the worker resets the slot's block table."""
-    slot: int
-    req_id: int
-    temperature: float
-    top_p: float
-    top_k: int
-    seed: int
-
-
-@dataclass
-class StepPlan:
-    """One iteration, as diffs. Per-request arrays have length B, in plan order."""
-    new_reqs: list[NewSlot]
-    freed_slots: np.ndarray          # int32[K] slots released since the previous plan
-    slots: np.ndarray                # int32[B]
-    num_new_tokens: np.ndarray       # int32[B] tokens computed this step
-    num_computed_tokens: np.ndarray  # int32[B] tokens already cached = position of first new one
-    input_ids: np.ndarray            # int32[sum(num_new_tokens)]
-    do_sample: np.ndarray            # bool[B] this step reaches the request's last known token
-    block_appends: np.ndarray        # int32[M, 2] (slot, block_id) in append order
-    req_ids: list[int]               # kept for ``update``; the workers do not need it
-
-
-@dataclass(frozen=True)
-class RequestOutput:
-    req_id: int
-    token_id: int
-    finish_reason: str | None        # None, "stop" or "length"
+__all__ = ["NewSlot", "RequestOutput", "SamplingParams", "SchedulerCore", "StepPlan"]
 
 
 @dataclass(eq=False)                 # identity, so list.remove finds this very request
@@ -90,16 +52,28 @@ class _Request:
     num_computed_tokens: int = 0
     slot: int = -1                   # -1 while waiting
     block_ids: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # keys of its leading full blocks
+    num_hashed_blocks: int = 0       # leading blocks hit or offered to the index since admission
+    cache_parent: int = ROOT         # serial of the entry for block num_hashed_blocks - 1
+    num_cached_tokens: int = 0       # prompt tokens from the cache at its first admission
+    is_admitted: bool = False        # once admitted (num_cached_tokens is then final)
 
     @property
     def num_tokens(self) -> int:
         return len(self.token_ids)
 
 
+@dataclass
+class _Row:                          # one request's share of the step being planned
+    req: _Request
+    start: int                       # num_computed_tokens before this step
+    num_new: int
+
+
 class SchedulerCore:
     def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...]) -> None:
+                 eos_token_ids: tuple[int, ...], enable_prefix_caching: bool = True) -> None:
         for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
                             ("max_num_batched_tokens", max_num_batched_tokens)):
             if value < 1:
@@ -110,7 +84,10 @@ class SchedulerCore:
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.enable_prefix_caching = enable_prefix_caching
         self.num_preemptions = 0
+        self.prefix_cache_queried_tokens = 0          # num_tokens of each admission that looked up
+        self.prefix_cache_hit_tokens = 0              # tokens those admissions found cached
         self._reqs: dict[int, _Request] = {}
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []            # sorted by arrival
@@ -128,8 +105,8 @@ class SchedulerCore:
         if total_len > self.max_model_len:
             raise ValueError(f"request {req_id}: prompt ({len(prompt_ids)}) + max_tokens "
                              f"({params.max_tokens}) exceeds max_model_len ({self.max_model_len})")
-        # The last sampled token is never computed, so at most total_len - 1 tokens are cached.
-        needed = num_blocks_for(total_len - 1, self.block_size)
+        # The last sampled token is never computed; a scoring request (max_tokens 0) computes all.
+        needed = num_blocks_for(max(total_len - 1, len(prompt_ids)), self.block_size)
         if needed > self.blocks.num_blocks:
             raise ValueError(f"request {req_id}: needs {needed} KV blocks even alone, the cache "
                              f"has {self.blocks.num_blocks}")
@@ -159,6 +136,19 @@ class SchedulerCore:
     def num_waiting(self) -> int:
         return len(self._waiting)
 
+    def stats(self) -> dict[str, int]:
+        """Gauges and counters for /v1/stats. Used blocks are those running requests reference;
+        unreferenced cached blocks count as free (they are evicted on demand)."""
+        return {
+            "num_requests_running": len(self._running),
+            "num_requests_waiting": len(self._waiting),
+            "num_kv_blocks": self.blocks.num_blocks,
+            "num_kv_blocks_used": self.blocks.num_used,
+            "num_preemptions": self.num_preemptions,
+            "prefix_cache_queried_tokens": self.prefix_cache_queried_tokens,
+            "prefix_cache_hit_tokens": self.prefix_cache_hit_tokens,
+        }
+
     def block_tables(self) -> dict[int, list[int]]:
         """slot -> block ids, for every running request (a copy)."""
         return {req.slot: list(req.block_ids) for req in self._running}
@@ -168,7 +158,7 @@ class SchedulerCore:
         if self._in_flight is not None:
             raise RuntimeError("schedule called before update of the previous plan")
         budget, i, preempted = self.max_num_batched_tokens, 0, False
-        scheduled: list[tuple[_Request, int, int]] = []  # (req, num_computed before, num_new)
+        rows: list[_Row] = []
         new_reqs: list[NewSlot] = []
         appends: list[tuple[int, int]] = []              # (slot, block_id)
         while i < len(self._running) and budget > 0:
@@ -180,75 +170,133 @@ class SchedulerCore:
                 preempted = True
             if req.slot < 0:
                 break                             # req was the youngest left: nothing follows
-            self._grant(req, num_new, needed, scheduled, appends)
+            self._grant(req, num_new, needed, rows, appends)
             budget -= num_new
             i += 1
         # NOTE: no admissions after a preemption this step; blocks are too tight to grow the batch.
         while (self._waiting and not preempted and budget > 0
                and len(self._running) < self.max_num_seqs):
             req = self._waiting[0]
-            num_new = min(req.num_tokens, budget)
-            needed = self._blocks_needed(req, num_new)
-            if not self.blocks.can_allocate(needed):
+            hits = self._match_prefix(req)
+            hit_ids = [entry.block_id for entry in hits or ()]
+            num_cached = len(hit_ids) * self.block_size
+            num_new = min(req.num_tokens - num_cached, budget)
+            needed = num_blocks_for(num_cached + num_new, self.block_size) - len(hit_ids)
+            if not self.blocks.can_allocate(needed, sharing=hit_ids):
                 break                             # FCFS: the head waits, nobody jumps it
             self._waiting.popleft()
-            req.slot = heapq.heappop(self._free_slots)
-            bisect.insort(self._running, req, key=lambda r: r.arrival)
-            p = req.params
-            new_reqs.append(NewSlot(req.slot, req.req_id, p.temperature, p.top_p, p.top_k, p.seed))
-            self._grant(req, num_new, needed, scheduled, appends)
+            new_reqs.append(self._admit(req, hits, appends))
+            self._grant(req, num_new, needed, rows, appends)
             budget -= num_new
-        if not scheduled:
+        if not rows:
             return None
-        self._in_flight = self._build_plan(scheduled, new_reqs, appends)
+        self._in_flight = self._build_plan(rows, new_reqs, appends)
         return self._in_flight
 
     def update(self, plan: StepPlan, sampled_token_ids: Sequence[int]) -> list[RequestOutput]:
-        """Apply the tokens sampled for ``plan`` (one per request with ``do_sample``, in order)."""
+        """Apply the tokens sampled for ``plan`` (one per request with ``do_sample``, in order).
+
+        A max_tokens=0 request whose prompt is now computed finishes with ``token_id`` -1 and
+        ``finish_reason`` "length"."""
         if plan is not self._in_flight:
             raise RuntimeError("update for a plan that is not the one in flight")
-        sample_req_ids = [r for r, s in zip(plan.req_ids, plan.do_sample) if s]
-        if len(sampled_token_ids) != len(sample_req_ids):
-            raise ValueError(
-                f"expected {len(sample_req_ids)} sampled tokens, got {len(sampled_token_ids)}")
+        num_sampled = int(np.count_nonzero(plan.do_sample))
+        if len(sampled_token_ids) != num_sampled:
+            raise ValueError(f"expected {num_sampled} sampled tokens, got {len(sampled_token_ids)}")
         self._in_flight = None
+        sampled = iter(map(int, sampled_token_ids))
         outputs = []
-        for req_id, token_id in zip(sample_req_ids, map(int, sampled_token_ids)):
+        for req_id, do_sample in zip(plan.req_ids, plan.do_sample.tolist()):
             req = self._reqs[req_id]
-            req.token_ids.append(token_id)
-            reason = self._finish_reason(req, token_id)
+            self._cache_computed_blocks(req)
+            if do_sample:
+                token_id = next(sampled)
+                req.token_ids.append(token_id)
+                reason = self._finish_reason(req, token_id)
+            elif req.num_computed_tokens == req.num_tokens:   # max_tokens 0: prompt scored
+                token_id, reason = -1, "length"
+            else:
+                continue
             if reason is not None:
                 self._drop(req)
-            outputs.append(RequestOutput(req_id, token_id, reason))
+            outputs.append(RequestOutput(req_id, token_id, reason, req.num_cached_tokens))
         return outputs
+
+    def _match_prefix(self, req: _Request) -> list[CachedBlock] | None:
+        """Cached blocks for ``req``'s leading full blocks, at most all but its last token; None
+        when it may not look up (caching off, or prompt logprobs asked)."""
+        if not self.enable_prefix_caching or req.params.prompt_logprobs is not None:
+            return None
+        max_blocks = (req.num_tokens - 1) // self.block_size
+        extend_hashes(req.block_hashes, req.token_ids, self.block_size, max_blocks)
+        return self.blocks.match_prefix(req.block_hashes[:max_blocks], req.token_ids)
+
+    def _admit(self, req: _Request, hits: list[CachedBlock] | None,
+               appends: list[tuple[int, int]]) -> NewSlot:
+        req.slot = heapq.heappop(self._free_slots)
+        bisect.insort(self._running, req, key=lambda r: r.arrival)
+        if hits is not None:
+            self.prefix_cache_queried_tokens += req.num_tokens
+            self.prefix_cache_hit_tokens += len(hits) * self.block_size
+        hits = hits or []
+        req.block_ids = [entry.block_id for entry in hits]
+        self.blocks.share(req.block_ids)
+        appends.extend((req.slot, b) for b in req.block_ids)
+        req.num_computed_tokens = len(hits) * self.block_size
+        req.num_hashed_blocks = len(hits)
+        req.cache_parent = hits[-1].serial if hits else ROOT
+        if not req.is_admitted:
+            req.is_admitted, req.num_cached_tokens = True, req.num_computed_tokens
+        return NewSlot(req.slot, req.req_id, req.prompt_len, req.params,
+                       np.array(req.token_ids[:req.num_computed_tokens], dtype=np.int32))
 
     def _blocks_needed(self, req: _Request, num_new: int) -> int:
         num_total = num_blocks_for(req.num_computed_tokens + num_new, self.block_size)
         return num_total - len(req.block_ids)
 
-    def _grant(self, req: _Request, num_new: int, needed: int,
-               scheduled: list[tuple[_Request, int, int]], appends: list[tuple[int, int]]) -> None:
+    def _grant(self, req: _Request, num_new: int, needed: int, rows: list[_Row],
+               appends: list[tuple[int, int]]) -> None:
         new_block_ids = self.blocks.allocate(needed)
         req.block_ids.extend(new_block_ids)
         appends.extend((req.slot, b) for b in new_block_ids)
-        scheduled.append((req, req.num_computed_tokens, num_new))
+        rows.append(_Row(req, req.num_computed_tokens, num_new))
         req.num_computed_tokens += num_new
 
-    def _build_plan(self, scheduled: list[tuple[_Request, int, int]], new_reqs: list[NewSlot],
+    def _cache_computed_blocks(self, req: _Request) -> None:
+        """Offer the index every block of ``req`` whose tokens have all been computed."""
+        num_full = req.num_computed_tokens // self.block_size
+        if not self.enable_prefix_caching or num_full <= req.num_hashed_blocks:
+            return
+        bs = self.block_size
+        extend_hashes(req.block_hashes, req.token_ids, bs, num_full)
+        for i in range(req.num_hashed_blocks, num_full):
+            req.cache_parent = self.blocks.cache_block(
+                req.block_ids[i], req.block_hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]),
+                req.cache_parent)
+        req.num_hashed_blocks = num_full
+
+    def _build_plan(self, rows: list[_Row], new_reqs: list[NewSlot],
                     appends: list[tuple[int, int]]) -> StepPlan:
         freed, self._freed_slots = self._freed_slots, []
+        prompt_rows = [r.req.params.prompt_logprobs is not None and r.start < r.req.prompt_len
+                       for r in rows]
+        prompt_targets = [_prompt_target(r.req, pos) for r, wanted in zip(rows, prompt_rows)
+                          if wanted for pos in range(r.start, r.start + r.num_new)]
         return StepPlan(
             new_reqs=new_reqs,
             freed_slots=np.array(freed, dtype=np.int32),
-            slots=np.array([r.slot for r, _, _ in scheduled], dtype=np.int32),
-            num_new_tokens=np.array([n for _, _, n in scheduled], dtype=np.int32),
-            num_computed_tokens=np.array([start for _, start, _ in scheduled], dtype=np.int32),
-            input_ids=np.array([t for r, start, n in scheduled
-                                for t in r.token_ids[start:start + n]], dtype=np.int32),
-            do_sample=np.array([r.num_computed_tokens == r.num_tokens for r, _, _ in scheduled],
-                               dtype=np.bool_),
+            slots=np.array([r.req.slot for r in rows], dtype=np.int32),
+            num_new_tokens=np.array([r.num_new for r in rows], dtype=np.int32),
+            num_computed_tokens=np.array([r.start for r in rows], dtype=np.int32),
+            input_ids=np.array([t for r in rows
+                                for t in r.req.token_ids[r.start:r.start + r.num_new]],
+                               dtype=np.int32),
+            do_sample=np.array([r.req.num_computed_tokens == r.req.num_tokens
+                                and r.req.params.max_tokens > 0 for r in rows], dtype=np.bool_),
             block_appends=np.array(appends, dtype=np.int32).reshape(-1, 2),
-            req_ids=[r.req_id for r, _, _ in scheduled],
+            prompt_logprobs_rows=np.array(prompt_rows, dtype=np.bool_),
+            prompt_targets=np.array(prompt_targets, dtype=np.int32),
+            req_ids=[r.req.req_id for r in rows],
         )
 
     def _finish_reason(self, req: _Request, token_id: int) -> str | None:
@@ -263,6 +311,7 @@ class SchedulerCore:
     def _release(self, req: _Request) -> None:
         self.blocks.free(req.block_ids)
         req.block_ids = []
+        req.num_hashed_blocks, req.cache_parent = 0, ROOT
         heapq.heappush(self._free_slots, req.slot)
         self._freed_slots.append(req.slot)
         req.slot = -1
@@ -276,7 +325,8 @@ class SchedulerCore:
             self._waiting.remove(req)
 
     def _preempt(self, req: _Request) -> None:
-        """Preempt by recompute: keep the tokens, drop the KV, go to the front of the queue."""
+        """Preempt by recompute: keep the tokens, drop the KV, go to the front of the queue.
+        Its indexed blocks stay cached while free, so re-admission may hit them."""
         self._running.remove(req)
         self._release(req)
         req.num_computed_tokens = 0
@@ -293,8 +343,8 @@ class SchedulerCore:
         _require(arrivals == sorted(arrivals), f"running not in arrival order: {arrivals}")
         _require(sorted(slots + self._free_slots) == list(range(self.max_num_seqs)),
                  f"slots leaked or shared: running {slots}, free {sorted(self._free_slots)}")
-        _require(all(r.slot < 0 and r.num_computed_tokens == 0 for r in waiting),
-                 "a waiting request holds a slot or cached tokens")
+        _require(all(r.slot < 0 and r.num_computed_tokens == 0 and r.num_hashed_blocks == 0
+                     for r in waiting), "a waiting request holds a slot or cached tokens")
         for req in (*running, *waiting):
             _require(req.num_computed_tokens <= req.num_tokens <= self.max_model_len,
                      f"request {req.req_id}: {req.num_computed_tokens} computed of "
@@ -304,7 +354,27 @@ class SchedulerCore:
                      f"request {req.req_id}: {len(req.block_ids)} blocks, expected {num_blocks}")
             _require(self._in_flight is not None or req.num_computed_tokens < req.num_tokens,
                      f"request {req.req_id} is fully computed but unfinished: it would stall")
+            self._check_cached_blocks(req)
         self.blocks.check_invariants(r.block_ids for r in running)
+
+    def _check_cached_blocks(self, req: _Request) -> None:
+        bs = self.block_size
+        _require(req.num_hashed_blocks <= req.num_computed_tokens // bs,
+                 f"request {req.req_id}: {req.num_hashed_blocks} blocks offered to the index, "
+                 f"only {req.num_computed_tokens} tokens computed")
+        for i, block_id in enumerate(req.block_ids):
+            entry = self.blocks.cached_block(block_id)
+            if entry is None:
+                continue
+            _require(i < req.num_hashed_blocks,
+                     f"request {req.req_id}: block {block_id} (#{i}) indexed before it was offered")
+            _require(entry.token_ids == tuple(req.token_ids[i * bs:(i + 1) * bs]),
+                     f"request {req.req_id}: cached block {block_id} (#{i}) stores other tokens")
+
+
+def _prompt_target(req: _Request, pos: int) -> int:
+    """The prompt token whose logprob the logits at ``pos`` give, or -1 past the prompt."""
+    return req.token_ids[pos + 1] if pos + 1 < req.prompt_len else -1
 
 
 def _require(ok: bool, msg: str) -> None:

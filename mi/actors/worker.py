@@ -9,6 +9,7 @@ Started by the supervisor as `python -m mi.actors.worker SPEC_JSON` with the rin
 import json
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mi.actors.lifecycle import die_with_parent, ignore_interrupts
-from mi.actors.messages import ActorFailed, Shutdown, StepPlan, StepResult, WorkerReady
+from mi.actors.messages import ActorFailed, Shutdown, StepPlan, WorkerReady
 from mi.actors.model_runner import ModelRunner, RunnerConfig
 from mi.models.parallel import TensorParallel
 from mi.shm import Receiver, Ring, Sender
@@ -33,6 +34,7 @@ class WorkerSpec:
     dist_init_file: str  # torch.distributed file store (no TCP port to collide on)
     num_threads: int
     cpu_ids: list[int]  # cores this rank is pinned to (CPU serving); [] = no pinning
+    profile: bool  # time steps and collectives; print a summary to stderr on shutdown
 
     @classmethod
     def from_json(cls, text: str) -> "WorkerSpec":
@@ -43,11 +45,12 @@ class WorkerSpec:
 
 def _init_tensor_parallel(spec: WorkerSpec) -> TensorParallel:
     if spec.tp == 1:
-        return TensorParallel()
+        return TensorParallel(profile=spec.profile)
     backend = "nccl" if spec.runner.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=f"file://{spec.dist_init_file}",
                             rank=spec.rank, world_size=spec.tp)
-    return TensorParallel(rank=spec.rank, size=spec.tp, group=dist.group.WORLD)
+    return TensorParallel(rank=spec.rank, size=spec.tp, group=dist.group.WORLD,
+                          profile=spec.profile)
 
 
 def run(spec: WorkerSpec) -> None:
@@ -67,21 +70,30 @@ def run(spec: WorkerSpec) -> None:
     if results is not None:
         results.send(WorkerReady(num_kv_blocks=runner.num_kv_blocks))
 
+    num_steps, step_seconds = 0, 0.0
     while True:
         msg = plans.recv()
         if isinstance(msg, Shutdown):
+            if spec.profile and num_steps:
+                collective = runner.tp.collective_seconds
+                print(f"mi-profile worker {spec.rank}: {num_steps} steps, {step_seconds:.3f} s "
+                      f"in steps, {collective:.3f} s in collectives "
+                      f"({collective / step_seconds:.1%})", file=sys.stderr, flush=True)
             return
         if not isinstance(msg, StepPlan):
             raise TypeError(f"worker got unexpected {type(msg).__name__}")
+        started = time.perf_counter()
         try:
-            token_ids = runner.execute(msg)
+            result = runner.execute(msg)
         except Exception as exc:
             if results is not None:
                 results.send(ActorFailed(actor=f"worker {spec.rank}",
                                          reason=f"{type(exc).__name__}: {exc}"))
             raise
+        num_steps += 1
+        step_seconds += time.perf_counter() - started
         if results is not None:
-            results.send(StepResult(step_id=msg.step_id, token_ids=token_ids))
+            results.send(result)
 
 
 def main() -> None:

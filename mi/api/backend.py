@@ -1,12 +1,12 @@
-"""The backend's internal token-level API (docs/backend-api.md) as plain data.
+"""The backend's internal token-level API (docs/backend-api.md): requests as plain data.
 
 The backend parses `POST /v1/generate` bodies with `parse_generate_request`; its clients (the
-frontend and the SDK) build a `GenerateRequest` and send `to_json()`. Responses travel as
-`GenerateResult` (one JSON body) or as NDJSON lines: one `StreamStart`, then `StreamDelta`s, the
-last one carrying `finish_reason` and `usage` (or an `{"error": ...}` line instead).
+frontend and the SDK) build a `GenerateRequest` and send `to_json()`. Answers (`GenerateResult`,
+the NDJSON stream lines, `ModelInfo`, `BackendStats`) live in mi/api/backend_answers.py and are
+re-exported here.
 
-Invariants: nothing here imports aiohttp, torch or asyncio; every `from_json` either returns a
-fully checked object or raises `ApiError` (400 for a client body, 502 for a malformed answer).
+Invariants: nothing here imports aiohttp, torch or asyncio; a parse either returns a fully
+checked object or raises `ApiError` (400 naming the field).
 """
 
 from __future__ import annotations
@@ -16,10 +16,20 @@ import tempfile
 import uuid
 from dataclasses import dataclass, field
 
+from mi.api.backend_answers import (
+    FINISH_REASONS,
+    BackendStats,
+    GenerateResult,
+    LineBuffer,
+    ModelInfo,
+    StreamDelta,
+    StreamStart,
+    Usage,
+    parse_stream_line,
+)
 from mi.api.errors import (
     ApiError,
     invalid,
-    is_int,
     read_bool,
     read_float,
     read_int,
@@ -31,8 +41,13 @@ from mi.api.errors import (
 
 __all__ = [
     "FINISH_REASONS",
+    "INT64_MAX",
+    "INT64_MIN",
+    "MAX_LOGPROBS",
+    "BackendStats",
     "GenerateRequest",
     "GenerateResult",
+    "LineBuffer",
     "ModelInfo",
     "StreamDelta",
     "StreamStart",
@@ -41,13 +56,16 @@ __all__ = [
     "new_request_id",
     "parse_generate_request",
     "parse_stream_line",
+    "read_logit_bias",
+    "read_stop",
     "socket_path",
 ]
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_REQUEST_ID_LEN = 256
 MAX_NUM_STOP = 16  # stop strings per request; the OpenAI frontend allows 4
-FINISH_REASONS = frozenset({"stop", "length", "abort"})
+MAX_LOGPROBS = 20  # top alternatives per position
+MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 
 
 def socket_path(port: int) -> str:
@@ -61,46 +79,62 @@ def new_request_id() -> str:
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    """One `POST /v1/generate` body; exactly one of `prompt` / `prompt_ids` is set."""
+    """One `POST /v1/generate` body; exactly one of `prompt` / `prompt_ids` is set.
+
+    Defaults are the documented ones; `to_json` sends only fields that differ from them, so a
+    request that uses no new feature is also understood by an older backend.
+    """
 
     request_id: str = field(default_factory=new_request_id)
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     add_special_tokens: bool = True
-    max_tokens: int = 16
+    max_tokens: int = 16  # 0: score the prompt only (needs prompt_logprobs)
+    min_tokens: int = 0  # EOS and stop_token_ids are blocked before this many tokens
     temperature: float = 1.0  # 0 = greedy
     top_p: float = 1.0
     top_k: int = 0  # <= 0 = off
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids unique
     seed: int | None = None
+    logprobs: int | None = None  # top alternatives per generated token
+    prompt_logprobs: int | None = None  # top alternatives per prompt token
     stop: tuple[str, ...] = ()
+    include_stop_str_in_output: bool = False
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     stream: bool = False
 
     def to_json(self) -> dict:
-        body = {
-            "request_id": self.request_id,
-            "add_special_tokens": self.add_special_tokens,
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k,
-            "seed": self.seed,
-            "stop": list(self.stop),
-            "stop_token_ids": list(self.stop_token_ids),
-            "ignore_eos": self.ignore_eos,
-            "skip_special_tokens": self.skip_special_tokens,
-            "stream": self.stream,
-        }
+        body: dict = {"request_id": self.request_id}
         if self.prompt_ids is not None:
             body["prompt_ids"] = list(self.prompt_ids)
         else:
             body["prompt"] = self.prompt
+        body["max_tokens"] = self.max_tokens
+        for name in _OPTIONAL_FIELDS:
+            value = getattr(self, name)
+            if value != _DEFAULTS[name]:
+                body[name] = value
+        if self.logit_bias:
+            body["logit_bias"] = {str(token_id): bias for token_id, bias in self.logit_bias}
+        for name in ("stop", "stop_token_ids"):
+            if getattr(self, name):
+                body[name] = list(getattr(self, name))
         return body
 
 
 _GENERATE_FIELDS = frozenset(GenerateRequest.__dataclass_fields__)
+_DEFAULTS = {name: f.default for name, f in GenerateRequest.__dataclass_fields__.items()}
+_OPTIONAL_FIELDS = (
+    "add_special_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
+    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
+    "prompt_logprobs", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "stream",
+)
 
 
 def parse_generate_request(body: object, *, vocab_size: int) -> GenerateRequest:
@@ -127,17 +161,33 @@ def parse_generate_request(body: object, *, vocab_size: int) -> GenerateRequest:
     elif not 0 < len(request_id) <= MAX_REQUEST_ID_LEN:
         raise invalid("request_id", f"'request_id' must have 1 to {MAX_REQUEST_ID_LEN} characters.")
 
+    max_tokens = read_int(body, "max_tokens", 16, 0, INT64_MAX)
+    min_tokens = read_int(body, "min_tokens", 0, 0, INT64_MAX)
+    prompt_logprobs = read_int(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
+    if max_tokens == 0 and prompt_logprobs is None:
+        raise invalid("max_tokens", "'max_tokens' 0 only scores the prompt: it needs 'prompt_logprobs'.")
+    if min_tokens > max_tokens:
+        raise invalid("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens}).")
     return GenerateRequest(
         request_id=request_id,
         prompt=prompt,
         prompt_ids=prompt_ids,
         add_special_tokens=read_bool(body, "add_special_tokens", True),
-        max_tokens=read_int(body, "max_tokens", 16, 1, INT64_MAX),
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
         temperature=read_float(body, "temperature", 1.0, 0.0),
         top_p=read_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=read_int(body, "top_k", 0, INT64_MIN, INT64_MAX),
+        min_p=read_float(body, "min_p", 0.0, 0.0, 1.0),
+        repetition_penalty=read_float(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
+        presence_penalty=read_float(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=read_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        logit_bias=read_logit_bias(body.get("logit_bias"), "logit_bias", vocab_size),
         seed=read_int(body, "seed", None, INT64_MIN, INT64_MAX),
+        logprobs=read_int(body, "logprobs", None, 0, MAX_LOGPROBS),
+        prompt_logprobs=prompt_logprobs,
         stop=read_stop(body.get("stop"), "stop", MAX_NUM_STOP),
+        include_stop_str_in_output=read_bool(body, "include_stop_str_in_output", False),
         stop_token_ids=read_token_ids(
             _or_empty(body.get("stop_token_ids")), "stop_token_ids", vocab_size, allow_empty=True
         ),
@@ -165,6 +215,32 @@ def read_stop(value: object, param: str, max_num: int) -> tuple[str, ...]:
     return tuple(stops)
 
 
+def read_logit_bias(value: object, param: str, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """`null` or `{token id: bias}`: ids as decimal strings (JSON keys) or ints, bias in [-100, 100]."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise wrong_type(param, value, "an object mapping token ids to numbers")
+    if len(value) > MAX_LOGIT_BIAS:
+        raise invalid(param, f"'{param}' may hold at most {MAX_LOGIT_BIAS} entries, got {len(value)}.")
+    pairs: dict[int, float] = {}
+    for key, bias in value.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit() and len(key) <= 20:
+            token_id = int(key)
+        elif isinstance(key, int) and not isinstance(key, bool):
+            token_id = key
+        else:
+            raise invalid(param, f"'{param}' keys must be token ids, got {str(key)[:40]!r}.")
+        if not 0 <= token_id < vocab_size:
+            raise invalid(param, f"Token id {token_id} in '{param}' is out of range [0, {vocab_size}).")
+        if not isinstance(bias, (int, float)) or isinstance(bias, bool):
+            raise wrong_type(param, bias, "an object mapping token ids to numbers")
+        if not -100.0 <= bias <= 100.0:  # NaN fails too
+            raise invalid(param, f"'{param}' values must be in [-100, 100], got {bias!r}.")
+        pairs[token_id] = float(bias)
+    return tuple(sorted(pairs.items()))
+
+
 def check_context_len(prompt_len: int, max_tokens: int, max_model_len: int) -> None:
     """The backend's check once the prompt is tokenized."""
     if prompt_len == 0:
@@ -178,175 +254,4 @@ def check_context_len(prompt_len: int, max_tokens: int, max_model_len: int) -> N
             "completion). Please reduce the length of the prompt or completion.",
             "prompt",
             code="context_length_exceeded",
-        )
-
-
-# -- answers (checked on the client side) -------------------------------------------------------
-
-
-def _bad_answer(what: str) -> ApiError:
-    return ApiError(502, f"The backend sent an invalid response ({what}).", code="bad_backend_response")
-
-
-def _ids(obj: dict, key: str) -> tuple[int, ...]:
-    value = obj.get(key)
-    if not isinstance(value, list) or not all(is_int(i) for i in value):
-        raise _bad_answer(key)
-    return tuple(value)
-
-
-def _finish_reason(obj: dict, *, required: bool) -> str | None:
-    value = obj.get("finish_reason")
-    if value is None and not required:
-        return None
-    if value not in FINISH_REASONS:
-        raise _bad_answer("finish_reason")
-    return value
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-
-    def to_json(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}
-
-    @classmethod
-    def from_json(cls, obj: object) -> "Usage":
-        if not isinstance(obj, dict):
-            raise _bad_answer("usage")
-        prompt_tokens, completion_tokens = obj.get("prompt_tokens"), obj.get("completion_tokens")
-        if not (is_int(prompt_tokens) and is_int(completion_tokens)):
-            raise _bad_answer("usage")
-        return cls(prompt_tokens, completion_tokens)
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """A non-streaming `/v1/generate` answer."""
-
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    ids: tuple[int, ...]  # generated tokens only
-    text: str
-    finish_reason: str  # "stop" | "length" | "abort"
-    usage: Usage
-
-    def to_json(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "prompt_ids": list(self.prompt_ids),
-            "ids": list(self.ids),
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "usage": self.usage.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, obj: object) -> "GenerateResult":
-        if not isinstance(obj, dict):
-            raise _bad_answer("not an object")
-        request_id, text = obj.get("request_id"), obj.get("text")
-        if not isinstance(request_id, str) or not isinstance(text, str):
-            raise _bad_answer("request_id or text")
-        return cls(
-            request_id=request_id,
-            prompt_ids=_ids(obj, "prompt_ids"),
-            ids=_ids(obj, "ids"),
-            text=text,
-            finish_reason=_finish_reason(obj, required=True),
-            usage=Usage.from_json(obj.get("usage")),
-        )
-
-
-@dataclass(frozen=True)
-class StreamStart:
-    """First NDJSON line of a streamed `/v1/generate`."""
-
-    request_id: str
-    prompt_ids: tuple[int, ...]
-
-    def to_json(self) -> dict:
-        return {"request_id": self.request_id, "prompt_ids": list(self.prompt_ids)}
-
-
-@dataclass(frozen=True)
-class StreamDelta:
-    """A later NDJSON line; the last one has `finish_reason` and `usage` set."""
-
-    ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-
-    def to_json(self) -> dict:
-        obj = {"ids": list(self.ids), "text": self.text, "finish_reason": self.finish_reason}
-        if self.usage is not None:
-            obj["usage"] = self.usage.to_json()
-        return obj
-
-
-def parse_stream_line(obj: object) -> StreamStart | StreamDelta:
-    """Decode one NDJSON line; an `{"error": ...}` line is raised as the `ApiError` it carries."""
-    if not isinstance(obj, dict):
-        raise _bad_answer("stream line is not an object")
-    if "error" in obj:
-        err = obj["error"]
-        is_client_error = isinstance(err, dict) and err.get("type") == "invalid_request_error"
-        raise ApiError.from_body(400 if is_client_error else 500, obj)
-    if "request_id" in obj:
-        if not isinstance(obj["request_id"], str):
-            raise _bad_answer("request_id")
-        return StreamStart(obj["request_id"], _ids(obj, "prompt_ids"))
-    text = obj.get("text")
-    if not isinstance(text, str):
-        raise _bad_answer("text")
-    finish_reason = _finish_reason(obj, required=False)
-    usage = None
-    if finish_reason is not None and (finish_reason != "abort" or "usage" in obj):
-        usage = Usage.from_json(obj.get("usage"))
-    return StreamDelta(_ids(obj, "ids"), text, finish_reason, usage)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """`GET /v1/model`. Only the first three fields are required from the backend."""
-
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    architecture: str = ""
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    tp: int = 1
-    num_replicas: int = 1
-    block_size: int = 0
-    num_kv_blocks: int = 0
-
-    def to_json(self) -> dict:
-        obj = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        obj["eos_token_ids"] = list(self.eos_token_ids)
-        return obj
-
-    @classmethod
-    def from_json(cls, obj: object) -> "ModelInfo":
-        if not isinstance(obj, dict):
-            raise _bad_answer("model info is not an object")
-        name = obj.get("model_name")
-        if not isinstance(name, str) or not name:
-            raise _bad_answer("model_name")
-        ints = {}
-        for key in ("max_model_len", "vocab_size", "tp", "num_replicas", "block_size", "num_kv_blocks"):
-            value = obj.get(key, cls.__dataclass_fields__[key].default)
-            if not is_int(value) or value < 0:
-                raise _bad_answer(key)
-            ints[key] = value
-        bos = obj.get("bos_token_id")
-        return cls(
-            model_name=name,
-            architecture=obj.get("architecture") if isinstance(obj.get("architecture"), str) else "",
-            bos_token_id=bos if is_int(bos) else None,
-            eos_token_ids=_ids(obj, "eos_token_ids") if "eos_token_ids" in obj else (),
-            **ints,
         )

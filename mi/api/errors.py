@@ -85,8 +85,9 @@ class ApiError(Exception):
 
 
 # -- field checks -------------------------------------------------------------------------------
-# Strict JSON types: a bool is not an int, an int is a valid float, `null` means "use the
-# default" (OpenAI marks its optional fields nullable). Each raises a 400 naming the field.
+# Strict JSON types: a bool is not an int, an int is a valid float, a float with no fractional
+# part is a valid int (as in JSON Schema: 1.0 is an integer), `null` means "use the default"
+# (OpenAI marks its optional fields nullable). Each raises a 400 naming the field.
 
 _JSON_TYPE_NAMES = {
     bool: "boolean", int: "integer", float: "number", str: "string",
@@ -112,6 +113,15 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def as_int(value: object) -> int | None:
+    """`value` as an int when it is one (1 or 1.0, not True or 1.5), else None."""
+    if is_int(value):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
 def read_bool(body: dict, key: str, default: bool) -> bool:
     value = body.get(key)
     if value is None:
@@ -125,8 +135,9 @@ def read_int(body: dict, key: str, default, lo: int | None = None, hi: int | Non
     value = body.get(key)
     if value is None:
         return default
-    if not is_int(value):
+    if as_int(value) is None:
         raise wrong_type(key, value, "an integer")
+    value = as_int(value)
     if lo is not None and value < lo:
         raise invalid(key, f"'{key}' must be at least {lo}, got {value}.")
     if hi is not None and value > hi:
@@ -166,14 +177,17 @@ def read_token_ids(value: object, param: str, vocab_size: int, *, allow_empty: b
         raise wrong_type(param, value, "an array of integers")
     if not value and not allow_empty:
         raise invalid(param, f"'{param}' must not be empty.")
+    ids = []
     for token_id in value:
-        if not is_int(token_id):
+        if as_int(token_id) is None:
             raise wrong_type(param, token_id, "an array of integers")
+        token_id = as_int(token_id)
         if not 0 <= token_id < vocab_size:
             raise invalid(
                 param, f"Token id {token_id} in '{param}' is out of range [0, {vocab_size})."
             )
-    return tuple(value)
+        ids.append(token_id)
+    return tuple(ids)
 
 
 def reject_unknown(body: dict, known: frozenset[str]) -> None:

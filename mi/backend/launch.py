@@ -8,8 +8,10 @@ cleanly (exit 0).
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
+from mi.auth import cert_path
 from mi.config import BackendConfig, parse_bytes
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -40,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "90%% of free memory after the weights on GPU)")
     p.add_argument("--num-kv-blocks", type=int, default=0,
                    help="exact number of KV blocks per worker; overrides --kv-cache-memory")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="do not reuse the KV cache of identical prompt prefixes")
+    p.add_argument("--max-queued-requests", type=int, default=1024,
+                   help="requests waiting per replica beyond --max-num-seqs; more get HTTP 503")
+    p.add_argument("--cert", default=None,
+                   help="shared-secret file the frontend and SDK must present (default: $MI_CERT "
+                        "or ~/.mi/cert, created with mode 0600 if absent)")
     p.add_argument("--ready-timeout", type=float, default=600.0,
                    help="seconds to wait for the workers to load the model")
     p.add_argument("--log-level", default="INFO")
@@ -67,9 +76,6 @@ def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig
     if num_devices % tp or num_devices < 1:
         raise ValueError(f"--device {num_devices} is not a positive multiple of the "
                          f"checkpoint's tp={tp}")
-    if num_devices != tp:
-        raise ValueError(f"--device {num_devices} would run {num_devices // tp} replicas; this "
-                         f"version serves one replica (--device {tp})")
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float32" if device_type == "cpu" else mi_config["dtype"]
@@ -93,7 +99,10 @@ def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig
         max_num_seqs=args.max_num_seqs or (64 if device_type == "cpu" else 256),
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
         kv_cache_bytes=kv_bytes, num_kv_blocks=args.num_kv_blocks,
-        ready_timeout=args.ready_timeout, shutdown_grace=5.0)
+        enable_prefix_caching=not args.no_prefix_caching,
+        max_queued_requests=args.max_queued_requests, cert_path=cert_path(args.cert),
+        ready_timeout=args.ready_timeout, shutdown_grace=5.0,
+        profile=os.environ.get("MI_PROFILE") == "1")
 
 
 def main(argv: list[str] | None = None) -> int:

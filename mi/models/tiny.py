@@ -149,19 +149,20 @@ def _randomize(model: torch.nn.Module, std: float) -> None:
                 param.normal_(1.0, std)
 
 
-def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0) -> pathlib.Path:
-    """Write a tiny random `arch` model with its tokenizer to `out_dir`; return the path."""
+def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0,
+                     overrides: dict | None = None) -> pathlib.Path:
+    """Write a tiny random `arch` model with its tokenizer to `out_dir`; return the path.
+    `overrides` replaces config fields (e.g. hidden_size, num_hidden_layers) for bigger models."""
     if arch not in _ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
     config_cls, model_cls, dims = _ARCHS[arch]
     tokenizer = build_tokenizer()
     bos_id, eos_id, pad_id = (tokenizer.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD))
     end_id = tokenizer.convert_tokens_to_ids(END)
-    dims = dict(dims)
+    dims = {"num_hidden_layers": 2, **dims, **(overrides or {})}
     rope_theta = dims.pop("rope_theta")
     config = config_cls(
         vocab_size=len(tokenizer),
-        num_hidden_layers=2,
         max_position_embeddings=2048,
         initializer_range=0.1,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta},

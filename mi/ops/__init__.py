@@ -1,12 +1,12 @@
 """Kernels used by the models.
 
-Each op has a plain-torch reference here; triton versions of the same ops (used on CUDA) are
-tested against these references.
+Each op has a plain-torch reference (attention.py, norm.py, rotary.py, activation.py); the
+dispatching versions exported here run the triton kernels (mi/ops/triton_kernels/) on CUDA and
+the references elsewhere.
 """
-from mi.ops.activation import silu_and_mul
-from mi.ops.attention import AttentionMetadata, paged_attention, write_kv_cache
-from mi.ops.norm import rms_norm
-from mi.ops.rotary import apply_rotary, rotary_cos_sin
+from mi.ops.attention import AttentionMetadata
+from mi.ops.dispatch import apply_rotary, paged_attention, rms_norm, silu_and_mul, write_kv_cache
+from mi.ops.rotary import rotary_cos_sin
 from mi.ops.sampling import sample
 
 __all__ = [

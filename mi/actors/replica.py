@@ -1,0 +1,112 @@
+"""One data-parallel replica: a scheduler and its tp workers, their four rings and processes.
+
+    request ring (supervisor -> scheduler)      output ring (scheduler -> supervisor)
+    plan ring (scheduler -> tp workers)         result ring (worker 0 -> scheduler)
+
+Children are fresh interpreters (`python -m mi.actors.worker SPEC`) that inherit only the ring
+fds they need. On CPU each worker is pinned to an equal share of the cores.
+"""
+import asyncio
+import json
+import os
+import subprocess
+import sys
+
+from mi.actors import messages as m
+from mi.config import BackendConfig
+from mi.shm import Receiver, Ring, Sender
+
+_RING_BYTES = {"request": 8 << 20, "output": 4 << 20, "plan": 8 << 20, "result": 4 << 20}
+
+
+def cpu_shares(num_workers: int) -> tuple[int, list[list[int]]]:
+    """Threads per worker and the cores each one is pinned to ([] = not pinned)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if num_workers == 1:
+        return len(cores), [[]]
+    share = max(1, len(cores) // num_workers)
+    return share, [[cores[(w * share + i) % len(cores)] for i in range(share)]
+                   for w in range(num_workers)]
+
+
+def _child_env() -> dict:
+    env = dict(os.environ)
+    # Single host: collectives talk over loopback only, never a public interface.
+    env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env.setdefault("NCCL_SOCKET_IFNAME", "lo")
+    return env
+
+
+class Replica:
+    def __init__(self, index: int, cfg: BackendConfig, eos_token_ids: list[int], run_dir: str):
+        self.index = index
+        self.cfg = cfg
+        self.rings = {name: Ring.create(size, num_readers=cfg.tp if name == "plan" else 1)
+                      for name, size in _RING_BYTES.items()}
+        self.to_scheduler = Sender(self.rings["request"].writer())
+        self.from_scheduler = Receiver(self.rings["output"].reader(0))
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.num_kv_blocks = 0
+        self.num_live = 0  # requests routed here and not finished: the routing load
+        self.num_routed = 0
+        self.stats: dict = {}
+        self._eos_token_ids = eos_token_ids
+        self._dist_init_file = os.path.join(run_dir, f"dist-init-{index}")
+
+    def _spawn(self, name: str, module: str, spec: dict, rings: list[str]) -> None:
+        fds = [fd for ring in rings for fd in self.rings[ring].fds()]
+        proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds,
+                                stdin=subprocess.DEVNULL, env=_child_env())
+        self.procs.append((f"replica {self.index} {name}", proc))
+
+    def start(self, threads: int, cpu_ids: list[list[int]]) -> None:
+        """Spawns the workers (cpu_ids: one list per rank) and the scheduler."""
+        cfg, rings = self.cfg, self.rings
+        for rank in range(cfg.tp):
+            device = "cpu" if cfg.device_type == "cpu" else f"cuda:{self.index * cfg.tp + rank}"
+            spec = dict(
+                rank=rank, tp=cfg.tp, parent_pid=os.getpid(),
+                runner=dict(model_dir=cfg.model_dir, device=device, dtype=cfg.dtype,
+                            block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
+                            max_model_len=cfg.max_model_len, num_kv_blocks=cfg.num_kv_blocks,
+                            kv_cache_bytes=cfg.kv_cache_bytes),
+                plan_ring=rings["plan"].describe(), result_ring=rings["result"].describe(),
+                dist_init_file=self._dist_init_file, num_threads=threads, cpu_ids=cpu_ids[rank],
+                profile=cfg.profile)
+            self._spawn(f"worker {rank}", "mi.actors.worker", spec, ["plan", "result"])
+        spec = dict(parent_pid=os.getpid(), request_ring=rings["request"].describe(),
+                    output_ring=rings["output"].describe(), plan_ring=rings["plan"].describe(),
+                    result_ring=rings["result"].describe(), block_size=cfg.block_size,
+                    max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+                    max_model_len=cfg.max_model_len, eos_token_ids=self._eos_token_ids,
+                    enable_prefix_caching=cfg.enable_prefix_caching,
+                    ready_timeout=cfg.ready_timeout)
+        self._spawn("scheduler", "mi.actors.scheduler", spec, list(rings))
+
+    async def wait_ready(self) -> None:
+        msg = await self.from_scheduler.recv_async()
+        if isinstance(msg, m.ActorFailed):
+            raise RuntimeError(f"replica {self.index} {msg.actor} failed to start: {msg.reason}")
+        if not isinstance(msg, m.SchedulerReady):
+            raise RuntimeError(f"unexpected first message from the scheduler: {type(msg).__name__}")
+        self.num_kv_blocks = msg.num_kv_blocks
+
+    def dead_child(self) -> str | None:
+        for name, proc in self.procs:
+            if proc.poll() is not None:
+                return f"{name} exited with code {proc.returncode}"
+        return None
+
+    async def stop(self, grace: float, log) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        for name, proc in self.procs:
+            while proc.poll() is None and loop.time() < deadline:
+                await asyncio.sleep(0.05)
+        for name, proc in self.procs:
+            if proc.poll() is None:
+                log.warning("%s did not stop in %.0f s; killing it", name, grace)
+                proc.kill()
+            proc.wait()
+        for ring in self.rings.values():
+            ring.close()

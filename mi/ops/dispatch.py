@@ -1,0 +1,79 @@
+"""Per-call choice between the triton kernels and the torch references, same signatures as the
+references.
+
+A call goes to triton when its first tensor is on CUDA and mi.ops.triton_kernels imports, or
+always when MI_FORCE_TRITON=1 (tests, with TRITON_INTERPRET=1, on CPU); otherwise to the
+reference. The kernels are imported on the first triton call, so a CPU-only process never
+imports triton. A triton call whose arguments the kernel does not take (dtype, strides) raises
+the guard's ValueError rather than falling back silently.
+"""
+import os
+from functools import cache
+from types import ModuleType
+
+import torch
+
+from mi.ops import activation, attention, norm, rotary
+from mi.ops.attention import AttentionMetadata
+
+
+def _parse_force_triton(value: str) -> bool:
+    if value not in ("", "0", "1"):
+        raise ValueError(f"MI_FORCE_TRITON must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+# Parsed once, at import (tests may set the attribute directly).
+FORCE_TRITON = _parse_force_triton(os.environ.get("MI_FORCE_TRITON", ""))
+
+
+@cache
+def _triton_kernels() -> ModuleType | None:
+    try:
+        import mi.ops.triton_kernels as kernels
+    except ImportError as exc:
+        if not (exc.name or "").startswith("triton"):
+            raise
+        return None
+    return kernels
+
+
+def kernels_for(t: torch.Tensor) -> ModuleType | None:
+    """The triton kernel module when a call on `t` should use it, else None (use the reference)."""
+    if FORCE_TRITON:
+        kernels = _triton_kernels()
+        if kernels is None:
+            raise RuntimeError("MI_FORCE_TRITON=1 but triton cannot be imported")
+        return kernels
+    return _triton_kernels() if t.is_cuda else None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    kernels = kernels_for(x)
+    return kernels.rms_norm(x, weight, eps) if kernels else norm.rms_norm(x, weight, eps)
+
+
+def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
+                 cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    kernels = kernels_for(q)
+    impl = kernels.apply_rotary if kernels else rotary.apply_rotary
+    return impl(q, k, positions, cos_sin)
+
+
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    kernels = kernels_for(gate_up)
+    return kernels.silu_and_mul(gate_up) if kernels else activation.silu_and_mul(gate_up)
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    kernels = kernels_for(q)
+    impl = kernels.paged_attention if kernels else attention.paged_attention
+    return impl(q, k_cache, v_cache, meta, scale)
+
+
+def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slot_mapping: torch.Tensor) -> None:
+    kernels = kernels_for(k)
+    impl = kernels.write_kv_cache if kernels else attention.write_kv_cache
+    impl(k, v, k_cache, v_cache, slot_mapping)
