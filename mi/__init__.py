@@ -5,11 +5,15 @@
 
 from __future__ import annotations
 
-_SDK_NAMES = frozenset(
-    {"Model", "GenerationOutput", "MIError", "BackendUnavailable", "InvalidRequest", "ServerError"}
-)
+__version__ = "0.1.0"
 
-__all__ = sorted(_SDK_NAMES)
+_SDK_NAMES = frozenset({
+    "Model", "AsyncModel", "Stream", "AsyncStream", "GenerationOutput", "StreamOutput",
+    "TokenLogprob", "MIError", "BackendUnavailable", "Overloaded", "InvalidRequest",
+    "AuthenticationError", "ServerError", "RequestTimeout",
+})
+
+__all__ = ["__version__", *sorted(_SDK_NAMES)]
 
 
 def __getattr__(name: str):

@@ -5,268 +5,185 @@
     outputs = model.generate(["hello, my name is", "Welcome to"], do_sample=False, max_new_tokens=200)
     model.tokenizer.decode(outputs[0].ids)
 
-`generate` is synchronous: it runs the prompts concurrently on a private event loop (in a helper
-thread when the calling thread already runs one). `agenerate` is the same call for async code.
-Failures raise `MIError` subclasses: `BackendUnavailable`, `InvalidRequest` (4xx), `ServerError`.
+    with model.stream("hello", max_new_tokens=64) as stream:   # closing early aborts it
+        for delta in stream:
+            print(delta.text, end="")
+
+`Model` is the synchronous face of `AsyncModel` (mi/sdk_async.py): each call runs on a private
+event loop (in a helper thread when the calling thread already runs one, e.g. in Jupyter); a
+stream keeps one loop in one helper thread for its lifetime. Failures raise the typed errors of
+mi/sdk_types.py.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import os
-import tempfile
 import threading
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from mi.api.backend import GenerateRequest, GenerateResult, ModelInfo
-from mi.api.errors import ApiError
+from mi.api.backend import BackendStats, ModelInfo
+from mi.sdk_async import AsyncModel, Prompts, make_request, normalize_prompts, run_sync
+from mi.sdk_stream import AsyncStream
+from mi.sdk_types import (
+    AuthenticationError,
+    BackendUnavailable,
+    GenerationOutput,
+    InvalidRequest,
+    MIError,
+    Overloaded,
+    RequestTimeout,
+    ServerError,
+    StreamOutput,
+    TokenLogprob,
+    Usage,
+)
 
 __all__ = [
+    "AsyncModel",
+    "AsyncStream",
+    "AuthenticationError",
     "BackendUnavailable",
     "GenerationOutput",
     "InvalidRequest",
     "MIError",
     "Model",
+    "Overloaded",
+    "RequestTimeout",
     "ServerError",
+    "Stream",
+    "StreamOutput",
+    "TokenLogprob",
+    "Usage",
+    "make_request",
 ]
 
-
-class MIError(Exception):
-    """Base class of every error the SDK raises."""
-
-
-class BackendUnavailable(MIError):
-    """The backend cannot be reached (not running, wrong endpoint, starting or stopping)."""
-
-
-class InvalidRequest(MIError):
-    """The backend refused the request (HTTP 4xx); `param` names the offending field."""
-
-    def __init__(self, message: str, status: int = 400, param: str | None = None, code: str | None = None):
-        super().__init__(message)
-        self.status, self.param, self.code = status, param, code
-
-
-class ServerError(MIError):
-    """The backend failed while serving a valid request (HTTP 5xx or a malformed answer)."""
-
-
-@dataclass(frozen=True)
-class GenerationOutput:
-    prompt_ids: list[int]  # the prompt as the model saw it (BOS included for a text prompt)
-    ids: list[int]  # the generated tokens only
-    text: str  # the generated text (stop strings excluded)
-    finish_reason: str  # "stop" | "length" | "abort"
-
-
-Prompts = str | list[str] | list[int] | list[list[int]]
+# kept for callers of the first SDK version
+_normalize_prompts = normalize_prompts
 
 
 class Model:
     """A served model, reached at `endpoint` (e.g. "http://localhost:12222").
 
-    `timeout` bounds one `generate` call in seconds. Nothing is contacted until first use.
+    Arguments as `AsyncModel`: `cert` (the backend's secret file; default $MI_CERT or
+    ~/.mi/cert), `timeout` (seconds for one `generate`, and the longest wait for a stream's next
+    delta), `connect_timeout`. Nothing is contacted until first use.
     """
 
-    def __init__(self, endpoint: str, timeout: float = 600) -> None:
-        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
-            raise ValueError(f"endpoint must be an http:// URL, got {endpoint!r}")
-        if not timeout > 0:
-            raise ValueError(f"timeout must be positive, got {timeout!r}")
-        self.endpoint = endpoint.rstrip("/")
-        self.timeout = float(timeout)
-        self._tokenizer = None
-        self._info: ModelInfo | None = None
+    def __init__(self, endpoint: str, *, cert: str | Path | None = None, timeout: float = 600,
+                 connect_timeout: float = 10) -> None:
+        self._async = AsyncModel(endpoint, cert=cert, timeout=timeout, connect_timeout=connect_timeout)
         self._lock = threading.Lock()
+
+    endpoint = property(lambda self: self._async.endpoint)
+    timeout = property(lambda self: self._async.timeout)
 
     def __repr__(self) -> str:
         return f"Model(endpoint={self.endpoint!r})"
 
-    # -- generation ----------------------------------------------------------------------------
+    def generate(self, prompts: Prompts, **sampling: Any) -> list[GenerationOutput]:
+        """Complete each prompt; one output per prompt, in order (a single prompt gives a list
+        of one). A prompt is a string (tokenized by the backend, BOS added) or a list of token
+        ids (used as given). Keyword arguments: `do_sample` (False: greedy), `max_new_tokens`,
+        `min_new_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
+        `presence_penalty`, `frequency_penalty`, `logit_bias`, `stop`, `stop_token_ids`,
+        `include_stop_str_in_output`, `ignore_eos`, `seed`, `logprobs`, `prompt_logprobs`,
+        `skip_special_tokens`, `add_special_tokens`."""
+        return run_sync(self._async.generate(prompts, **sampling))
 
-    def generate(
-        self,
-        prompts: Prompts,
-        do_sample: bool = True,
-        max_new_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-    ) -> list[GenerationOutput]:
-        """Complete each prompt; one output per prompt, in order (a single prompt gives a list of one).
-
-        A prompt is a string (tokenized by the backend, BOS added) or a list of token ids (used
-        as given). `do_sample=False` is greedy decoding (temperature 0).
-        """
-        return _run_sync(
-            self.agenerate(prompts, do_sample, max_new_tokens, temperature, top_p, top_k, stop, seed)
-        )
-
-    async def agenerate(
-        self,
-        prompts: Prompts,
-        do_sample: bool = True,
-        max_new_tokens: int = 16,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        stop: str | list[str] | None = None,
-        seed: int | None = None,
-    ) -> list[GenerationOutput]:
+    async def agenerate(self, prompts: Prompts, **sampling: Any) -> list[GenerationOutput]:
         """`generate` for code that already runs an event loop."""
-        reqs = [
-            GenerateRequest(
-                prompt=prompt if isinstance(prompt, str) else None,
-                prompt_ids=None if isinstance(prompt, str) else tuple(prompt),
-                max_tokens=max_new_tokens,
-                temperature=float(temperature) if do_sample else 0.0,
-                top_p=float(top_p),
-                top_k=top_k,
-                seed=seed,
-                stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-            )
-            for prompt in _normalize_prompts(prompts)
-        ]
-        async with self._session() as session:
-            results = await asyncio.gather(*(self._generate_one(session, req) for req in reqs))
-        return [
-            GenerationOutput(list(r.prompt_ids), list(r.ids), r.text, r.finish_reason)
-            for r in results
-        ]
+        return await self._async.generate(prompts, **sampling)
 
-    async def _generate_one(self, session: Any, req: GenerateRequest) -> GenerateResult:
-        body = await self._call(session, "POST", "/v1/generate", req.to_json())
-        try:
-            return GenerateResult.from_json(body)
-        except ApiError as err:
-            raise ServerError(err.message) from None
+    def stream(self, prompt: str | list[int], **sampling: Any) -> "Stream":
+        """Iterate over one prompt's deltas (`StreamOutput`). Leaving early: `close()` the
+        stream or use `with`, which aborts the request; `abort()` stops it and the stream ends
+        with finish_reason "abort"."""
+        return Stream(self._async.stream(prompt, **sampling))
 
-    # -- model metadata ------------------------------------------------------------------------
+    def abort(self, request_id: str) -> bool:
+        """Abort a running request by id; False when it is unknown or already finished."""
+        return run_sync(self._async.abort(request_id))
 
     @property
     def info(self) -> ModelInfo:
         """`GET /v1/model`: name, context length, vocabulary size, ... (fetched once)."""
         with self._lock:
-            if self._info is None:
-                body = _run_sync(self._get("/v1/model"))
-                try:
-                    self._info = ModelInfo.from_json(body)
-                except ApiError as err:
-                    raise ServerError(err.message) from None
-            return self._info
+            return self._async._info or run_sync(self._async.get_info())
 
     @property
     def tokenizer(self):
         """The served model's Hugging Face tokenizer, fetched from the backend on first use."""
         with self._lock:
-            if self._tokenizer is None:
-                self._tokenizer = _load_tokenizer(_run_sync(self._get("/v1/tokenizer")))
-            return self._tokenizer
+            return self._async._tokenizer or run_sync(self._async.get_tokenizer())
+
+    def stats(self) -> BackendStats:
+        """`GET /v1/stats`: running / waiting requests, KV blocks in use, counters."""
+        return run_sync(self._async.stats())
 
     def health(self) -> bool:
         """True when the backend answers `/health` with 200."""
+        return run_sync(self._async.health())
+
+
+class Stream:
+    """The synchronous face of an `AsyncStream`; its loop lives in one helper thread."""
+
+    def __init__(self, astream: AsyncStream) -> None:
+        self._astream = astream
+        self._loop = asyncio.new_event_loop()
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="mi-stream")
+        self._closed = False
+
+    request_id = property(lambda self: self._astream.request_id)
+    prompt_ids = property(lambda self: self._astream.prompt_ids)
+    prompt_logprobs = property(lambda self: self._astream.prompt_logprobs)
+    finish_reason = property(lambda self: self._astream.finish_reason)
+    usage = property(lambda self: self._astream.usage)
+
+    def _run(self, coro):
+        if self._closed:
+            coro.close()
+            raise MIError("The stream is closed.")
+        return self._pool.submit(self._loop.run_until_complete, coro).result()
+
+    def __iter__(self) -> "Stream":
+        return self
+
+    def __next__(self) -> StreamOutput:
+        if self._closed:
+            raise StopIteration
         try:
-            _run_sync(self._get("/health"))
-        except MIError:
-            return False
-        return True
+            return self._run(self._astream.__anext__())
+        except StopAsyncIteration:
+            self.close()
+            raise StopIteration from None
+        except BaseException:
+            self.close()
+            raise
 
-    # -- HTTP ----------------------------------------------------------------------------------
+    def __enter__(self) -> "Stream":
+        return self
 
-    def _session(self):
-        import aiohttp
+    def __exit__(self, *exc) -> None:
+        self.close()
 
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            timeout=aiohttp.ClientTimeout(total=self.timeout, sock_connect=min(10.0, self.timeout)),
-        )
+    def start(self) -> None:
+        """Send the request now (the first iteration does otherwise); sets `prompt_ids`."""
+        self._run(self._astream.start())
 
-    async def _get(self, path: str) -> Any:
-        async with self._session() as session:
-            return await self._call(session, "GET", path, None)
+    def abort(self) -> bool:
+        """Ask the backend to stop; iteration then ends with finish_reason "abort"."""
+        return self._run(self._astream.abort())
 
-    async def _call(self, session: Any, method: str, path: str, body: dict | None) -> Any:
-        import aiohttp
-        import orjson
-
-        data = None if body is None else orjson.dumps(body)
-        headers = None if body is None else {"Content-Type": "application/json"}
+    def close(self) -> None:
+        """Stop reading; an unfinished request is aborted in the backend."""
+        if self._closed:
+            return
         try:
-            async with session.request(method, self.endpoint + path, data=data, headers=headers) as resp:
-                raw = await resp.read()
-                status = resp.status
-        except asyncio.TimeoutError:
-            raise ServerError(f"No answer from {self.endpoint} within {self.timeout:g} s.") from None
-        except aiohttp.ClientConnectionError as exc:
-            raise BackendUnavailable(
-                f"Cannot connect to the backend at {self.endpoint} ({exc.__class__.__name__}). "
-                "Check that mi-backend is running and listening on that port."
-            ) from None
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
-        if status == 200 and obj is not None:
-            return obj
-        err = ApiError.from_body(status, obj)
-        if status == 503:
-            raise BackendUnavailable(f"The backend at {self.endpoint} is not ready: {err.message}")
-        if 400 <= status < 500:
-            raise InvalidRequest(err.message, status, err.param, err.code)
-        raise ServerError(f"The backend failed (HTTP {status}): {err.message}")
-
-
-def _normalize_prompts(prompts: Prompts) -> list[str | list[int]]:
-    """One entry per prompt; raise TypeError/ValueError on anything else."""
-    if isinstance(prompts, str):
-        return [prompts]
-    if not isinstance(prompts, (list, tuple)) or not prompts:
-        raise TypeError("prompts must be a str, a list of str, a list of token ids or a list of such lists")
-    if all(_is_int(p) for p in prompts):
-        return [list(prompts)]
-    normalized = []
-    for prompt in prompts:
-        if isinstance(prompt, str):
-            normalized.append(prompt)
-        elif isinstance(prompt, (list, tuple)) and prompt and all(_is_int(i) for i in prompt):
-            normalized.append(list(prompt))
-        else:
-            raise TypeError(f"each prompt must be a str or a non-empty list of token ids, got {prompt!r:.80}")
-    return normalized
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _run_sync(coro):
-    """Run `coro` to completion from synchronous code, also when this thread runs a loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return asyncio.run(coro)
-    # NOTE: asyncio.run refuses to nest; a helper thread gets its own loop (e.g. in Jupyter).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        return pool.submit(asyncio.run, coro).result()
-
-
-def _load_tokenizer(body: Any):
-    """Write the backend's tokenizer files to a private temp dir and load them (no remote code)."""
-    files = body.get("files") if isinstance(body, dict) else None
-    if not isinstance(files, dict) or not files:
-        raise ServerError("The backend sent no tokenizer files.")
-    from transformers import AutoTokenizer
-
-    with tempfile.TemporaryDirectory(prefix="mi-tokenizer-") as tmp:
-        for name, text in files.items():
-            # NOTE: names come from the network: plain file names only, nothing outside tmp.
-            if not isinstance(name, str) or not isinstance(text, str) or name != os.path.basename(name) \
-                    or name.startswith(".") or not name:
-                raise ServerError(f"The backend sent an invalid tokenizer file name: {name!r:.80}")
-            with open(os.path.join(tmp, name), "w", encoding="utf-8") as f:
-                f.write(text)
-        return AutoTokenizer.from_pretrained(tmp, trust_remote_code=False)
+            self._run(self._astream.aclose())
+        finally:
+            self._closed = True
+            self._pool.submit(self._loop.close).result()
+            self._pool.shutdown(wait=True)

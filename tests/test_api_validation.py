@@ -6,8 +6,10 @@ import orjson
 import pytest
 
 from mi.api.backend import (
+    BackendStats,
     GenerateRequest,
     GenerateResult,
+    LineBuffer,
     ModelInfo,
     StreamDelta,
     StreamStart,
@@ -18,21 +20,33 @@ from mi.api.backend import (
     socket_path,
 )
 from mi.api.errors import ApiError, error_body
+from mi.api.chat import chat_choice, chat_chunk, parse_chat_request
+from mi.api.logprobs import chat_logprobs, completion_logprobs
 from mi.api.openai import (
+    completion_choice,
     completion_chunk,
     completion_response,
-    model_list,
     parse_completion_request,
     usage_chunk,
 )
+from mi.api.openai_common import Limits, model_list, seed_for_choice, usage_json
+from mi.api.openapi import openapi_document
 from mi.api.sse import DONE, decode_events, encode_event
 
 VOCAB = 100
 
 
 def parse_completion(body, **kw):
-    kw = {"model_name": "tiny", "vocab_size": VOCAB, "completion_id": "cmpl-x", **kw}
+    kw = {"served_names": ("tiny", "alias"), "vocab_size": VOCAB, "completion_id": "cmpl-x", **kw}
     return parse_completion_request(body, **kw)
+
+
+def parse_chat(body, **kw):
+    kw = {"served_names": ("tiny", "alias"), "vocab_size": VOCAB, **kw}
+    return parse_chat_request(body, **kw)
+
+
+USER = [{"role": "user", "content": "hi"}]
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -73,6 +87,9 @@ def test_generate_defaults():
     assert req.stop == () and req.stop_token_ids == () and req.add_special_tokens
     assert not req.stream and not req.ignore_eos and req.skip_special_tokens
     assert req.request_id.startswith("req-")
+    assert (req.min_tokens, req.min_p, req.repetition_penalty, req.presence_penalty) == (0, 0.0, 1.0, 0.0)
+    assert (req.frequency_penalty, req.logit_bias, req.logprobs, req.prompt_logprobs) == (0.0, (), None, None)
+    assert not req.include_stop_str_in_output
 
 
 def test_generate_full_body_round_trips():
@@ -80,14 +97,31 @@ def test_generate_full_body_round_trips():
         "request_id": "r1", "prompt_ids": [1, 2, 99], "add_special_tokens": False, "max_tokens": 5,
         "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": -(2**63), "stop": ["\n", "x"],
         "stop_token_ids": [2], "ignore_eos": True, "skip_special_tokens": False, "stream": True,
+        "min_tokens": 2, "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": -0.5,
+        "frequency_penalty": 2, "logit_bias": {"7": -100, "3": 2.5}, "logprobs": 0,
+        "prompt_logprobs": 20, "include_stop_str_in_output": True,
     }
     req = parse_generate_request(body, vocab_size=VOCAB)
     assert req == GenerateRequest(
         request_id="r1", prompt_ids=(1, 2, 99), add_special_tokens=False, max_tokens=5,
         temperature=0.0, top_p=0.5, top_k=3, seed=-(2**63), stop=("\n", "x"), stop_token_ids=(2,),
-        ignore_eos=True, skip_special_tokens=False, stream=True,
+        ignore_eos=True, skip_special_tokens=False, stream=True, min_tokens=2, min_p=0.1,
+        repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=2.0,
+        logit_bias=((3, 2.5), (7, -100.0)), logprobs=0, prompt_logprobs=20,
+        include_stop_str_in_output=True,
     )
     assert parse_generate_request(orjson.loads(orjson.dumps(req.to_json())), vocab_size=VOCAB) == req
+
+
+def test_generate_to_json_sends_only_what_differs_from_the_defaults():
+    assert GenerateRequest(request_id="r", prompt="a").to_json() == {"request_id": "r", "prompt": "a", "max_tokens": 16}
+    body = GenerateRequest(request_id="r", prompt_ids=(1,), max_tokens=0, prompt_logprobs=0, logit_bias=((4, 1.0),)).to_json()
+    assert body == {"request_id": "r", "prompt_ids": [1], "max_tokens": 0, "prompt_logprobs": 0, "logit_bias": {"4": 1.0}}
+
+
+def test_generate_max_tokens_0_scores_the_prompt():
+    req = parse_generate_request({"prompt": "a", "max_tokens": 0, "prompt_logprobs": 0}, vocab_size=VOCAB)
+    assert req.max_tokens == 0 and req.prompt_logprobs == 0
 
 
 def test_generate_stop_accepts_a_single_string_and_null():
@@ -106,10 +140,26 @@ def test_generate_stop_accepts_a_single_string_and_null():
         ({"prompt_ids": []}, "prompt_ids"),
         ({"prompt_ids": "1 2"}, "prompt_ids"),
         ({"prompt_ids": [1, True]}, "prompt_ids"),
-        ({"prompt_ids": [1, 1.0]}, "prompt_ids"),
+        ({"prompt_ids": [1, 1.5]}, "prompt_ids"),
         ({"prompt_ids": [VOCAB]}, "prompt_ids"),
         ({"prompt_ids": [-1]}, "prompt_ids"),
         ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": -1}, "max_tokens"),
+        ({"prompt": "a", "min_tokens": 5, "max_tokens": 4}, "min_tokens"),
+        ({"prompt": "a", "min_tokens": -1}, "min_tokens"),
+        ({"prompt": "a", "min_p": 1.5}, "min_p"),
+        ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+        ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
+        ({"prompt": "a", "frequency_penalty": -3}, "frequency_penalty"),
+        ({"prompt": "a", "logit_bias": [1]}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"x": 1}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {str(VOCAB): 1}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"1": 101}}, "logit_bias"),
+        ({"prompt": "a", "logit_bias": {"1": "1"}}, "logit_bias"),
+        ({"prompt": "a", "logprobs": 21}, "logprobs"),
+        ({"prompt": "a", "logprobs": True}, "logprobs"),
+        ({"prompt": "a", "prompt_logprobs": -1}, "prompt_logprobs"),
+        ({"prompt": "a", "include_stop_str_in_output": "yes"}, "include_stop_str_in_output"),
         ({"prompt": "a", "max_tokens": "7"}, "max_tokens"),
         ({"prompt": "a", "max_tokens": 7.5}, "max_tokens"),
         ({"prompt": "a", "max_tokens": True}, "max_tokens"),
@@ -207,6 +257,54 @@ def test_stream_lines():
     assert info.value.status == 502
 
 
+LOGPROB = {"token_id": 3, "logprob": -0.5, "top": [[3, -0.5], [4, None]]}
+
+
+def test_answers_carry_logprobs_and_cached_tokens():
+    result = GenerateResult("r", (1, 2), (3,), "x", "stop", Usage(2, 1, 1), [LOGPROB], [None, LOGPROB])
+    assert GenerateResult.from_json(orjson.loads(orjson.dumps(result.to_json()))) == result
+    assert Usage.from_json({"prompt_tokens": 2, "completion_tokens": 1}) == Usage(2, 1, 0)
+    start = StreamStart("r", (1, 2), [None, LOGPROB])
+    assert parse_stream_line(orjson.loads(orjson.dumps(start.to_json()))) == start
+    delta = StreamDelta((3,), "x", None, None, [LOGPROB])
+    assert parse_stream_line(orjson.loads(orjson.dumps(delta.to_json()))) == delta
+
+
+@pytest.mark.parametrize(
+    "logprobs, prompt_logprobs",
+    [
+        ([{"token_id": 3, "logprob": "x", "top": []}], None),
+        ([{"token_id": 3, "logprob": -1.0}], None),
+        ([{"token_id": 3, "logprob": -1.0, "top": [[1]]}], None),
+        ("no", None),
+        (None, [LOGPROB]),  # the first prompt token has no logprob
+        (None, [None, None]),
+    ],
+)
+def test_malformed_logprobs_are_502(logprobs, prompt_logprobs):
+    body = GenerateResult("r", (1, 2), (3,), "x", "stop", Usage(2, 1)).to_json()
+    body.update(logprobs=logprobs, prompt_logprobs=prompt_logprobs)
+    with pytest.raises(ApiError) as info:
+        GenerateResult.from_json(body)
+    assert info.value.status == 502
+
+
+def test_backend_stats():
+    stats = BackendStats.from_json({"num_requests_running": 2, "num_kv_blocks_used": 17,
+                                    "requests_finished_total": {"stop": 3}, "new": [1]})
+    assert stats.num_requests_running == 2 and stats.num_kv_blocks_used == 17 and stats.num_preemptions == 0
+    assert stats.requests_finished_total == (("stop", 3),)
+    for bad in ([], {"num_requests_running": -1}, {"requests_finished_total": {"stop": "3"}}):
+        with pytest.raises(ApiError):
+            BackendStats.from_json(bad)
+
+
+def test_line_buffer_splits_whatever_the_chunking():
+    buf = LineBuffer()
+    assert buf.feed(b'{"a"') == [] and buf.feed(b":1}\n\n{") == [b'{"a":1}'] and buf.feed(b"}") == []
+    assert buf.rest() == b"{}" and buf.rest() is None
+
+
 def test_model_info_tolerates_extra_and_missing_optional_fields():
     info = ModelInfo.from_json({"model_name": "m", "max_model_len": 2048, "vocab_size": 512, "new": 1})
     assert (info.model_name, info.max_model_len, info.vocab_size, info.tp) == ("m", 2048, 512, 1)
@@ -220,18 +318,22 @@ def test_model_info_tolerates_extra_and_missing_optional_fields():
 
 def test_completion_defaults():
     creq = parse_completion({"prompt": "Say this is a test"})
-    assert creq.model == "tiny" and not creq.stream and not creq.include_usage
+    assert creq.model == "tiny" and not creq.stream and not creq.include_usage and creq.n == 1
     (req,) = creq.generate_requests
     assert req.prompt == "Say this is a test" and req.request_id == "cmpl-x-0"
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k) == (16, 1.0, 1.0, 0)
+    assert req.logprobs is None and req.prompt_logprobs is None
+
+
+def test_completion_answers_with_the_alias_asked_for():
+    assert parse_completion({"prompt": "a", "model": "alias"}).model == "alias"
 
 
 @pytest.mark.parametrize(
     "prompt, expected",
     [
         ("a", ["a"]),
-        ("", [""]),
-        (["a", "b", ""], ["a", "b", ""]),
+        (["a", "b"], ["a", "b"]),
         ([5, 6], [(5, 6)]),
         ([[5], [6, 7]], [(5,), (6, 7)]),
     ],
@@ -242,24 +344,62 @@ def test_completion_prompt_forms(prompt, expected):
     assert [r.request_id for r in reqs] == [f"cmpl-x-{i}" for i in range(len(expected))]
 
 
+def test_completion_choices_are_prompt_major_with_distinct_seeds():
+    creq = parse_completion({"prompt": ["a", "b"], "n": 3, "seed": 2**63 - 2})
+    reqs = creq.generate_requests
+    assert [r.prompt for r in reqs] == ["a"] * 3 + ["b"] * 3
+    assert [r.request_id for r in reqs] == [f"cmpl-x-{i}" for i in range(6)]
+    assert [r.seed for r in reqs[:3]] == [2**63 - 2, 2**63 - 1, -(2**63)]  # wraps within int64
+    assert [r.seed for r in reqs[3:]] == [r.seed for r in reqs[:3]]
+    assert [r.seed for r in parse_completion({"prompt": "a", "n": 2}).generate_requests] == [None, None]
+    assert seed_for_choice(None, 3) is None and seed_for_choice(5, 0) == 5
+
+
 def test_completion_maps_every_sampling_field():
     body = {
         "model": "tiny", "prompt": "a", "max_tokens": 7, "temperature": 0, "top_p": 0.9, "top_k": 5,
-        "stop": "\n", "seed": 3, "n": 1, "best_of": 1, "echo": False, "logprobs": None,
-        "suffix": None, "frequency_penalty": 0, "presence_penalty": 0.0, "logit_bias": {},
+        "stop": "\n", "seed": 3, "n": 1, "best_of": 1, "echo": False, "logprobs": 2,
+        "suffix": None, "frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"5": 1},
         "user": "u", "stream": True, "stream_options": {"include_usage": True},
-        "ignore_eos": True, "stop_token_ids": [2],
+        "ignore_eos": True, "stop_token_ids": [2], "min_p": 0.05, "repetition_penalty": 1.1,
+        "min_tokens": 3, "skip_special_tokens": False, "include_stop_str_in_output": True,
+        "add_special_tokens": False,
     }
     creq = parse_completion(body)
-    assert creq.stream and creq.include_usage
+    assert creq.stream and creq.include_usage and creq.logprobs == 2
     (req,) = creq.generate_requests
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed) == (7, 0.0, 0.9, 5, 3)
     assert req.stop == ("\n",) and req.stop_token_ids == (2,) and req.ignore_eos and req.stream
+    assert (req.frequency_penalty, req.presence_penalty, req.logit_bias) == (0.5, -1.0, ((5, 1.0),))
+    assert (req.min_p, req.repetition_penalty, req.min_tokens) == (0.05, 1.1, 3)
+    assert not req.skip_special_tokens and req.include_stop_str_in_output and not req.add_special_tokens
+    assert req.logprobs == 2 and req.prompt_logprobs is None
+
+
+def test_completion_top_k_minus_one_is_off_and_top_p_0_is_top_1():
+    assert parse_completion({"prompt": "a", "top_k": -1}).generate_requests[0].top_k == 0
+    (req,) = parse_completion({"prompt": "a", "top_p": 0}).generate_requests
+    assert (req.top_p, req.top_k) == (1.0, 1)
+
+
+def test_integral_floats_are_integers_as_in_json_schema():
+    (req,) = parse_completion({"prompt": [5.0, 6], "max_tokens": 7.0, "n": 1.0}).generate_requests
+    assert req.prompt_ids == (5, 6) and req.max_tokens == 7 and type(req.max_tokens) is int
+
+
+def test_completion_echo_asks_for_prompt_logprobs():
+    (req,) = parse_completion({"prompt": "a", "echo": True, "logprobs": 3}).generate_requests
+    assert req.prompt_logprobs == 3 and req.logprobs == 3
+    (req,) = parse_completion({"prompt": "a", "echo": True, "max_tokens": 0}).generate_requests
+    assert req.max_tokens == 0 and req.prompt_logprobs == 0 and req.logprobs is None
+    (req,) = parse_completion({"prompt": "a", "echo": True}).generate_requests
+    assert req.prompt_logprobs is None
 
 
 def test_completion_nulls_mean_defaults():
     body = {k: None for k in ("model", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
-                              "stream", "best_of", "echo", "logprobs", "suffix", "user")}
+                              "stream", "best_of", "echo", "logprobs", "suffix", "user", "logit_bias",
+                              "stop_token_ids", "min_p", "stream_options")}
     (req,) = parse_completion({**body, "prompt": "a"}).generate_requests
     assert (req.max_tokens, req.temperature, req.top_p, req.seed, req.stop) == (16, 1.0, 1.0, None, ())
 
@@ -270,6 +410,8 @@ def test_completion_nulls_mean_defaults():
         ([], 400, "body", "invalid_type"),
         ({}, 400, "prompt", "missing_required_parameter"),
         ({"prompt": None}, 400, "prompt", "missing_required_parameter"),
+        ({"prompt": ""}, 400, "prompt", "invalid_value"),
+        ({"prompt": ["a", ""]}, 400, "prompt", "invalid_value"),
         ({"prompt": []}, 400, "prompt", "invalid_value"),
         ({"prompt": [[]]}, 400, "prompt", "invalid_value"),
         ({"prompt": ["a", 1]}, 400, "prompt", "invalid_type"),
@@ -277,29 +419,39 @@ def test_completion_nulls_mean_defaults():
         ({"prompt": {"text": "a"}}, 400, "prompt", "invalid_type"),
         ({"prompt": [VOCAB]}, 400, "prompt", "invalid_value"),
         ({"prompt": ["a"] * 257}, 400, "prompt", "invalid_value"),
+        ({"prompt": ["a"] * 100, "n": 3}, 400, "prompt", "invalid_value"),
         ({"prompt": "a", "model": "gpt-4"}, 404, "model", "model_not_found"),
         ({"prompt": "a", "model": 4}, 400, "model", "invalid_type"),
         ({"prompt": "a", "max_tokens": "7"}, 400, "max_tokens", "invalid_type"),
         ({"prompt": "a", "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+        ({"prompt": "a", "max_tokens": -1, "echo": True}, 400, "max_tokens", "invalid_value"),
         ({"prompt": "a", "temperature": 2.5}, 400, "temperature", "invalid_value"),
         ({"prompt": "a", "temperature": -1}, 400, "temperature", "invalid_value"),
-        ({"prompt": "a", "top_p": 0}, 400, "top_p", "invalid_value"),
-        ({"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+        ({"prompt": "a", "top_p": 1.5}, 400, "top_p", "invalid_value"),
+        ({"prompt": "a", "top_k": -2}, 400, "top_k", "invalid_value"),
+        ({"prompt": "a", "min_p": -0.1}, 400, "min_p", "invalid_value"),
+        ({"prompt": "a", "stop": ["s"] * 17}, 400, "stop", "invalid_value"),
         ({"prompt": "a", "stop": 5}, 400, "stop", "invalid_type"),
-        ({"prompt": "a", "n": 2}, 400, "n", "unsupported_parameter"),
         ({"prompt": "a", "n": 0}, 400, "n", "invalid_value"),
+        ({"prompt": "a", "n": 65}, 400, "n", "invalid_value"),
         ({"prompt": "a", "best_of": 2}, 400, "best_of", "unsupported_parameter"),
         ({"prompt": "a", "best_of": 0}, 400, "best_of", "invalid_value"),
-        ({"prompt": "a", "echo": True}, 400, "echo", "unsupported_parameter"),
-        ({"prompt": "a", "logprobs": 1}, 400, "logprobs", "unsupported_parameter"),
-        ({"prompt": "a", "logprobs": 0}, 400, "logprobs", "unsupported_parameter"),
+        ({"prompt": "a", "echo": "yes"}, 400, "echo", "invalid_type"),
+        ({"prompt": "a", "logprobs": 21}, 400, "logprobs", "invalid_value"),
+        ({"prompt": "a", "logprobs": -1}, 400, "logprobs", "invalid_value"),
         ({"prompt": "a", "suffix": "end"}, 400, "suffix", "unsupported_parameter"),
-        ({"prompt": "a", "presence_penalty": 1}, 400, "presence_penalty", "unsupported_parameter"),
+        ({"prompt": "a", "presence_penalty": 2.1}, 400, "presence_penalty", "invalid_value"),
         ({"prompt": "a", "frequency_penalty": 3}, 400, "frequency_penalty", "invalid_value"),
-        ({"prompt": "a", "logit_bias": {"5": 1}}, 400, "logit_bias", "unsupported_parameter"),
+        ({"prompt": "a", "repetition_penalty": -1}, 400, "repetition_penalty", "invalid_value"),
+        ({"prompt": "a", "logit_bias": {"5": 101}}, 400, "logit_bias", "invalid_value"),
         ({"prompt": "a", "logit_bias": [1]}, 400, "logit_bias", "invalid_type"),
+        ({"prompt": "a", "seed": 2**63}, 400, "seed", "invalid_value"),
+        ({"prompt": "a", "seed": 1.5}, 400, "seed", "invalid_type"),
+        ({"prompt": "a", "min_tokens": 17}, 400, "min_tokens", "invalid_value"),
+        ({"prompt": "a", "stop_token_ids": [VOCAB]}, 400, "stop_token_ids", "invalid_value"),
         ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
         ({"prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400, "x", "unknown_parameter"),
+        ({"prompt": "a", "stream": True, "stream_options": 1}, 400, "stream_options", "invalid_type"),
         ({"prompt": "a", "stream": "true"}, 400, "stream", "invalid_type"),
         ({"prompt": "a", "user": 1}, 400, "user", "invalid_type"),
         ({"prompt": "a", "max_token": 7}, 400, "max_token", "unknown_parameter"),
@@ -314,40 +466,195 @@ def test_completion_rejects(body, status, param, code):
     assert set(err.body()["error"]) == {"message", "type", "param", "code"}
 
 
-def test_completion_unsupported_message_says_not_yet():
+def test_completion_unsupported_message_says_so():
     with pytest.raises(ApiError) as info:
         parse_completion({"prompt": "a", "best_of": 3})
-    assert "not supported yet" in info.value.message
+    assert "not supported" in info.value.message
 
 
-def test_completion_max_prompts_is_a_limit():
-    assert len(parse_completion({"prompt": ["a"] * 3}, max_prompts=3).generate_requests) == 3
-    with pytest.raises(ApiError):
-        parse_completion({"prompt": ["a"] * 4}, max_prompts=3)
+def test_completion_limits_are_flags():
+    limits = Limits(max_n=2, max_choices=3, max_stop=1, max_logprobs=1, max_tokens=8)
+    assert len(parse_completion({"prompt": ["a"] * 3}, limits=limits).generate_requests) == 3
+    assert parse_completion({"prompt": "a"}, limits=limits).generate_requests[0].max_tokens == 8
+    for body in ({"prompt": ["a"] * 4}, {"prompt": ["a", "b"], "n": 2}, {"prompt": "a", "n": 3},
+                 {"prompt": "a", "stop": ["x", "y"]}, {"prompt": "a", "logprobs": 2},
+                 {"prompt": "a", "max_tokens": 9}):
+        with pytest.raises(ApiError):
+            parse_completion(body, limits=limits)
+    with pytest.raises(ValueError):
+        Limits(max_logprobs=21)
 
 
 def test_completion_response_shape():
-    body = completion_response("cmpl-1", 10, "tiny", [("x", "stop"), ("yz", "length")], 5, 3)
+    choices = [completion_choice(0, "x", "stop"), completion_choice(1, "yz", "length")]
+    body = completion_response("cmpl-1", 10, "tiny", choices, usage_json(5, 3, 2))
     assert body == {
         "id": "cmpl-1", "object": "text_completion", "created": 10, "model": "tiny",
         "choices": [
             {"index": 0, "text": "x", "logprobs": None, "finish_reason": "stop"},
             {"index": 1, "text": "yz", "logprobs": None, "finish_reason": "length"},
         ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                  "prompt_tokens_details": {"cached_tokens": 2}},
     }
 
 
 def test_chunks_and_model_list():
-    chunk = completion_chunk("cmpl-1", 10, "tiny", 2, "ab", None)
+    chunk = completion_chunk("cmpl-1", 10, "tiny", completion_choice(2, "ab", None))
     assert chunk["object"] == "text_completion" and "usage" not in chunk
     assert chunk["choices"] == [{"index": 2, "text": "ab", "logprobs": None, "finish_reason": None}]
-    assert completion_chunk("c", 1, "m", 0, "", "stop", include_usage=True)["usage"] is None
-    usage = usage_chunk("c", 1, "m", 4, 6)
+    assert completion_chunk("c", 1, "m", completion_choice(0, "", "stop"), include_usage=True)["usage"] is None
+    usage = usage_chunk("c", 1, "m", usage_json(4, 6, 0))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 10
-    assert model_list("tiny", 7) == {
-        "object": "list", "data": [{"id": "tiny", "object": "model", "created": 7, "owned_by": "mi"}]
+    assert model_list(("tiny", "alias"), 7, 64) == {"object": "list", "data": [
+        {"id": "tiny", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
+        {"id": "alias", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
+    ]}
+
+
+# -- OpenAI /v1/chat/completions ----------------------------------------------------------------
+
+
+def test_chat_defaults_and_requests():
+    creq = parse_chat({"messages": USER})
+    assert creq.model == "tiny" and creq.n == 1 and creq.max_tokens is None and not creq.logprobs
+    assert creq.add_generation_prompt and not creq.continue_final_message
+    assert creq.messages == [{"role": "user", "content": "hi"}]
+    reqs = parse_chat({"messages": USER, "n": 2, "seed": 1, "logprobs": True, "top_logprobs": 0,
+                       "stream": True}).generate_requests([0, 5], "chatcmpl-x", 9)
+    assert [r.request_id for r in reqs] == ["chatcmpl-x-0", "chatcmpl-x-1"]
+    assert all(r.prompt_ids == (0, 5) and r.max_tokens == 9 and r.logprobs == 0 and r.stream for r in reqs)
+    assert [r.seed for r in reqs] == [1, 2]
+
+
+def test_chat_messages_forms():
+    messages = [
+        {"role": "system", "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]},
+        {"role": "developer", "content": "d", "name": "x"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": None, "tool_calls": []},
+        {"role": "tool", "content": "t", "tool_call_id": "c1"},
+    ]
+    assert parse_chat({"messages": messages}).messages == [
+        {"role": "system", "content": "a\nb"},
+        {"role": "developer", "content": "d", "name": "x"},
+        {"role": "user", "content": "u"},
+        {"role": "assistant", "content": "", "tool_calls": []},
+        {"role": "tool", "content": "t", "tool_call_id": "c1"},
+    ]
+
+
+def test_chat_max_completion_tokens_wins_and_ignored_fields_pass():
+    body = {"messages": USER, "max_tokens": 5, "max_completion_tokens": 7, "metadata": {"a": "b"},
+            "store": False, "user": "u", "service_tier": "auto", "parallel_tool_calls": True,
+            "response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "modalities": ["text"]}
+    assert parse_chat(body).max_tokens == 7
+
+
+@pytest.mark.parametrize(
+    "body, status, param, code",
+    [
+        ({}, 400, "messages", "missing_required_parameter"),
+        ({"messages": []}, 400, "messages", "invalid_value"),
+        ({"messages": "hi"}, 400, "messages", "invalid_type"),
+        ({"messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
+        ({"messages": [{"content": "x"}]}, 400, "messages[0].role", "invalid_type"),
+        ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter"),
+        ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type"),
+        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+         "messages[0].content", "unsupported_parameter"),
+        ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, 400, "messages[0].colour",
+         "unknown_parameter"),
+        ({"messages": USER, "model": "nope"}, 404, "model", "model_not_found"),
+        ({"messages": USER, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
+        ({"messages": USER, "max_completion_tokens": "5"}, 400, "max_completion_tokens", "invalid_type"),
+        ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+        ({"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+        ({"messages": USER, "logprobs": 1}, 400, "logprobs", "invalid_type"),
+        ({"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format",
+         "unsupported_parameter"),
+        ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
+        ({"messages": USER, "tool_choice": "required"}, 400, "tool_choice", "unsupported_parameter"),
+        ({"messages": USER, "audio": {"voice": "x", "format": "wav"}}, 400, "audio", "unsupported_parameter"),
+        ({"messages": USER, "modalities": ["audio"]}, 400, "modalities", "unsupported_parameter"),
+        ({"messages": USER, "metadata": "x"}, 400, "metadata", "invalid_type"),
+        ({"messages": USER, "n": 0}, 400, "n", "invalid_value"),
+        ({"messages": USER, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
+        ({"messages": USER, "chat_template_kwargs": []}, 400, "chat_template_kwargs", "invalid_type"),
+        ({"messages": USER, "continue_final_message": True, "add_generation_prompt": True}, 400,
+         "continue_final_message", "invalid_value"),
+        ({"messages": USER, "echo": True}, 400, "echo", "unknown_parameter"),
+    ],
+)
+def test_chat_rejects(body, status, param, code):
+    with pytest.raises(ApiError) as info:
+        parse_chat(body)
+    err = info.value
+    assert (err.status, err.param, err.code) == (status, param, code)
+
+
+def test_chat_chunks():
+    role = chat_chunk("c", 1, "m", 0, {"role": "assistant", "content": ""}, None)
+    assert role["object"] == "chat.completion.chunk" and role["choices"][0]["delta"]["role"] == "assistant"
+    assert chat_chunk("c", 1, "m", 0, {}, "stop", include_usage=True)["usage"] is None
+    choice = chat_choice(1, "hey", "length")
+    assert choice["message"]["content"] == "hey" and choice["finish_reason"] == "length"
+
+
+# -- logprobs -----------------------------------------------------------------------------------
+
+
+class FakeTexts:
+    def token_str(self, token_id: int) -> str:
+        return f"<{token_id}>"
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self.token_str(token_id).encode()
+
+
+def test_completion_logprobs_add_the_chosen_token_and_keep_the_first_null():
+    positions = [(1, None), (3, {"token_id": 3, "logprob": -0.5, "top": [[4, -0.1]]}),
+                 (5, {"token_id": 5, "logprob": None, "top": []})]
+    obj, end = completion_logprobs(positions, FakeTexts(), 10)
+    assert obj == {
+        "tokens": ["<1>", "<3>", "<5>"],
+        "token_logprobs": [None, -0.5, -9999.0],
+        "top_logprobs": [None, {"<4>": -0.1, "<3>": -0.5}, {"<5>": -9999.0}],
+        "text_offset": [10, 13, 16],
     }
+    assert end == 19
+
+
+def test_completion_logprobs_keep_the_best_of_tokens_with_equal_text():
+    class SameText(FakeTexts):
+        def token_str(self, token_id: int) -> str:
+            return "?" if token_id in (3, 4) else super().token_str(token_id)
+
+    entry = {"token_id": 3, "logprob": -0.5, "top": [[3, -0.5], [7, -0.7], [4, -0.9]]}
+    obj, _ = completion_logprobs([(3, entry)], SameText(), 0)
+    assert obj["top_logprobs"] == [{"?": -0.5, "<7>": -0.7}]
+
+
+def test_chat_logprobs_give_exactly_top_logprobs_alternatives():
+    positions = [(3, {"token_id": 3, "logprob": -0.5, "top": []}),
+                 (4, {"token_id": 4, "logprob": -1.0, "top": [[4, -1.0], [9, -2.0]]})]
+    obj = chat_logprobs(positions, FakeTexts())
+    assert obj["content"][0] == {"token": "<3>", "logprob": -0.5, "bytes": list(b"<3>"), "top_logprobs": []}
+    assert [t["token"] for t in obj["content"][1]["top_logprobs"]] == ["<4>", "<9>"]
+
+
+# -- our OpenAPI document ------------------------------------------------------------------------
+
+
+def test_openapi_document_refs_resolve():
+    doc = openapi_document("9.9")
+    assert doc["openapi"].startswith("3.1") and doc["info"]["version"] == "9.9"
+    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
+            "/detokenize", "/tokenizer_info", "/version"} <= set(doc["paths"])
+    raw = orjson.dumps(doc).decode()
+    for ref in set(__import__("re").findall(r'"#/components/schemas/(\w+)"', raw)):
+        assert ref in doc["components"]["schemas"], ref
 
 
 # -- SSE ----------------------------------------------------------------------------------------

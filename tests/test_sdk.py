@@ -183,3 +183,98 @@ def test_works_inside_a_running_loop_and_a_thread(model):
 def test_health_and_info(model):
     assert model.health() is True
     assert model.info.vocab_size > 0 and model.info.max_model_len > 0
+
+
+# -- streams, async, abort, timeouts ---------------------------------------------------------------
+
+
+def test_stream_equals_generate(model):
+    (full,) = model.generate("hello, my name is", do_sample=False, max_new_tokens=12)
+    with model.stream("hello, my name is", do_sample=False, max_new_tokens=12) as stream:
+        deltas = list(stream)
+    assert stream.prompt_ids == full.prompt_ids
+    assert "".join(d.text for d in deltas) == full.text
+    assert [i for d in deltas for i in d.ids] == full.ids
+    assert [d.finish_reason for d in deltas] == [None] * (len(deltas) - 1) + [full.finish_reason]
+    assert stream.finish_reason == full.finish_reason and stream.usage.completion_tokens == len(full.ids)
+
+
+def test_closing_a_stream_early_aborts_it(model):
+    stream = model.stream("hello", max_new_tokens=1500, ignore_eos=True)
+    for n, _ in enumerate(stream):
+        if n == 2:
+            break
+    stream.close()
+    assert stream.finish_reason is None
+    assert model.abort(stream.request_id) is False  # already gone from the backend
+
+
+def test_abort_ends_the_stream(model):
+    with model.stream("hello", max_new_tokens=1500, ignore_eos=True) as stream:
+        deltas = []
+        for delta in stream:
+            deltas.append(delta)
+            if len(deltas) == 3:
+                assert stream.abort() is True
+    assert deltas[-1].finish_reason == "abort" and stream.finish_reason == "abort"
+    assert stream.usage.completion_tokens < 1500
+    assert model.abort(stream.request_id) is False
+
+
+def test_async_model(served_model):
+    from mi import AsyncModel
+
+    async def run():
+        async with AsyncModel(served_model.backend_url) as amodel:
+            outputs = await amodel.generate(["hello", [5, 6, 7]], do_sample=False, max_new_tokens=6)
+            assert [len(o.ids) for o in outputs] == [len(o.ids) for o in outputs] and len(outputs) == 2
+
+            async def stream_text(prompt):
+                async with amodel.stream(prompt, do_sample=False, max_new_tokens=6) as stream:
+                    return "".join([d.text async for d in stream])
+
+            texts = await asyncio.gather(stream_text("hello"), stream_text([5, 6, 7]))
+            assert texts == [o.text for o in outputs]
+
+            stream = amodel.stream("hello", max_new_tokens=1500, ignore_eos=True)
+            reader = asyncio.ensure_future(stream.__anext__())
+            await reader
+            await stream.aclose()
+            assert await amodel.abort(stream.request_id) is False
+            assert (await amodel.get_info()).vocab_size > 0
+            assert (await amodel.get_tokenizer()).decode(outputs[1].ids, skip_special_tokens=True) == outputs[1].text
+
+    asyncio.run(run())
+
+
+def test_timeout_is_a_typed_error_and_the_request_is_dropped(served_model, model):
+    from mi import RequestTimeout
+
+    impatient = Model(endpoint=served_model.backend_url, timeout=0.2)
+    with pytest.raises(RequestTimeout) as info:
+        impatient.generate("hello", max_new_tokens=1500, ignore_eos=True)
+    assert isinstance(info.value, TimeoutError) and served_model.backend_url in str(info.value)
+    assert model.generate("hello", max_new_tokens=2)  # the backend serves on
+
+
+def test_typed_errors_name_the_field(model):
+    with pytest.raises(InvalidRequest) as info:
+        model.generate("hello", top_p=1.5)
+    assert info.value.param == "top_p"
+    with pytest.raises(InvalidRequest) as info:
+        list(model.stream("hello", max_new_tokens=-1))
+    assert info.value.param == "max_tokens"
+
+
+def test_generate_with_logprobs(model):
+    (output,) = model.generate("hello, my name is", do_sample=False, max_new_tokens=4, logprobs=2,
+                               prompt_logprobs=1, ignore_eos=True)
+    assert len(output.logprobs) == len(output.ids) == 4
+    assert all(lp.token_id == i and len(lp.top) == 2 and lp.logprob <= 0 for lp, i in zip(output.logprobs, output.ids))
+    assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(output.prompt_ids)
+    assert [lp.token_id for lp in output.prompt_logprobs[1:]] == output.prompt_ids[1:]
+
+
+def test_stats(model):
+    stats = model.stats()
+    assert stats.num_kv_blocks > 0 and stats.num_requests_running >= 0

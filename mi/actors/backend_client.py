@@ -1,22 +1,28 @@
 """The frontend's client of the backend's token-level API (docs/backend-api.md).
 
 One aiohttp session for the frontend's lifetime; a bare port goes over the backend's unix socket
-when it exists. Every failure to reach the backend becomes a 503 ApiError, every malformed answer
-a 502: handlers only ever see ApiError.
+when it exists. Every request but /health carries `Authorization: Bearer SECRET`, the secret read
+from the backend's cert file (nothing is sent while the file is absent; a 401 re-reads it once,
+since a backend started after us creates it). Every failure to reach the backend becomes a 503
+ApiError, every malformed answer a 502: handlers only ever see ApiError.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import orjson
 
 from mi.api.backend import (
+    BackendStats,
     GenerateRequest,
     GenerateResult,
+    LineBuffer,
     ModelInfo,
     StreamDelta,
     StreamStart,
@@ -24,8 +30,12 @@ from mi.api.backend import (
     socket_path,
 )
 from mi.api.errors import ApiError
+from mi.auth import read_secret
 
 __all__ = ["Backend", "parse_backend"]
+
+log = logging.getLogger("mi.frontend")
+
 
 def parse_backend(spec: str) -> tuple[str, int]:
     """`"12222"` -> ("", 12222) (local), `"host:12222"` -> ("host", 12222)."""
@@ -47,6 +57,7 @@ def _connector(spec: str) -> tuple[str, aiohttp.BaseConnector]:
 
 
 _UNAVAILABLE = "The backend is not available. Please retry later."
+_CONNECT_RETRIES = 12
 _CONNECT_ERRORS = (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError)
 
 
@@ -55,21 +66,30 @@ def _unavailable() -> ApiError:
 
 
 async def _error_from(resp: aiohttp.ClientResponse) -> ApiError:
+    if resp.status == 401:
+        log.error("the backend refused our secret: check --backend-cert / MI_CERT")
+        return ApiError(503, "The frontend cannot authenticate to the backend.",
+                        code="backend_auth_failed", retry_after=1)
     try:
         body = orjson.loads(await resp.read())
     except (orjson.JSONDecodeError, *_CONNECT_ERRORS):
         body = None
     err = ApiError.from_body(resp.status, body)
-    if resp.status == 503:
-        err.retry_after = 1
+    if err.param == "prompt_ids":
+        err.param = "prompt"
+    if resp.status in (429, 503):
+        retry_after = resp.headers.get("Retry-After", "")
+        err.retry_after = int(retry_after) if retry_after.isdigit() else 1
     return err
 
 
 class Backend:
     """The frontend's client of the backend API (one session for the app's lifetime)."""
 
-    def __init__(self, spec: str) -> None:
+    def __init__(self, spec: str, cert_path: Path) -> None:
         self._spec = spec
+        self._cert_path = cert_path
+        self._secret: str | None = None
         self._base_url = ""
         self._session: aiohttp.ClientSession | None = None
         self._model_info: ModelInfo | None = None
@@ -77,6 +97,7 @@ class Backend:
         self._aborts: set[asyncio.Task] = set()
 
     async def start(self) -> None:
+        self._secret = read_secret(self._cert_path)
         self._base_url, connector = _connector(self._spec)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -89,10 +110,54 @@ class Backend:
         if self._session is not None:
             await self._session.close()
 
-    def _post(self, path: str, obj: dict):
-        return self._session.post(
-            self._base_url + path, data=orjson.dumps(obj), headers={"Content-Type": "application/json"}
-        )
+    def _headers(self, has_body: bool) -> dict[str, str]:
+        headers = {"Content-Type": "application/json"} if has_body else {}
+        if self._secret is not None:
+            headers["Authorization"] = f"Bearer {self._secret}"
+        return headers
+
+    async def _send(self, method: str, path: str, data: bytes | None) -> aiohttp.ClientResponse:
+        # NOTE: a unix socket whose accept backlog is full refuses at once with EAGAIN (TCP would
+        # queue the SYN): a burst of new requests retries the connect for up to ~1.5 s.
+        delay = 0.005
+        for _ in range(_CONNECT_RETRIES):
+            try:
+                return await self._session.request(
+                    method, self._base_url + path, data=data, headers=self._headers(data is not None)
+                )
+            except aiohttp.ClientConnectorError as exc:
+                if not isinstance(exc.os_error, BlockingIOError):
+                    raise
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, 0.2)
+        raise _unavailable()
+
+    async def _request(self, method: str, path: str, body: dict | None = None) -> aiohttp.ClientResponse:
+        """Send one request; the caller releases the response. A 401 re-reads the secret and,
+        when it changed, retries once. Connection failures raise the 503 ApiError."""
+        data = None if body is None else orjson.dumps(body)
+        try:
+            resp = await self._send(method, path, data)
+            if resp.status == 401:
+                secret = read_secret(self._cert_path)
+                if secret != self._secret:
+                    self._secret = secret
+                    resp.release()
+                    resp = await self._send(method, path, data)
+            return resp
+        except _CONNECT_ERRORS:
+            raise _unavailable() from None
+
+    async def _get_json(self, path: str) -> object:
+        resp = await self._request("GET", path)
+        try:
+            if resp.status != 200:
+                raise await _error_from(resp)
+            return orjson.loads(await resp.read())
+        except (*_CONNECT_ERRORS, orjson.JSONDecodeError):
+            raise _unavailable() from None
+        finally:
+            resp.release()
 
     async def health(self) -> tuple[int, object]:
         try:
@@ -105,23 +170,26 @@ class Backend:
         """`GET /v1/model`, fetched once and cached."""
         async with self._model_info_lock:
             if self._model_info is None:
-                try:
-                    async with self._session.get(self._base_url + "/v1/model") as resp:
-                        if resp.status != 200:
-                            raise await _error_from(resp)
-                        self._model_info = ModelInfo.from_json(orjson.loads(await resp.read()))
-                except (*_CONNECT_ERRORS, orjson.JSONDecodeError):
-                    raise _unavailable() from None
+                self._model_info = ModelInfo.from_json(await self._get_json("/v1/model"))
             return self._model_info
 
+    async def stats(self) -> BackendStats:
+        return BackendStats.from_json(await self._get_json("/v1/stats"))
+
+    async def tokenizer_files(self) -> object:
+        """`GET /v1/tokenizer`: `{"files": {name: text}}`, checked by the caller."""
+        return await self._get_json("/v1/tokenizer")
+
     async def generate(self, req: GenerateRequest) -> GenerateResult:
+        resp = await self._request("POST", "/v1/generate", req.to_json())
         try:
-            async with self._post("/v1/generate", req.to_json()) as resp:
-                if resp.status != 200:
-                    raise await _error_from(resp)
-                raw = await resp.read()
+            if resp.status != 200:
+                raise await _error_from(resp)
+            raw = await resp.read()
         except _CONNECT_ERRORS:
             raise _unavailable() from None
+        finally:
+            resp.release()
         try:
             return GenerateResult.from_json(orjson.loads(raw))
         except orjson.JSONDecodeError:
@@ -129,29 +197,25 @@ class Backend:
 
     async def stream(self, req: GenerateRequest) -> aiohttp.ClientResponse:
         """Open a streamed generate; the caller reads it with `lines` and must release it."""
-        try:
-            resp = await self._post("/v1/generate", req.to_json())
-        except _CONNECT_ERRORS:
-            raise _unavailable() from None
+        resp = await self._request("POST", "/v1/generate", req.to_json())
         if resp.status != 200:
-            err = await _error_from(resp)
-            resp.release()
-            raise err
+            try:
+                raise await _error_from(resp)
+            finally:
+                resp.release()
         return resp
 
     @staticmethod
     async def lines(resp: aiohttp.ClientResponse) -> AsyncIterator[StreamStart | StreamDelta]:
         """The NDJSON lines of a streamed generate; raises ApiError on a bad or cut stream."""
-        buf = b""
+        buf = LineBuffer()
         try:
             async for data in resp.content.iter_any():
-                buf += data
-                *lines, buf = buf.split(b"\n")
-                for line in lines:
-                    if line.strip():
-                        yield parse_stream_line(orjson.loads(line))
-            if buf.strip():
-                yield parse_stream_line(orjson.loads(buf))
+                for line in buf.feed(data):
+                    yield parse_stream_line(orjson.loads(line))
+            rest = buf.rest()
+            if rest is not None:
+                yield parse_stream_line(orjson.loads(rest))
         except (*_CONNECT_ERRORS, aiohttp.ClientPayloadError, orjson.JSONDecodeError):
             raise ApiError(502, "The backend closed the stream unexpectedly.") from None
 
@@ -160,9 +224,9 @@ class Backend:
 
         async def call() -> None:
             try:
-                async with self._post("/v1/abort", {"request_id": request_id}) as resp:
-                    await resp.read()
-            except (*_CONNECT_ERRORS, aiohttp.ClientError):
+                resp = await self._request("POST", "/v1/abort", {"request_id": request_id})
+                resp.release()
+            except (ApiError, *_CONNECT_ERRORS, aiohttp.ClientError):
                 pass
 
         if self._session is not None and not self._session.closed:

@@ -1,261 +1,208 @@
 """The OpenAI `/v1/completions` protocol: request checks and response builders.
 
 `parse_completion_request` turns a decoded body into a `CompletionRequest`: one backend
-`GenerateRequest` per prompt (choice `index` = prompt index). Field names follow the OpenAI spec
-(shared/openapi/openai-subset.yaml).
+`GenerateRequest` per choice, choice `index` = prompt index * n + i. Field names follow the
+OpenAI spec (shared/openapi/openai-subset.yaml); the common policy is in openai_common.py.
 
-Policy on fields (each answer a 400 with the OpenAI error body):
+Completions specifics:
 - unknown fields are rejected, as OpenAI itself does ("Unrecognized request argument supplied"):
   a typo such as `max_token` must not silently fall back to a default;
-- known fields we do not implement yet (`n` > 1, `best_of` > 1, `echo`, `logprobs`, `suffix`,
-  penalties, `logit_bias`) are accepted only with their no-op value;
-- extensions (vLLM names): `top_k`, `ignore_eos`, `stop_token_ids`;
-- `null` means the default for every optional field (`max_tokens: null` is 16).
+- `best_of` (other than 1) and a non-empty `suffix` are a 400 "not supported";
+- `echo` puts the prompt first, and with `logprobs` the prompt's tokens first (the first one's
+  logprob null); `max_tokens: 0` is allowed only with `echo` (scoring, as lm-evaluation-harness
+  does), and then the backend is asked for prompt logprobs;
+- a token-id prompt is used as given (no BOS added); an empty prompt is a 400.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import uuid
 from dataclasses import dataclass
 
-from mi.api.backend import GenerateRequest, read_stop
+from mi.api.backend import GenerateRequest
 from mi.api.errors import (
     ApiError,
+    as_int,
     invalid,
-    is_int,
     read_bool,
-    read_float,
     read_int,
     read_str,
     read_token_ids,
     reject_unknown,
     wrong_type,
 )
+from mi.api.openai_common import (
+    SAMPLING_FIELDS,
+    Limits,
+    check_min_tokens,
+    check_model,
+    read_max_tokens,
+    read_sampling,
+    read_stream_options,
+    seed_for_choice,
+)
 
 __all__ = [
     "CompletionRequest",
+    "completion_choice",
     "completion_chunk",
     "completion_response",
-    "model_list",
-    "new_completion_id",
     "parse_completion_request",
     "usage_chunk",
 ]
 
-MAX_NUM_STOP = 4  # OpenAI's limit
-DEFAULT_MAX_PROMPTS = 256
-
-_SUPPORTED = frozenset({
-    "model", "prompt", "max_tokens", "temperature", "top_p", "stop", "seed", "n", "stream",
-    "stream_options", "user", "best_of", "echo", "logprobs", "suffix", "frequency_penalty",
-    "presence_penalty", "logit_bias",
-    "top_k", "ignore_eos", "stop_token_ids",  # extensions
-})
-
-
-def new_completion_id() -> str:
-    return f"cmpl-{uuid.uuid4().hex}"
+_FIELDS = SAMPLING_FIELDS | {
+    "model", "prompt", "max_tokens", "n", "stream", "stream_options", "user", "best_of", "echo",
+    "logprobs", "suffix", "add_special_tokens",
+}
 
 
 def not_supported(param: str, what: str) -> ApiError:
-    return ApiError(400, f"{what} is not supported yet.", param, code="unsupported_parameter")
+    return ApiError(400, f"{what} is not supported.", param, code="unsupported_parameter")
 
 
 @dataclass(frozen=True)
 class CompletionRequest:
-    """A checked completion request: one `GenerateRequest` per prompt, in prompt order."""
+    """A checked completion request: one `GenerateRequest` per choice, in choice order."""
 
-    model: str  # the served model name (the request's `model` was checked against it)
-    generate_requests: tuple[GenerateRequest, ...]
+    model: str  # the name to answer with
+    prompts: tuple[str | tuple[int, ...], ...]
+    n: int
+    echo: bool
+    logprobs: int | None
     stream: bool
     include_usage: bool  # stream_options.include_usage: a last chunk with usage and no choices
+    generate_requests: tuple[GenerateRequest, ...]
 
 
 def parse_completion_request(
     body: object,
     *,
-    model_name: str,
+    served_names: tuple[str, ...],
     vocab_size: int,
     completion_id: str,
-    max_prompts: int = DEFAULT_MAX_PROMPTS,
+    limits: Limits = Limits(),
 ) -> CompletionRequest:
-    """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first problem.
-
-    Backend request ids are `{completion_id}-{index}`, so an abort can name them.
-    """
+    """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first
+    problem. Backend request ids are `{completion_id}-{index}`, so an abort can name them."""
     if not isinstance(body, dict):
         raise wrong_type("body", body, "a JSON object")
-    reject_unknown(body, _SUPPORTED)
-
-    model = read_str(body, "model", None)
-    if model is not None and model != model_name:
-        raise ApiError(
-            404, f"The model '{model[:100]}' does not exist.", "model", code="model_not_found"
-        )
+    reject_unknown(body, _FIELDS)
+    model = check_model(body, served_names)
     read_str(body, "user", None)
-    _check_unsupported(body)
 
-    stream = read_bool(body, "stream", False)
-    include_usage = _read_stream_options(body.get("stream_options"), stream)
-    template = GenerateRequest(
-        max_tokens=read_int(body, "max_tokens", 16, 1, 2**31 - 1),
-        temperature=read_float(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=read_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=read_int(body, "top_k", 0, -1, 2**31 - 1),
-        seed=read_int(body, "seed", None, -(2**63), 2**63 - 1),
-        stop=read_stop(body.get("stop"), "stop", MAX_NUM_STOP),
-        stop_token_ids=read_token_ids(
-            [] if body.get("stop_token_ids") is None else body["stop_token_ids"],
-            "stop_token_ids", vocab_size, allow_empty=True,
-        ),
-        ignore_eos=read_bool(body, "ignore_eos", False),
-        stream=stream,
-    )
-    prompts = _read_prompts(body.get("prompt"), vocab_size, max_prompts)
-    reqs = tuple(
-        dataclasses.replace(
-            template,
-            request_id=f"{completion_id}-{index}",
-            prompt=prompt if isinstance(prompt, str) else None,
-            prompt_ids=None if isinstance(prompt, str) else prompt,
-        )
-        for index, prompt in enumerate(prompts)
-    )
-    return CompletionRequest(model_name, reqs, stream, include_usage)
-
-
-def _check_unsupported(body: dict) -> None:
-    n = read_int(body, "n", 1, 1, 128)
-    if n != 1:
-        raise not_supported("n", "n other than 1")
-    best_of = read_int(body, "best_of", 1, 0, 20)
-    if best_of < n:
-        raise invalid("best_of", "'best_of' must be at least 'n'.")
-    if best_of != 1:
-        raise not_supported("best_of", "best_of greater than 1")
-    if read_bool(body, "echo", False):
-        raise not_supported("echo", "echo")
-    if read_int(body, "logprobs", None, 0, 5) is not None:
-        raise not_supported("logprobs", "logprobs")
+    n = read_int(body, "n", 1, 1, limits.max_n)
+    best_of = read_int(body, "best_of", None, 1, None)
+    if best_of is not None and best_of != 1:
+        raise not_supported("best_of", "best_of other than 1")
     if read_str(body, "suffix", ""):
         raise not_supported("suffix", "suffix")
-    for key in ("frequency_penalty", "presence_penalty"):
-        if read_float(body, key, 0.0, -2.0, 2.0) != 0.0:
-            raise not_supported(key, key)
-    logit_bias = body.get("logit_bias")
-    if logit_bias is not None and not isinstance(logit_bias, dict):
-        raise wrong_type("logit_bias", logit_bias, "an object")
-    if logit_bias:
-        raise not_supported("logit_bias", "logit_bias")
+    echo = read_bool(body, "echo", False)
+    logprobs = read_int(body, "logprobs", None, 0, limits.max_logprobs)
+    stream = read_bool(body, "stream", False)
+    include_usage = read_stream_options(body, stream)
+    max_tokens = read_max_tokens(body, "max_tokens", min(16, limits.max_tokens or 16), 0, limits)
+    if max_tokens == 0 and not echo:
+        raise invalid("max_tokens", "'max_tokens' may be 0 only with 'echo' (to score the prompt).")
+    sampling = read_sampling(body, vocab_size, limits)
+    check_min_tokens(sampling, max_tokens, "max_tokens")
+    add_special_tokens = read_bool(body, "add_special_tokens", True)
+
+    prompts = _read_prompts(body.get("prompt"), vocab_size)
+    if len(prompts) * n > limits.max_choices:
+        raise invalid("prompt", f"At most {limits.max_choices} choices (prompts x n) per request, "
+                                f"got {len(prompts)} x {n}.")
+    # NOTE: echo with logprobs (or scoring with max_tokens 0) needs the prompt's logprobs.
+    prompt_logprobs = None
+    if echo and logprobs is not None:
+        prompt_logprobs = logprobs
+    elif max_tokens == 0:
+        prompt_logprobs = 0
+    seed = sampling.pop("seed")
+    reqs = []
+    for prompt_index, prompt in enumerate(prompts):
+        for i in range(n):
+            index = prompt_index * n + i
+            reqs.append(GenerateRequest(
+                request_id=f"{completion_id}-{index}",
+                prompt=prompt if isinstance(prompt, str) else None,
+                prompt_ids=None if isinstance(prompt, str) else prompt,
+                add_special_tokens=add_special_tokens,
+                max_tokens=max_tokens,
+                seed=seed_for_choice(seed, i),
+                logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
+                stream=stream,
+                **sampling,
+            ))
+    return CompletionRequest(model, tuple(prompts), n, echo, logprobs, stream, include_usage, tuple(reqs))
 
 
-def _read_stream_options(value: object, stream: bool) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, dict):
-        raise wrong_type("stream_options", value, "an object")
-    if not stream:
-        raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
-    reject_unknown(value, frozenset({"include_usage", "include_obfuscation"}))
-    read_bool(value, "include_obfuscation", False)
-    return read_bool(value, "include_usage", False)
-
-
-def _read_prompts(value: object, vocab_size: int, max_prompts: int) -> list[str | tuple[int, ...]]:
+def _read_prompts(value: object, vocab_size: int) -> list[str | tuple[int, ...]]:
     """A string, an array of strings, an array of token ids, or an array of such arrays."""
     if value is None:
         raise ApiError(400, "'prompt' is required.", "prompt", code="missing_required_parameter")
-    if isinstance(value, str):
-        return [value]
     expected = "a string, an array of strings, an array of integers or an array of integer arrays"
-    if not isinstance(value, list):
+    if isinstance(value, str):
+        prompts = [value]
+    elif not isinstance(value, list):
         raise wrong_type("prompt", value, expected)
-    if not value:
+    elif not value:
         raise invalid("prompt", "'prompt' must not be an empty array.")
-    if all(is_int(v) for v in value):
-        return [read_token_ids(value, "prompt", vocab_size, allow_empty=False)]
-    if len(value) > max_prompts:
-        raise invalid("prompt", f"At most {max_prompts} prompts per request, got {len(value)}.")
-    if all(isinstance(v, str) for v in value):
-        return list(value)
-    if all(isinstance(v, list) for v in value):
-        return [read_token_ids(v, "prompt", vocab_size, allow_empty=False) for v in value]
-    raise wrong_type("prompt", value, expected)
+    elif all(as_int(v) is not None for v in value):
+        prompts = [read_token_ids(value, "prompt", vocab_size, allow_empty=False)]
+    elif all(isinstance(v, str) for v in value):
+        prompts = list(value)
+    elif all(isinstance(v, list) for v in value):
+        prompts = [read_token_ids(v, "prompt", vocab_size, allow_empty=False) for v in value]
+    else:
+        raise wrong_type("prompt", value, expected)
+    if any(p == "" for p in prompts):
+        raise invalid("prompt", "'prompt' must not be empty.")
+    return prompts
 
 
 # -- answers ------------------------------------------------------------------------------------
 
 
-def completion_response(
-    completion_id: str,
-    created: int,
-    model: str,
-    choices: list[tuple[str, str]],
-    prompt_tokens: int,
-    completion_tokens: int,
-) -> dict:
-    """The non-streaming body; `choices[i]` is `(text, finish_reason)` of prompt `i`."""
+def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def completion_response(completion_id: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
+    """The non-streaming body; `choices` built with `completion_choice`, in index order."""
     return {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [
-            {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
-            for index, (text, finish_reason) in enumerate(choices)
-        ],
-        "usage": _usage(prompt_tokens, completion_tokens),
+        "choices": choices,
+        "usage": usage,
     }
 
 
 def completion_chunk(
-    completion_id: str,
-    created: int,
-    model: str,
-    index: int,
-    text: str,
-    finish_reason: str | None,
-    *,
-    include_usage: bool = False,
+    completion_id: str, created: int, model: str, choice: dict, *, include_usage: bool = False
 ) -> dict:
-    """One streamed event: a text delta of choice `index` (same shape as the full answer)."""
+    """One streamed event: a text delta of one choice (same shape as the full answer)."""
     chunk = {
         "id": completion_id,
         "object": "text_completion",
         "created": created,
         "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [choice],
     }
     if include_usage:
         chunk["usage"] = None
     return chunk
 
 
-def usage_chunk(
-    completion_id: str, created: int, model: str, prompt_tokens: int, completion_tokens: int
-) -> dict:
+def usage_chunk(completion_id: str, created: int, model: str, usage: dict, object_: str = "text_completion") -> dict:
     """The last event when `stream_options.include_usage` is set: no choices, total usage."""
     return {
         "id": completion_id,
-        "object": "text_completion",
+        "object": object_,
         "created": created,
         "model": model,
         "choices": [],
-        "usage": _usage(prompt_tokens, completion_tokens),
-    }
-
-
-def model_list(model_name: str, created: int) -> dict:
-    return {
-        "object": "list",
-        "data": [{"id": model_name, "object": "model", "created": created, "owned_by": "mi"}],
-    }
-
-
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
+        "usage": usage,
     }

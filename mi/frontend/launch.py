@@ -3,6 +3,8 @@
     python -m mi.frontend.launch --backend 12222 --server-port 13000 [--host 127.0.0.1]
 
 Prints `frontend start at http://HOST:PORT` once listening; SIGTERM or SIGINT exits 0.
+Environment (read here, once): MI_API_KEY (the default of --api-key), MI_CERT (the default of
+--backend-cert, read by mi.auth).
 """
 
 from __future__ import annotations
@@ -10,44 +12,83 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 
 from mi.actors.frontend import FrontendConfig, serve
+from mi.api.openai_common import Limits
+from mi.config import parse_bytes
+
+
+def _chat_template(value: str | None) -> str | None:
+    """A file holding a Jinja chat template, or the template text itself."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"--chat-template: no such file, and not a Jinja template: {value!r}")
+    return value
+
+
+def _origins(values: list[str]) -> tuple[str, ...]:
+    return tuple(o.strip() for value in values for o in value.split(",") if o.strip())
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="mi-frontend", description="OpenAI-compatible HTTP frontend for an mi backend."
+    )
+    p.add_argument("--backend", required=True,
+                   help="backend PORT (local: its unix socket when present, else 127.0.0.1:PORT) or HOST:PORT")
+    p.add_argument("--server-port", type=int, default=13000, help="port to serve on (13000)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (127.0.0.1; a public address must be given explicitly)")
+    p.add_argument("--api-key", default=os.environ.get("MI_API_KEY") or None,
+                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $MI_API_KEY)")
+    p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
+                   help="model names clients may use (aliases; the first is reported by default); "
+                        "default: the backend's model name")
+    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
+                   help="CORS: origins allowed to call the API from a browser ('*' for any; comma lists ok)")
+    p.add_argument("--chat-template", default=None,
+                   help="Jinja chat template (a file, or the template text) replacing the tokenizer's")
+    p.add_argument("--backend-cert", default=None,
+                   help="the backend's shared-secret file (default: $MI_CERT or ~/.mi/cert)")
+    p.add_argument("--max-body-bytes", default="2MiB", help="largest accepted request body (2MiB)")
+    p.add_argument("--max-n", type=int, default=Limits.max_n, help="most choices per prompt (n)")
+    p.add_argument("--max-choices", "--max-prompts", type=int, default=Limits.max_choices,
+                   help="most choices (prompts x n) in one request")
+    p.add_argument("--max-stop", type=int, default=Limits.max_stop, help="most stop strings per request")
+    p.add_argument("--max-logprobs", type=int, default=Limits.max_logprobs,
+                   help="most logprobs / top_logprobs per position (at most 20)")
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="most tokens one choice may generate (default: what the context leaves)")
+    p.add_argument("--shutdown-timeout", type=float, default=FrontendConfig.shutdown_timeout,
+                   help="seconds in-flight requests may run on after SIGTERM before they are aborted")
+    return p
 
 
 def parse_args(argv: list[str] | None) -> FrontendConfig:
-    parser = argparse.ArgumentParser(
-        prog="mi-frontend", description="OpenAI-compatible HTTP frontend for an mi backend."
-    )
-    parser.add_argument(
-        "--backend", required=True,
-        help="backend PORT (local: its unix socket when present, else 127.0.0.1:PORT) or HOST:PORT",
-    )
-    parser.add_argument("--server-port", type=int, default=13000, help="port to serve on (13000)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument(
-        "--max-body-bytes", type=int, default=FrontendConfig.max_body_bytes,
-        help="largest accepted request body (bytes)",
-    )
-    parser.add_argument(
-        "--max-prompts", type=int, default=FrontendConfig.max_prompts,
-        help="most prompts in one completion request",
-    )
-    parser.add_argument(
-        "--shutdown-timeout", type=float, default=FrontendConfig.shutdown_timeout,
-        help="seconds in-flight requests may run on after SIGTERM before they are aborted",
-    )
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return FrontendConfig(
             backend=args.backend,
             host=args.host,
             port=args.server_port,
-            max_body_bytes=args.max_body_bytes,
-            max_prompts=args.max_prompts,
+            api_key=args.api_key,
+            served_model_names=tuple(args.served_model_name),
+            allowed_origins=_origins(args.allowed_origins),
+            chat_template=_chat_template(args.chat_template),
+            backend_cert=args.backend_cert,
+            max_body_bytes=parse_bytes(args.max_body_bytes),
+            limits=Limits(max_n=args.max_n, max_choices=args.max_choices, max_stop=args.max_stop,
+                          max_logprobs=args.max_logprobs, max_tokens=args.max_tokens),
             shutdown_timeout=args.shutdown_timeout,
         )
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         parser.error(str(exc))
 
 
