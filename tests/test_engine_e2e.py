@@ -32,7 +32,7 @@ async def _stats(port: int) -> dict:
 
 @pytest.fixture(scope="module")
 def backend(converted):
-    proc, port = start_backend(converted("llama", 1))
+    proc, port = start_backend(converted("llama", 1), "--debug-invariants")
     yield port
     proc.stop()
 
@@ -49,7 +49,8 @@ def test_kv_pressure_preempts_and_outputs_stay_exact(backend, converted):
               for p in PROMPTS * 4]
     unpressured = _run(_generate(backend, bodies))
     # 64 blocks of 16 tokens fit the longest request (48 blocks) but not 32 at once: it must preempt.
-    proc, port = start_backend(converted("llama", 1), "--num-kv-blocks", "64", "--no-prefix-caching")
+    proc, port = start_backend(converted("llama", 1), "--num-kv-blocks", "64", "--no-prefix-caching",
+                               "--debug-invariants")
     try:
         pressured = _run(_generate(port, bodies))
         stats = _run(_stats(port))

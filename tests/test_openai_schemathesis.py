@@ -1,4 +1,4 @@
-"""Property test: requests generated from the public OpenAI spec (shared/openapi/openai-subset.yaml)
+"""Property test: requests generated from the public OpenAI spec (tests/data/openai-subset.yaml)
 never get a 5xx from mi-frontend, and every 4xx carries the OpenAI error body.
 
 The spec lists only 200 and 429; our documented answers to what it generates are: 400 for a field
@@ -22,7 +22,7 @@ hypothesis = pytest.importorskip("hypothesis")
 
 from schemathesis import GenerationMode  # noqa: E402
 
-SPEC = Path(__file__).resolve().parents[1].parent / "shared" / "openapi" / "openai-subset.yaml"
+SPEC = Path(__file__).resolve().parent / "data" / "openai-subset.yaml"
 MAX_EXAMPLES = int(os.environ.get("MI_SCHEMATHESIS_EXAMPLES", "100"))
 
 

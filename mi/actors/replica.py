@@ -80,6 +80,7 @@ class Replica:
                     max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                     max_model_len=cfg.max_model_len, eos_token_ids=self._eos_token_ids,
                     enable_prefix_caching=cfg.enable_prefix_caching,
+                    check_invariants=cfg.debug_invariants,
                     ready_timeout=cfg.ready_timeout)
         self._spawn("scheduler", "mi.actors.scheduler", spec, list(rings))
 

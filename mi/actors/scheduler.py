@@ -41,6 +41,7 @@ class SchedulerSpec:
     max_model_len: int
     eos_token_ids: list[int]
     enable_prefix_caching: bool
+    check_invariants: bool  # debug: verify the block manager every time the scheduler goes idle
     ready_timeout: float
 
 
@@ -106,6 +107,8 @@ class SchedulerActor:
     def _drain_requests(self) -> bool:
         msg = self.requests.try_recv()
         if msg is None and not self.core.has_unfinished():
+            if self.spec.check_invariants:
+                self.core.check_invariants()  # raises: the actor reports ActorFailed and exits
             self._send_stats()  # about to sleep: report the idle state first
             msg = self.requests.recv()
         while msg is not None:
