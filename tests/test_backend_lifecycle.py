@@ -119,8 +119,10 @@ def test_sigterm_during_generation_ends_the_stream(converted):
 def test_killed_worker_fails_requests_and_stops_backend(converted):
     proc, port = start_backend(converted("llama", 1))
     worker = next(p for p in _tree(proc.proc.pid)[1:] if "mi.actors.worker" in " ".join(p.cmdline()))
+    started = time.monotonic()
     worker.kill()
     assert proc.proc.wait(timeout=10) == 1
+    assert time.monotonic() - started < 3, "the surviving scheduler is killed at once"
     assert "worker 0 exited" in proc.output
 
 

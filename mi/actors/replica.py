@@ -106,7 +106,8 @@ class Replica:
                 await asyncio.sleep(0.05)
         for name, proc in self.procs:
             if proc.poll() is None:
-                log.warning("%s did not stop in %.0f s; killing it", name, grace)
+                if grace:
+                    log.warning("%s did not stop in %.0f s; killing it", name, grace)
                 proc.kill()
             proc.wait()
         for ring in self.rings.values():

@@ -302,5 +302,8 @@ class Supervisor:
                     replica.to_scheduler.send(m.Shutdown(reason="supervisor stopping"), timeout=1.0)
                 except Exception as exc:  # a full ring must not block the exit
                     log.warning("could not send Shutdown to replica %d: %s", replica.index, exc)
-        await asyncio.gather(*(r.stop(self.cfg.shutdown_grace, log) for r in self.replicas))
+        # After a child failure the survivors may be blocked on it (a scheduler waiting for a
+        # dead worker's result): no grace period, kill them now.
+        grace = 0.0 if self.failure.is_set() else self.cfg.shutdown_grace
+        await asyncio.gather(*(r.stop(grace, log) for r in self.replicas))
         shutil.rmtree(self._run_dir, ignore_errors=True)
