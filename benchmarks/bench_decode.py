@@ -8,10 +8,11 @@ times greedy decoding of `--tokens` tokens (EOS ignored) at each batch size:
   - mi backend: that many concurrent streaming /v1/generate requests; decode rate is measured
     from each request's first token to its last, so prefill is excluded on both sides;
   - mi frontend: the same through the OpenAI /v1/completions SSE stream.
-Prints tokens/s and the ratio mi / HF.
+Prints the median tokens/s of --repeats runs and the ratio mi / HF.
 """
 import argparse
 import asyncio
+import statistics
 import sys
 import tempfile
 import time
@@ -93,6 +94,7 @@ def main() -> None:
     parser.add_argument("--arch", default="llama")
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure; the median is shown")
     args = parser.parse_args()
 
     from mi.convert import convert
@@ -108,11 +110,13 @@ def main() -> None:
               f"torch threads {torch.get_num_threads()}")
         print(f"{'batch':>5} {'HF tok/s':>10} {'mi backend tok/s':>17} {'ratio':>6} "
               f"{'mi frontend tok/s':>18} {'ratio':>6}")
+        median = lambda run: statistics.median(run() for _ in range(args.repeats))  # noqa: E731
         for batch in args.batch:
-            hf = hf_decode_rate(hf_dir, batch, args.tokens)
-            be = asyncio.run(server_decode_rate(_stream_backend, f"http://127.0.0.1:{port}",
-                                                batch, args.tokens))
-            fe = asyncio.run(server_decode_rate(_stream_frontend, url, batch, args.tokens))
+            hf = median(lambda: hf_decode_rate(hf_dir, batch, args.tokens))
+            be = median(lambda: asyncio.run(server_decode_rate(
+                _stream_backend, f"http://127.0.0.1:{port}", batch, args.tokens)))
+            fe = median(lambda: asyncio.run(server_decode_rate(_stream_frontend, url, batch,
+                                                               args.tokens)))
             print(f"{batch:>5} {hf:>10.0f} {be:>17.0f} {be / hf:>6.2f} {fe:>18.0f} {fe / hf:>6.2f}")
     finally:
         frontend.stop()
