@@ -5,8 +5,9 @@
 Builds a random-weight Llama of ~104M parameters (hidden 768, 12 layers, 12 heads, 4 KV heads,
 intermediate 3072, the tiny tokenizer's 500-token vocabulary), converts it for tp=1 and tp=2,
 and for each serves it with `mi-backend --device TP` and times greedy decoding (EOS ignored) of
-`batch` concurrent streams, from each stream's first token to its last. With MI_PROFILE=1 the
-workers report the time spent inside all-reduce / all-gather, printed as a share of step time.
+`batch` concurrent streams, from each stream's first token to its last; tp=2 runs twice, with
+the shared-memory collectives (the default) and with gloo. With MI_PROFILE=1 the workers report
+the time spent inside all-reduce / all-gather, printed as a share of step time.
 On a 2-core machine tp=2 gives each rank one core, tp=1 one process with two threads.
 """
 import argparse
@@ -45,12 +46,14 @@ def main() -> None:
         num_params = sum(math.prod(f.get_slice(name).get_shape()) for name in f.keys())
     print(f"llama {num_params / 1e6:.0f}M parameters, float32, greedy, {args.tokens} tokens per "
           f"stream, {os.cpu_count()} cores")
-    print(f"{'tp':>3} {'batch':>5} {'tok/s':>8} {'vs tp=1':>8} {'collectives / step time':>24}")
+    print(f"{'tp':>3} {'collectives':>12} {'batch':>5} {'tok/s':>8} {'vs tp=1':>8} "
+          f"{'collectives / step time':>24}")
     baseline = {}
-    for tp in (1, 2):
-        mi_dir = convert(hf_dir, root / f"tp{tp}", tp=tp, progress=False)
+    for tp, flags in ((1, []), (2, []), (2, ["--gloo-collectives"])):
+        mi_dir = convert(hf_dir, root / f"tp{tp}", tp=tp, progress=False, force=True)
+        kind = "-" if tp == 1 else ("gloo" if flags else "shm")
         for batch in args.batch:
-            backend, port = start_backend(mi_dir, "--device", str(tp))
+            backend, port = start_backend(mi_dir, "--device", str(tp), *flags)
             try:
                 rate = asyncio.run(server_decode_rate(
                     _stream_backend, f"http://127.0.0.1:{port}", batch, args.tokens))
@@ -59,7 +62,8 @@ def main() -> None:
             shares = re.findall(r"in collectives \(([\d.]+)%\)", backend.output)
             share = f"{max(map(float, shares)):.1f}%" if shares and tp > 1 else "-"
             baseline.setdefault(batch, rate)
-            print(f"{tp:>3} {batch:>5} {rate:>8.1f} {rate / baseline[batch]:>8.2f} {share:>24}")
+            print(f"{tp:>3} {kind:>12} {batch:>5} {rate:>8.1f} {rate / baseline[batch]:>8.2f} "
+                  f"{share:>24}")
 
 
 if __name__ == "__main__":

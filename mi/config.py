@@ -34,6 +34,7 @@ class BackendConfig:
     cert_path: str  # the shared secret every request but /health must present
     ready_timeout: float  # seconds for the workers to load and report ready
     shutdown_grace: float  # seconds children get to exit before SIGKILL
+    shm_collectives: bool = True  # CPU tensor parallelism: shared-memory all-reduce, not gloo
     debug_invariants: bool = False  # schedulers run check_invariants() whenever they go idle
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
 

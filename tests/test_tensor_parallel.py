@@ -44,6 +44,17 @@ def test_tp_greedy_matches_hf(arch, tp, tiny_model_dirs, converted):
         assert result["ids"] == ids, (arch, tp, prompt)
 
 
+def test_gloo_collectives_match_hf(tiny_model_dirs, converted):
+    """The gloo fallback (used for tensors too big for the shared-memory slots) stays exact."""
+    expected = hf_greedy(tiny_model_dirs("qwen2"), PROMPTS, MAX_TOKENS)
+    backend, port = start_backend(converted("qwen2", 2), "--device", "2", "--gloo-collectives")
+    try:
+        got = asyncio.run(_generate_all(port, _greedy_bodies()))
+    finally:
+        assert backend.stop() == 0, backend.output
+    assert [r["ids"] for r in got] == [ids for _, ids, _ in expected]
+
+
 def test_tp2_logprobs_match_tp1(converted):
     bodies = _greedy_bodies(logprobs=5, prompt_logprobs=3)
     results = {}

@@ -15,6 +15,7 @@ import sys
 from mi.actors import messages as m
 from mi.config import BackendConfig
 from mi.shm import Receiver, Ring, Sender
+from mi.shm.allreduce import ShmCollectives
 
 _RING_BYTES = {"request": 8 << 20, "output": 4 << 20, "plan": 8 << 20, "result": 4 << 20}
 
@@ -29,6 +30,14 @@ def cpu_shares(num_workers: int) -> tuple[int, list[list[int]]]:
                    for w in range(num_workers)]
 
 
+def _collective_slot_bytes(cfg: BackendConfig, model: dict) -> int:
+    """Room for the largest all-reduce (a step's hidden states) and the sampled rows' logits
+    shard of the all-gather; anything bigger (e.g. prompt-logprobs logits) goes through gloo."""
+    hidden = cfg.max_num_batched_tokens * model["hidden_size"]
+    logits = cfg.max_num_seqs * model["padded_vocab_size"] // cfg.tp
+    return 4 * max(hidden, logits)
+
+
 def _child_env() -> dict:
     env = dict(os.environ)
     # Single host: collectives talk over loopback only, never a public interface.
@@ -38,7 +47,8 @@ def _child_env() -> dict:
 
 
 class Replica:
-    def __init__(self, index: int, cfg: BackendConfig, eos_token_ids: list[int], run_dir: str):
+    def __init__(self, index: int, cfg: BackendConfig, model: dict, eos_token_ids: list[int],
+                 run_dir: str):
         self.index = index
         self.cfg = cfg
         self.rings = {name: Ring.create(size, num_readers=cfg.tp if name == "plan" else 1)
@@ -50,11 +60,15 @@ class Replica:
         self.num_live = 0  # requests routed here and not finished: the routing load
         self.num_routed = 0
         self.stats: dict = {}
+        self.collectives = (ShmCollectives.create(cfg.tp, _collective_slot_bytes(cfg, model))
+                            if cfg.device_type == "cpu" and cfg.tp > 1 and cfg.shm_collectives
+                            else None)
         self._eos_token_ids = eos_token_ids
         self._dist_init_file = os.path.join(run_dir, f"dist-init-{index}")
 
-    def _spawn(self, name: str, module: str, spec: dict, rings: list[str]) -> None:
-        fds = [fd for ring in rings for fd in self.rings[ring].fds()]
+    def _spawn(self, name: str, module: str, spec: dict, rings: list[str],
+               extra_fds: list[int] = ()) -> None:
+        fds = [fd for ring in rings for fd in self.rings[ring].fds()] + list(extra_fds)
         proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds,
                                 stdin=subprocess.DEVNULL, env=_child_env())
         self.procs.append((f"replica {self.index} {name}", proc))
@@ -72,8 +86,10 @@ class Replica:
                             kv_cache_bytes=cfg.kv_cache_bytes),
                 plan_ring=rings["plan"].describe(), result_ring=rings["result"].describe(),
                 dist_init_file=self._dist_init_file, num_threads=threads, cpu_ids=cpu_ids[rank],
-                profile=cfg.profile)
-            self._spawn(f"worker {rank}", "mi.actors.worker", spec, ["plan", "result"])
+                profile=cfg.profile,
+                collectives=self.collectives.describe() if self.collectives else None)
+            self._spawn(f"worker {rank}", "mi.actors.worker", spec, ["plan", "result"],
+                        self.collectives.fds() if self.collectives else [])
         spec = dict(parent_pid=os.getpid(), request_ring=rings["request"].describe(),
                     output_ring=rings["output"].describe(), plan_ring=rings["plan"].describe(),
                     result_ring=rings["result"].describe(), block_size=cfg.block_size,
@@ -112,3 +128,5 @@ class Replica:
             proc.wait()
         for ring in self.rings.values():
             ring.close()
+        if self.collectives is not None:
+            self.collectives.close()

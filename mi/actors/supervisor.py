@@ -87,7 +87,7 @@ class Supervisor:
         threads, cpu_ids = (cpu_shares(cfg.num_devices) if cfg.device_type == "cpu"
                             else (1, [[] for _ in range(cfg.num_devices)]))
         for index in range(cfg.num_replicas):
-            replica = Replica(index, cfg, self.eos_token_ids, self._run_dir)
+            replica = Replica(index, cfg, self.mi_config["model"], self.eos_token_ids, self._run_dir)
             self.replicas.append(replica)
             replica.start(threads, cpu_ids[index * cfg.tp:(index + 1) * cfg.tp])
         self._tasks.append(asyncio.create_task(self._watch_children()))

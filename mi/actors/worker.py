@@ -21,6 +21,7 @@ from mi.actors.messages import ActorFailed, Shutdown, StepPlan, WorkerReady
 from mi.actors.model_runner import ModelRunner, RunnerConfig
 from mi.models.parallel import TensorParallel
 from mi.shm import Receiver, Ring, Sender
+from mi.shm.allreduce import ShmCollectives
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,7 @@ class WorkerSpec:
     num_threads: int
     cpu_ids: list[int]  # cores this rank is pinned to (CPU serving); [] = no pinning
     profile: bool  # time steps and collectives; print a summary to stderr on shutdown
+    collectives: dict | None  # ShmCollectives.describe() for CPU tensor parallelism, else None
 
     @classmethod
     def from_json(cls, text: str) -> "WorkerSpec":
@@ -49,7 +51,8 @@ def _init_tensor_parallel(spec: WorkerSpec) -> TensorParallel:
     backend = "nccl" if spec.runner.device.startswith("cuda") else "gloo"
     dist.init_process_group(backend, init_method=f"file://{spec.dist_init_file}",
                             rank=spec.rank, world_size=spec.tp)
-    return TensorParallel(rank=spec.rank, size=spec.tp, group=dist.group.WORLD,
+    shm = ShmCollectives.attach(spec.collectives, spec.rank) if spec.collectives else None
+    return TensorParallel(rank=spec.rank, size=spec.tp, group=dist.group.WORLD, shm=shm,
                           profile=spec.profile)
 
 

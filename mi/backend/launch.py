@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cert", default=None,
                    help="shared-secret file the frontend and SDK must present (default: $MI_CERT "
                         "or ~/.mi/cert, created with mode 0600 if absent)")
+    p.add_argument("--gloo-collectives", action="store_true",
+                   help="CPU tensor parallelism: use gloo for all-reduce instead of the "
+                        "shared-memory collectives")
     p.add_argument("--debug-invariants", action="store_true",
                    help="check the KV block manager's invariants whenever a scheduler goes idle "
                         "(a violation stops the backend with an error)")
@@ -105,7 +108,7 @@ def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig
         enable_prefix_caching=not args.no_prefix_caching,
         max_queued_requests=args.max_queued_requests, cert_path=cert_path(args.cert),
         ready_timeout=args.ready_timeout, shutdown_grace=5.0,
-        debug_invariants=args.debug_invariants, profile=os.environ.get("MI_PROFILE") == "1")
+        shm_collectives=not args.gloo_collectives, debug_invariants=args.debug_invariants, profile=os.environ.get("MI_PROFILE") == "1")
 
 
 def main(argv: list[str] | None = None) -> int:
