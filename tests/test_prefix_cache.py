@@ -57,30 +57,50 @@ def test_prompt_of_exactly_full_blocks_still_computes_its_last_token():
     assert outputs == [RequestOutput(1, expected_tokens(prompt(8), 1)[0], "length", 4)]
 
 
-def test_a_request_hits_blocks_that_a_running_request_has_finished_computing():
+def test_a_request_waits_for_and_then_hits_blocks_a_running_request_is_computing():
     core = make_core(block_size=4, max_num_batched_tokens=10)
     worker = FakeWorker(core)
-    core.add_request(0, prompt(16), params(max_tokens=3))
+    core.add_request(0, prompt(16), params(max_tokens=6))
     core.add_request(1, prompt(16), params(max_tokens=3))
     plan, _ = step(core, worker)                           # req 0 computes 10: 2 full blocks
     assert plan.req_ids == [0]
-    plan, _ = step(core, worker)
+    plan, _ = step(core, worker)                           # req 0 is computing block 2: req 1 waits
+    assert plan.req_ids == [0]
+    plan, outputs = step(core, worker)
     assert plan.req_ids == [0, 1]
-    assert plan.num_computed_tokens.tolist() == [10, 8] and plan.num_new_tokens.tolist() == [6, 4]
+    assert plan.num_computed_tokens.tolist() == [16, 12] and plan.num_new_tokens.tolist() == [1, 4]
+    assert table_of(core, worker, 1)[:3] == table_of(core, worker, 0)[:3]
+    first = [o.token_id for o in outputs if o.req_id == 1]
+    assert first + run_all(core, worker)[1] == expected_tokens(prompt(16), 3)
+
+
+def test_identical_prompts_sent_together_share_their_blocks():
+    core = make_core(block_size=4)
+    worker = FakeWorker(core)
+    core.add_request(0, prompt(12), params(max_tokens=4))
+    core.add_request(1, prompt(12), params(max_tokens=4))
+    plan, outputs = step(core, worker)                     # req 1 waits for req 0's blocks
+    assert plan.req_ids == [0]
+    plan, outputs = step(core, worker)
+    assert plan.req_ids == [0, 1]
+    assert plan.num_computed_tokens.tolist() == [12, 8]    # 2 full blocks shared, 1 token computed
+    assert [o.num_cached_tokens for o in outputs] == [0, 8]
     assert table_of(core, worker, 1)[:2] == table_of(core, worker, 0)[:2]
-    tokens = run_all(core, worker)
-    assert tokens[1] == expected_tokens(prompt(16), 3)
+    first = [o.token_id for o in outputs if o.req_id == 1]
+    assert first + run_all(core, worker)[1] == expected_tokens(prompt(12), 4)
+    core.check_invariants()
 
 
 def test_blocks_of_one_step_are_not_hit_in_that_step():
+    """Requests admitted in one step never read each other's blocks: with different tails
+    (no block to wait for) both compute their shared-looking prefix privately."""
     core = make_core(block_size=4)
     worker = FakeWorker(core)
-    core.add_request(0, prompt(12), params(max_tokens=2))
+    core.add_request(0, prompt(12), params(max_tokens=2, prompt_logprobs=0))
     core.add_request(1, prompt(12), params(max_tokens=2))
-    plan, outputs = step(core, worker)                     # both computed in full, side by side
+    plan, outputs = step(core, worker)                     # req 0 never indexes before it is done
     assert plan.num_computed_tokens.tolist() == [0, 0]
     assert [o.num_cached_tokens for o in outputs] == [0, 0]
-    assert core.blocks.num_cached == 3                     # the twins of req 1 stay private
     assert not set(table_of(core, worker, 0)) & set(table_of(core, worker, 1))
     run_all(core, worker)
     core.check_invariants()

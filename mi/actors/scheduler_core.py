@@ -178,6 +178,8 @@ class SchedulerCore:
                and len(self._running) < self.max_num_seqs):
             req = self._waiting[0]
             hits = self._match_prefix(req)
+            if hits is not None and self._next_block_in_progress(req, len(hits)):
+                break                             # wait a step or two and share it instead
             hit_ids = [entry.block_id for entry in hits or ()]
             num_cached = len(hit_ids) * self.block_size
             num_new = min(req.num_tokens - num_cached, budget)
@@ -230,6 +232,16 @@ class SchedulerCore:
         max_blocks = (req.num_tokens - 1) // self.block_size
         extend_hashes(req.block_hashes, req.token_ids, self.block_size, max_blocks)
         return self.blocks.match_prefix(req.block_hashes[:max_blocks], req.token_ids)
+
+    def _next_block_in_progress(self, req: _Request, num_hits: int) -> bool:
+        """True when a running request is about to compute (and then index) the full block that
+        would extend ``req``'s cache hit: identical prompts sent together (n > 1, a shared
+        system prompt) then share their blocks instead of each computing its own."""
+        if num_hits >= (req.num_tokens - 1) // self.block_size:
+            return False
+        wanted = req.block_hashes[num_hits]
+        return any(other.num_hashed_blocks <= num_hits < len(other.block_hashes)
+                   and other.block_hashes[num_hits] == wanted for other in self._running)
 
     def _admit(self, req: _Request, hits: list[CachedBlock] | None,
                appends: list[tuple[int, int]]) -> NewSlot:
