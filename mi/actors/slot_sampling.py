@@ -7,7 +7,9 @@ Penalties need to know which tokens a request has seen. The counts are derived f
 the worker computes: a token at position p < num_prompt_tokens is a prompt token, any later one
 a generated token. Every generated token except the newest is an input of some step (decode feeds
 the last sampled token back), so counts are exact at sampling time — and stay exact after a
-preemption, whose recompute feeds the same tokens again into freshly reset rows.
+preemption, whose recompute feeds the same tokens again into freshly reset rows. Tokens served
+from the prefix cache are never inputs, so the scheduler names them once on admission
+(`cached_token_ids` of a penalized request).
 
     dense, lazily allocated when the first penalized request arrives:
         output_counts [max_num_seqs, V] int32     prompt_mask [max_num_seqs, V] bool
