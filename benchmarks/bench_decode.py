@@ -48,35 +48,32 @@ def hf_decode_rate(hf_dir: Path, batch: int, tokens: int) -> float:
     return batch * (tokens - 1) / elapsed
 
 
-async def _stream_backend(session, url, tokens):
+async def _stream(session, url: str, tokens: int, is_token_line) -> tuple[float, float, int]:
+    """(first token time, last token time, tokens) of one greedy streamed request."""
     body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
             "stream": True}
     first = last = None
     count = 0
-    async with session.post(url + "/v1/generate", json=body) as resp:
+    async with session.post(url, json=body) as resp:
         async for line in resp.content:
-            event = orjson.loads(line)
-            if "ids" in event and event["ids"]:
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += len(event["ids"])
+            num_tokens = is_token_line(line)
+            if num_tokens:
+                last = time.perf_counter()
+                first = first or last
+                count += num_tokens
     return first, last, count
 
 
-async def _stream_frontend(session, url, tokens):
-    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
-    first = last = None
-    count = 0
-    async with session.post(url + "/v1/completions", json=body) as resp:
-        async for line in resp.content:
-            if line.startswith(b"data: {"):
-                now = time.perf_counter()
-                first = first or now
-                last = now
-                count += 1
-    return first, last, count
+def _stream_backend(session, url, tokens):
+    """The backend's NDJSON: each line lists its new token ids."""
+    return _stream(session, url + "/v1/generate", tokens,
+                   lambda line: len(orjson.loads(line).get("ids") or ()))
+
+
+def _stream_frontend(session, url, tokens):
+    """The frontend's SSE: one chunk per token (a held-back piece may merge two)."""
+    return _stream(session, url + "/v1/completions", tokens,
+                   lambda line: int(line.startswith(b"data: {")))
 
 
 async def server_decode_rate(stream, url: str, batch: int, tokens: int) -> float:

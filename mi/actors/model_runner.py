@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from mi.actors.messages import StepPlan, StepResult
-from mi.actors.slot_sampling import SlotSampling
+from mi.actors.slot_sampling import SlotSampling, to_device
 from mi.convert import load_mi_config
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
@@ -89,7 +89,9 @@ class ModelRunner:
             self.block_tables[sorted_slots, self.num_slot_blocks[sorted_slots] + rank] = blocks[order]
             np.add.at(self.num_slot_blocks, slots, 1)
 
-    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, np.ndarray, np.ndarray]:
+    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, np.ndarray, ...]:
+        """Attention metadata, plus per row the sequence length after this step, and per new
+        token its row, slot and position."""
         slots = plan.slots.astype(np.int64)
         num_new = plan.num_new_tokens.astype(np.int64)
         num_computed = plan.num_computed_tokens.astype(np.int64)
@@ -100,19 +102,18 @@ class ModelRunner:
         token_query_idx = np.arange(num_tokens) - query_starts[token_seq_idx]
         positions = num_computed[token_seq_idx] + token_query_idx
         block_size = self.cfg.block_size
-        token_blocks = self.block_tables[slots[token_seq_idx], positions // block_size]
+        token_slots = slots[token_seq_idx]
+        token_blocks = self.block_tables[token_slots, positions // block_size]
         slot_mapping = token_blocks * block_size + positions % block_size
         max_seq_len = int(seq_lens.max())
         tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
 
-        to_device = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        dev = lambda a: to_device(a, self.device)  # noqa: E731
         meta = AttentionMetadata(
-            slot_mapping=to_device(slot_mapping), block_tables=to_device(tables),
-            seq_lens=to_device(seq_lens), token_seq_idx=to_device(token_seq_idx),
-            token_query_idx=to_device(token_query_idx), positions=to_device(positions),
-            max_query_len=int(num_new.max()), max_seq_len=max_seq_len)
-        self.sampling.observe(slots[token_seq_idx], positions, plan.input_ids)
-        return meta, seq_lens, token_seq_idx
+            slot_mapping=dev(slot_mapping), block_tables=dev(tables), seq_lens=dev(seq_lens),
+            token_seq_idx=dev(token_seq_idx), token_query_idx=dev(token_query_idx),
+            positions=dev(positions), max_query_len=int(num_new.max()), max_seq_len=max_seq_len)
+        return meta, seq_lens, token_seq_idx, token_slots, positions
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
@@ -121,19 +122,19 @@ class ModelRunner:
         self.apply_diffs(plan)
         if len(plan.slots) == 0:
             return StepResult(**_empty_result(plan.step_id))
-        meta, seq_lens, token_seq_idx = self._metadata(plan)
-        input_ids = torch.from_numpy(plan.input_ids.astype(np.int64)).to(self.device)
+        meta, seq_lens, token_seq_idx, token_slots, positions = self._metadata(plan)
+        self.sampling.observe(token_slots, positions, plan.input_ids)
+        input_ids = to_device(plan.input_ids.astype(np.int64), self.device)
         hidden = self.model(input_ids, self.kv_caches, meta, self.cos_sin)
 
         sample_rows = np.flatnonzero(plan.do_sample)
         last_token_idx = np.cumsum(plan.num_new_tokens.astype(np.int64))[sample_rows] - 1
         # NOTE: every rank computes logits (the vocab-parallel head all-gathers); only rank 0 samples.
-        logits = self.model.compute_logits(hidden[torch.from_numpy(last_token_idx).to(self.device)])
+        logits = self.model.compute_logits(hidden[to_device(last_token_idx, self.device)])
         prompt_token_idx = np.flatnonzero(plan.prompt_logprobs_rows[token_seq_idx])
         prompt_logits = None
         if len(prompt_token_idx):
-            prompt_logits = self.model.compute_logits(
-                hidden[torch.from_numpy(prompt_token_idx).to(self.device)])
+            prompt_logits = self.model.compute_logits(hidden[to_device(prompt_token_idx, self.device)])
         if self.tp.rank != 0:
             return None
 
@@ -146,9 +147,9 @@ class ModelRunner:
             result["top_ids"] = _numpy(out.top_ids, np.int32)
             result["top_logprobs"] = _numpy(out.top_logprobs, np.float32)
         if prompt_logits is not None:
-            row_slots = plan.slots[token_seq_idx[prompt_token_idx]].astype(np.int64)
+            row_slots = token_slots[prompt_token_idx]
             k = max(0, int(self.sampling.params["prompt_logprobs"][row_slots].max()))
-            targets = torch.from_numpy(plan.prompt_targets.astype(np.int64)).to(self.device)
+            targets = to_device(plan.prompt_targets.astype(np.int64), self.device)
             values, top_ids, top_logprobs = prompt_logprobs(prompt_logits, targets, k)
             result["prompt_logprobs"] = _numpy(values, np.float32)
             result["prompt_top_ids"] = _numpy(top_ids, np.int32)

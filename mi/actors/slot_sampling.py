@@ -30,6 +30,10 @@ _FIELDS = {  # new_slots key -> (dtype, default)
 }
 
 
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
 def _pairs(rows: list, key: str, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Flattens each row's list of [token, value] (or bare token) into (slot, token, value)."""
     counts = np.array([len(row.get(key, ())) for row in rows], dtype=np.int64)
@@ -71,7 +75,7 @@ class SlotSampling:
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
             self.prompt_mask = torch.zeros(shape, dtype=torch.bool, device=self.device)
         if self.output_counts is not None:
-            reset = torch.from_numpy(slots).to(self.device)
+            reset = to_device(slots, self.device)
             self.output_counts[reset] = 0
             self.prompt_mask[reset] = False
             cached = [np.asarray(row.get("cached_token_ids", ()), dtype=np.int64) for row in new_slots]
@@ -95,35 +99,34 @@ class SlotSampling:
             return
         slots, positions, ids = token_slots[watched], positions[watched], input_ids[watched]
         is_prompt = positions < self.params["num_prompt_tokens"][slots]
-        to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        self.prompt_mask[to_dev(slots[is_prompt]), to_dev(ids[is_prompt])] = True
-        gen_slots, gen_ids = to_dev(slots[~is_prompt]), to_dev(ids[~is_prompt])
+        dev = self.device
+        self.prompt_mask[to_device(slots[is_prompt], dev), to_device(ids[is_prompt], dev)] = True
+        gen_slots, gen_ids = to_device(slots[~is_prompt], dev), to_device(ids[~is_prompt], dev)
         self.output_counts.index_put_((gen_slots, gen_ids),
                                       torch.ones_like(gen_ids, dtype=torch.int32), accumulate=True)
 
-    def _sparse_rows(self, table, slots: np.ndarray, active: np.ndarray | None = None):
-        """The entries of `table` whose slot is an (active) row of the batch, as
-        (row, token, value) tensors; None if there are none."""
-        slot_to_row = np.full(len(self.is_penalized), -1, dtype=np.int64)
-        slot_to_row[slots] = np.arange(len(slots))
-        if active is not None:
-            slot_to_row[slots[~active]] = -1
+    def _sparse_rows(self, table, slot_to_row: np.ndarray):
+        """The entries of `table` whose slot maps to a batch row (>= 0), as (row, token, value)
+        tensors; None if there are none."""
         rows = slot_to_row[table[0]]
         hit = rows >= 0
         if not hit.any():
             return None
-        to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
-        return to_dev(rows[hit]), to_dev(table[1][hit]), to_dev(table[2][hit])
+        return tuple(to_device(a, self.device) for a in (rows[hit], table[1][hit], table[2][hit]))
 
     def tensors(self, slots: np.ndarray, positions: np.ndarray) -> SamplingTensors:
         """Sampling tensors for the rows `slots`, whose new token goes at `positions`."""
         p = self.params
-        to_dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)  # noqa: E731
+        to_dev = lambda a: to_device(a, self.device)  # noqa: E731
         penalized = self.is_penalized[slots].any()
         index = to_dev(slots) if penalized else None
-        num_generated = positions - p["num_prompt_tokens"][slots]
-        bias = self._sparse_rows(self.bias, slots)
-        bans = self._sparse_rows(self.bans, slots, num_generated < p["min_tokens"][slots])
+        slot_to_row = np.full(len(self.is_penalized), -1, dtype=np.int64)
+        slot_to_row[slots] = np.arange(len(slots))
+        bias = self._sparse_rows(self.bias, slot_to_row)
+        # EOS / stop ids stay banned only while a row has generated fewer than min_tokens.
+        below_min = positions - p["num_prompt_tokens"][slots] < p["min_tokens"][slots]
+        slot_to_row[slots[~below_min]] = -1
+        bans = self._sparse_rows(self.bans, slot_to_row)
         if bias is not None and bans is not None:
             bias = tuple(torch.cat(pair) for pair in zip(bias, bans))
         else:

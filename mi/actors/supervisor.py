@@ -191,9 +191,7 @@ class Supervisor:
             self.abort(live.request_id)
 
     def _finish(self, live: LiveRequest, event: StreamDelta) -> None:
-        self._requests.pop(live.req_id, None)
-        self._by_request_id.pop(live.request_id, None)
-        live.replica.num_live -= 1
+        self._forget(live)
         self.finished[event.finish_reason] += 1
         live.events.put_nowait(event)
 

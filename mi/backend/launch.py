@@ -78,10 +78,7 @@ def _device_count(requested: str, tp: int) -> tuple[str, int]:
 
 def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig:
     tp = mi_config["tp"]
-    device_type, num_devices = _device_count(args.device, tp)
-    if num_devices % tp or num_devices < 1:
-        raise ValueError(f"--device {num_devices} is not a positive multiple of the "
-                         f"checkpoint's tp={tp}")
+    device_type, num_devices = _device_count(args.device, tp)  # BackendConfig checks it vs tp
     dtype = args.dtype
     if dtype == "auto":
         dtype = "float32" if device_type == "cpu" else mi_config["dtype"]
