@@ -13,6 +13,16 @@ os.environ.setdefault("MI_CERT", os.path.join(tempfile.mkdtemp(prefix="mi-test-c
 
 from servers import ServedModel, start_backend, start_frontend
 
+_TIERS = ("unit", "kernels", "model", "e2e")
+
+
+def pytest_collection_modifyitems(items):
+    """Each test carries the marker of its tier folder, so `pytest -m "not e2e"` runs the fast tiers."""
+    for item in items:
+        tier = item.path.relative_to(item.config.rootpath / "tests").parts[0]
+        if tier in _TIERS:
+            item.add_marker(getattr(pytest.mark, tier))
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dirs(tmp_path_factory):

@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as exc:
         print(f"mi-backend: error: {exc}", file=sys.stderr)
         return 2
-    from mi.actors.backend_server import serve
+    from mi.actors.supervisor.server import serve
 
     try:
         import uvloop

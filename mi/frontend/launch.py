@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 
-from mi.actors.frontend import FrontendConfig, serve
+from mi.actors.frontend.app import FrontendConfig, serve
 from mi.api.openai_common import Limits
 from mi.config import parse_bytes
 

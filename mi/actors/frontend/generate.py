@@ -1,0 +1,380 @@
+"""`POST /v1/completions` and `POST /v1/chat/completions`: one backend generate per choice.
+
+Both endpoints run the same machinery; a `_Format` (completions or chat) turns backend results
+and stream pieces into the endpoint's JSON.
+
+Invariants:
+- every backend call the frontend gives up on (client gone, sibling choice failed, shutdown) is
+  closed and aborted with `POST /v1/abort` (handler cancellation is on, so a closed client
+  cancels us);
+- every backend stream is opened (status checked) before our 200 goes out, so a backend 4xx such
+  as a too-long prompt is still an HTTP error, not an event;
+- in a stream, `finish_reason` rides on the chunk with the last text, exactly once per choice:
+  one text piece per choice is held back until the next one (or the end) arrives;
+- usage counts each prompt once (choice `index % n == 0`) and every choice's generated tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from aiohttp import web
+
+from mi.sdk.transport import Backend
+from mi.actors.frontend.state import STATE, FrontendState, json_response, read_json
+from mi.actors.frontend.tokenizer import FrontendTokenizer
+from mi.api.backend import GenerateRequest, GenerateResult, StreamDelta, StreamStart
+from mi.api.chat import ChatRequest, chat_choice, chat_chunk, chat_response, parse_chat_request
+from mi.api.errors import ApiError
+from mi.api.logprobs import chat_logprobs, completion_logprobs
+from mi.api.openai import (
+    CompletionRequest,
+    completion_choice,
+    completion_chunk,
+    completion_response,
+    parse_completion_request,
+    usage_chunk,
+)
+from mi.api.openai_common import new_id, usage_json
+from mi.api.sse import DONE, encode_event
+
+__all__ = ["chat_completions", "completions"]
+
+log = logging.getLogger("mi.frontend")
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass
+class _Piece:
+    """Text of one choice not yet written, with its logprob positions (token id, entry)."""
+
+    text: str = ""
+    positions: list = field(default_factory=list)
+
+    def __add__(self, other: "_Piece") -> "_Piece":
+        return _Piece(self.text + other.text, self.positions + other.positions)
+
+
+def _positions(ids, entries: list | None) -> list:
+    return list(zip(ids, entries if entries is not None else [None] * len(ids)))
+
+
+# -- formats ------------------------------------------------------------------------------------
+
+
+class _CompletionFormat:
+    def __init__(self, creq: CompletionRequest, cid: str, tok: FrontendTokenizer | None) -> None:
+        self.creq, self.cid, self.tok = creq, cid, tok
+        self.n, self.include_usage = creq.n, creq.include_usage
+        self.created = int(time.time())
+        self._offsets: dict[int, int] = {}
+
+    def opening_chunks(self) -> list[dict]:
+        return []
+
+    def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> _Piece | None:
+        """The echoed prompt of choice `index` (None without echo)."""
+        if not self.creq.echo:
+            return None
+        prompt = self.creq.prompts[index // self.n]
+        req = self.creq.generate_requests[index]
+        text = prompt if isinstance(prompt, str) else self.tok.decode(prompt, req.skip_special_tokens)
+        positions = _positions(prompt_ids, prompt_logprobs) if self.creq.logprobs is not None else []
+        return _Piece(text, positions)
+
+    def piece(self, ids, logprobs: list | None, text: str) -> _Piece:
+        return _Piece(text, _positions(ids, logprobs) if self.creq.logprobs is not None else [])
+
+    def _logprobs(self, index: int, piece: _Piece) -> dict | None:
+        if self.creq.logprobs is None:
+            return None
+        obj, self._offsets[index] = completion_logprobs(piece.positions, self.tok, self._offsets.get(index, 0))
+        return obj
+
+    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> dict:
+        choice = completion_choice(index, piece.text, finish_reason, self._logprobs(index, piece))
+        return completion_chunk(self.cid, self.created, self.creq.model, choice, include_usage=self.include_usage)
+
+    def choice(self, index: int, result: GenerateResult) -> dict:
+        piece = self.prompt_piece(index, result.prompt_ids, result.prompt_logprobs) or _Piece()
+        piece += self.piece(result.ids, result.logprobs, result.text)
+        return completion_choice(index, piece.text, result.finish_reason, self._logprobs(index, piece))
+
+    def response(self, choices: list[dict], usage: dict) -> dict:
+        return completion_response(self.cid, self.created, self.creq.model, choices, usage)
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return usage_chunk(self.cid, self.created, self.creq.model, usage)
+
+
+class _ChatFormat:
+    def __init__(self, creq: ChatRequest, cid: str, tok: FrontendTokenizer) -> None:
+        self.creq, self.cid, self.tok = creq, cid, tok
+        self.n, self.include_usage = creq.n, creq.include_usage
+        self.created = int(time.time())
+
+    def _chunk(self, index: int, delta: dict, finish_reason: str | None, logprobs: dict | None) -> dict:
+        return chat_chunk(self.cid, self.created, self.creq.model, index, delta, finish_reason, logprobs,
+                          include_usage=self.include_usage)
+
+    def opening_chunks(self) -> list[dict]:
+        return [self._chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(self.n)]
+
+    def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> None:
+        return None
+
+    def piece(self, ids, logprobs: list | None, text: str) -> _Piece:
+        return _Piece(text, _positions(ids, logprobs) if self.creq.logprobs else [])
+
+    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> dict:
+        logprobs = chat_logprobs(piece.positions, self.tok) if self.creq.logprobs else None
+        return self._chunk(index, {"content": piece.text} if piece.text else {}, finish_reason, logprobs)
+
+    def choice(self, index: int, result: GenerateResult) -> dict:
+        logprobs = None
+        if self.creq.logprobs:
+            logprobs = chat_logprobs(_positions(result.ids, result.logprobs), self.tok)
+        return chat_choice(index, result.text, result.finish_reason, logprobs)
+
+    def response(self, choices: list[dict], usage: dict) -> dict:
+        return chat_response(self.cid, self.created, self.creq.model, choices, usage)
+
+    def usage_chunk(self, usage: dict) -> dict:
+        return usage_chunk(self.cid, self.created, self.creq.model, usage, "chat.completion.chunk")
+
+
+_Format = _CompletionFormat | _ChatFormat
+
+
+class _Usage:
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
+
+    def add(self, index: int, usage) -> None:
+        if index % self.n == 0:
+            self.prompt_tokens += usage.prompt_tokens
+            self.cached_tokens += usage.cached_tokens
+        self.completion_tokens += usage.completion_tokens
+
+    def json(self) -> dict:
+        return usage_json(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+
+
+# -- handlers -----------------------------------------------------------------------------------
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    start = time.monotonic()
+    body = await read_json(request)
+    info = await state.backend.model_info()
+    cid = new_id("cmpl")
+    creq = parse_completion_request(
+        body, served_names=await state.served_names(), vocab_size=info.vocab_size,
+        completion_id=cid, limits=state.config.limits,
+    )
+    needs_tokenizer = creq.logprobs is not None or (creq.echo and not all(isinstance(p, str) for p in creq.prompts))
+    tok = await state.tokenizers.get() if needs_tokenizer else None
+    return await _generate(request, state, _CompletionFormat(creq, cid, tok), creq.generate_requests,
+                           creq.stream, start)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    start = time.monotonic()
+    body = await read_json(request)
+    info = await state.backend.model_info()
+    creq = parse_chat_request(
+        body, served_names=await state.served_names(), vocab_size=info.vocab_size, limits=state.config.limits
+    )
+    tok = await state.tokenizers.get()
+    prompt_ids = tok.render_chat(creq.messages, creq.add_generation_prompt, creq.continue_final_message,
+                                 creq.chat_template_kwargs)
+    max_tokens = creq.max_tokens
+    if max_tokens is None:  # the rest of the context (the backend reports a prompt that fills it)
+        max_tokens = max(1, info.max_model_len - len(prompt_ids))
+        if state.config.limits.max_tokens is not None:
+            max_tokens = min(max_tokens, state.config.limits.max_tokens)
+    cid = new_id("chatcmpl")
+    reqs = creq.generate_requests(prompt_ids, cid, max_tokens)
+    try:
+        return await _generate(request, state, _ChatFormat(creq, cid, tok), reqs, creq.stream, start)
+    except ApiError as err:
+        if err.param == "prompt":  # the backend's name for what the messages rendered to
+            err.param = "messages"
+        raise
+
+
+async def _generate(
+    request: web.Request, state: FrontendState, fmt: _Format, reqs: tuple[GenerateRequest, ...],
+    stream: bool, start: float,
+) -> web.StreamResponse:
+    if stream:
+        return await _stream(request, state, fmt, reqs, start)
+    results = await _run_all(state.backend, reqs, state.backend.generate)
+    usage = _Usage(fmt.n)
+    for index, result in enumerate(results):
+        _check_not_aborted(result.finish_reason)
+        usage.add(index, result.usage)
+    choices = [fmt.choice(index, result) for index, result in enumerate(results)]
+    state.metrics.observe_finished(usage.prompt_tokens, usage.completion_tokens, time.monotonic() - start)
+    return json_response(fmt.response(choices, usage.json()))
+
+
+def _check_not_aborted(finish_reason: str | None) -> None:
+    if finish_reason == "abort":
+        raise ApiError(503, "The request was aborted by the server.", code="aborted", retry_after=1)
+
+
+async def _run_all(
+    backend: Backend,
+    reqs: tuple[GenerateRequest, ...],
+    call: Callable[[GenerateRequest], Awaitable],
+    release: Callable[[object], None] | None = None,
+) -> list:
+    """`call(req)` for every request concurrently, results in request order.
+
+    The first failure (or our cancellation) cancels and aborts the calls still running, and
+    hands the results already in to `release` (and aborts them too: they may still be running).
+    """
+    tasks = [asyncio.ensure_future(call(req)) for req in reqs]
+    is_ok = False
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        for task in tasks:
+            if task.done() and task.exception() is not None:
+                raise task.exception()
+        results = [task.result() for task in tasks]
+        is_ok = True
+        return results
+    finally:
+        if not is_ok:
+            for req, task in zip(reqs, tasks):
+                if not task.done():
+                    task.cancel()
+                    backend.abort(req.request_id)
+                elif not task.cancelled() and task.exception() is None and release is not None:
+                    release(task.result())
+                    backend.abort(req.request_id)
+
+
+class _HoldBack:
+    """Per choice, the last text piece not yet written (see the module invariant)."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, _Piece] = {}
+
+    def hold(self, index: int, piece: _Piece) -> None:
+        self._held[index] = piece
+
+    def add(self, index: int, piece: _Piece, finish_reason: str | None) -> list[tuple[_Piece, str | None]]:
+        """The pieces to write now, in order, each with its finish_reason."""
+        held = self._held.pop(index, None)
+        if held is None:
+            if finish_reason is not None:
+                return [(piece, finish_reason)]
+            self._held[index] = piece
+            return []
+        if piece.text and held.text:
+            if finish_reason is not None:
+                return [(held, None), (piece, finish_reason)]
+            self._held[index] = piece
+            return [(held, None)]
+        if finish_reason is not None:
+            return [(held + piece, finish_reason)]
+        self._held[index] = held + piece
+        return []
+
+
+async def _stream(
+    request: web.Request, state: FrontendState, fmt: _Format, reqs: tuple[GenerateRequest, ...], start: float
+) -> web.StreamResponse:
+    backend, metrics = state.backend, state.metrics
+    streams = await _run_all(backend, reqs, backend.stream, lambda resp: resp.release())
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, resp: aiohttp.ClientResponse) -> None:
+        try:
+            async for item in backend.lines(resp):
+                await queue.put((index, item))
+        except ApiError as err:
+            await queue.put((index, err))
+        finally:
+            resp.release()
+            queue.put_nowait((index, None))
+
+    pumps = [asyncio.ensure_future(pump(i, resp)) for i, resp in enumerate(streams)]
+    finished: set[int] = set()
+    held = _HoldBack()
+    usage = _Usage(fmt.n)
+    last_token_at: dict[int, float] = {}
+    try:
+        await response.prepare(request)
+        for chunk in fmt.opening_chunks():
+            await response.write(encode_event(chunk))
+        num_open = len(pumps)
+        while num_open:
+            index, item = await queue.get()
+            if item is None:
+                num_open -= 1
+                if index not in finished:  # the stream ended without finish_reason
+                    raise ApiError(502, "The backend closed the stream unexpectedly.")
+            elif isinstance(item, ApiError):
+                raise item
+            elif isinstance(item, StreamStart):
+                prompt = fmt.prompt_piece(index, item.prompt_ids, item.prompt_logprobs)
+                if prompt is not None:
+                    held.hold(index, prompt)
+            elif isinstance(item, StreamDelta):
+                _check_not_aborted(item.finish_reason)
+                if item.ids:
+                    now = time.monotonic()
+                    if not last_token_at:
+                        metrics.ttft.observe(now - start)
+                    if index in last_token_at:
+                        metrics.observe_tokens(len(item.ids), now - last_token_at[index])
+                    last_token_at[index] = now
+                piece = fmt.piece(item.ids, item.logprobs, item.text)
+                for out, finish_reason in held.add(index, piece, item.finish_reason):
+                    await response.write(encode_event(fmt.chunk(index, out, finish_reason)))
+                if item.finish_reason is not None:
+                    finished.add(index)
+                    usage.add(index, item.usage)
+        tail = DONE
+        if fmt.include_usage:
+            tail = encode_event(fmt.usage_chunk(usage.json())) + DONE
+        await response.write(tail)
+        await response.write_eof()
+        metrics.observe_finished(usage.prompt_tokens, usage.completion_tokens, time.monotonic() - start)
+    except ApiError as err:
+        await _write_quietly(response, encode_event(err.body()) + DONE)
+    except ConnectionResetError:
+        pass  # the client went away; the finally block aborts the backend work
+    except Exception:
+        log.exception("unexpected error in a stream")
+        err = ApiError(500, "The server had an error processing your request.")
+        await _write_quietly(response, encode_event(err.body()) + DONE)
+    finally:
+        for index, (req, task) in enumerate(zip(reqs, pumps)):
+            task.cancel()
+            if index not in finished:
+                backend.abort(req.request_id)
+    return response
+
+
+async def _write_quietly(response: web.StreamResponse, data: bytes) -> None:
+    try:
+        if not response.prepared:
+            return
+        await response.write(data)
+        await response.write_eof()
+    except (ConnectionResetError, RuntimeError):
+        pass

@@ -1,0 +1,91 @@
+"""The frontend's configuration and the one state object its handlers share.
+
+`FrontendState` is created once per app and owns: the backend client, the tokenizer store, the
+metrics registry and the `created` time of /v1/models. Handlers reach it as
+`request.app[STATE]`; nothing else is shared between requests.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import orjson
+from aiohttp import web
+
+from mi.sdk.transport import Backend, parse_backend
+from mi.actors.frontend.metrics import FrontendMetrics
+from mi.actors.frontend.tokenizer import TokenizerStore
+from mi.api.errors import ApiError
+from mi.api.openai_common import Limits
+from mi.auth import cert_path
+
+__all__ = ["STATE", "FrontendConfig", "FrontendState", "json_response", "read_json"]
+
+
+@dataclass(frozen=True)
+class FrontendConfig:
+    backend: str  # "PORT" (unix socket if present, else 127.0.0.1:PORT) or "HOST:PORT"
+    host: str = "127.0.0.1"
+    port: int = 13000
+    api_key: str | None = None  # clients must send `Authorization: Bearer KEY` (all but /health)
+    served_model_names: tuple[str, ...] = ()  # aliases; empty: the backend's model name
+    allowed_origins: tuple[str, ...] = ()  # CORS; "*" allows any origin
+    chat_template: str | None = None  # Jinja text overriding the tokenizer's template
+    backend_cert: str | None = None  # the backend's secret file; None: $MI_CERT or ~/.mi/cert
+    max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413
+    limits: Limits = field(default_factory=Limits)
+    # On SIGTERM in-flight requests get this long to finish, then (aiohttp) as long again to
+    # react to cancellation; the backend requests still open are then aborted.
+    shutdown_timeout: float = 5.0
+
+    def __post_init__(self) -> None:
+        parse_backend(self.backend)  # fails loudly on a bad spec
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65536), got {self.port}")
+        if self.max_body_bytes < 1024 or self.shutdown_timeout < 0:
+            raise ValueError("max_body_bytes >= 1024 and shutdown_timeout >= 0 are required")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key must not be empty")
+        if any(not name or len(name) > 256 for name in self.served_model_names):
+            raise ValueError("served model names must have 1 to 256 characters")
+
+
+class FrontendState:
+    def __init__(self, config: FrontendConfig) -> None:
+        self.config = config
+        self.backend = Backend(config.backend, cert_path(config.backend_cert))
+        self.tokenizers = TokenizerStore(self.backend, config.chat_template)
+        self.metrics = FrontendMetrics()
+        self.created = int(time.time())
+
+    async def served_names(self) -> tuple[str, ...]:
+        if self.config.served_model_names:
+            return self.config.served_model_names
+        return ((await self.backend.model_info()).model_name,)
+
+
+STATE: web.AppKey[FrontendState] = web.AppKey("state", FrontendState)
+
+
+def json_response(obj: object, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
+    )
+
+
+async def read_json(request: web.Request) -> object:
+    """The decoded body; 415 unless Content-Type is JSON (or absent), 400 on invalid JSON."""
+    content_type = request.headers.get("Content-Type")
+    if content_type is not None:
+        mime = content_type.split(";", 1)[0].strip().lower()
+        if mime != "application/json" and not mime.endswith("+json"):
+            raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
+                           code="unsupported_media_type")
+    raw = await request.read()
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise ApiError(
+            400, "We could not parse the JSON body of your request.", code="invalid_json"
+        ) from None

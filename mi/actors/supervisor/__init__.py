@@ -1,0 +1,1 @@
+"""The `mi-backend` process: its HTTP API, the replicas (scheduler + workers), detokenizing."""

@@ -1,0 +1,191 @@
+"""The backend's HTTP face (docs/backend-api.md): routes over a Supervisor, and the serve loop."""
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from mi.actors.supervisor.supervisor import Supervisor
+from mi.auth import is_authorized, load_or_create_secret
+from mi.api.backend import GenerateResult, ModelInfo, StreamStart, parse_generate_request, socket_path
+from mi.api.errors import ApiError, invalid
+from mi.config import BackendConfig
+
+
+log = logging.getLogger("mi.backend")
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                    "chat_template.jinja", "chat_template.json", "generation_config.json",
+                    "vocab.json", "merges.txt", "added_tokens.json")
+_MAX_BODY_BYTES = 64 << 20
+
+
+def _json(obj, status: int = 200, headers=None) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, headers=headers,
+                        content_type="application/json")
+
+
+def _error(exc: ApiError) -> web.Response:
+    return _json(exc.body(), exc.status, exc.headers())
+
+
+class BackendRoutes:
+    def __init__(self, sup: Supervisor, model_name: str):
+        self.sup = sup
+        self.model_name = model_name
+
+    async def health(self, request: web.Request) -> web.Response:
+        return _json({"status": self.sup.state}, 200 if self.sup.state == "ok" else 503)
+
+    async def model(self, request: web.Request) -> web.Response:
+        cfg, model = self.sup.cfg, self.sup.mi_config["model"]
+        return _json(ModelInfo(
+            model_name=self.model_name, max_model_len=cfg.max_model_len,
+            vocab_size=model["vocab_size"], architecture=self.sup.mi_config["architecture"],
+            bos_token_id=model.get("bos_token_id"), eos_token_ids=tuple(self.sup.eos_token_ids),
+            tp=cfg.tp, num_replicas=cfg.num_replicas, block_size=cfg.block_size,
+            num_kv_blocks=self.sup.num_kv_blocks).to_json())
+
+    async def tokenizer(self, request: web.Request) -> web.Response:
+        model_dir = Path(self.sup.cfg.model_dir)
+        files = {name: (model_dir / name).read_text() for name in _TOKENIZER_FILES
+                 if (model_dir / name).is_file()}
+        return _json({"files": files})
+
+    async def _body(self, request: web.Request) -> object:
+        try:
+            return orjson.loads(await request.read())
+        except orjson.JSONDecodeError as exc:
+            raise invalid("body", f"The body is not valid JSON: {exc}.") from None
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            req = parse_generate_request(await self._body(request), vocab_size=self.sup.vocab_size)
+            live = self.sup.submit(req)
+        except ApiError as exc:
+            return _error(exc)
+        try:
+            if not req.stream:
+                return await self._collect(live)
+            response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+            await response.prepare(request)
+            # Prompt logprobs ride on the first line, so it waits for the prompt to be computed.
+            first = await live.events.get() if live.num_prompt_logprobs >= 0 else None
+            start = StreamStart(live.request_id, tuple(live.prompt_ids),
+                                live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None)
+            await response.write(orjson.dumps(start.to_json()) + b"\n")
+            while True:
+                event = first if first is not None else await live.events.get()
+                first = None
+                if isinstance(event, ApiError):
+                    await response.write(orjson.dumps(event.body()) + b"\n")
+                    break
+                await response.write(orjson.dumps(event.to_json()) + b"\n")
+                if event.finish_reason is not None:
+                    break
+            await response.write_eof()
+            return response
+        finally:
+            # The client went away (handler cancelled) or writing failed: free its KV blocks now.
+            self.sup.cancel(live)
+
+    async def _collect(self, live) -> web.Response:
+        texts, logprobs = [], []
+        while True:
+            event = await live.events.get()
+            if isinstance(event, ApiError):
+                return _error(event)
+            texts.append(event.text)
+            logprobs += event.logprobs or []
+            if event.finish_reason is not None:
+                return _json(GenerateResult(
+                    live.request_id, tuple(live.prompt_ids), tuple(live.ids), "".join(texts),
+                    event.finish_reason, event.usage or live.usage(),
+                    logprobs=logprobs if live.num_logprobs >= 0 else None,
+                    prompt_logprobs=live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None,
+                ).to_json())
+
+    async def abort(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request)
+            if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
+                raise invalid("request_id", "Expected {\"request_id\": string}.")
+        except ApiError as exc:
+            return _error(exc)
+        return _json({"aborted": self.sup.abort(body["request_id"])})
+
+    async def stats(self, request: web.Request) -> web.Response:
+        return _json(self.sup.stats())
+
+
+def _auth_middleware(secret: str):
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if request.path != "/health" and not is_authorized(request.headers.get("Authorization"), secret):
+            return _error(ApiError(401, "Missing or wrong backend secret (Authorization: Bearer, "
+                                        "from the backend's cert file).", code="unauthorized"))
+        return await handler(request)
+    return check
+
+
+def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
+    routes = BackendRoutes(sup, model_name)
+    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[_auth_middleware(secret)])
+    app.router.add_get("/health", routes.health)
+    app.router.add_get("/v1/model", routes.model)
+    app.router.add_get("/v1/tokenizer", routes.tokenizer)
+    app.router.add_post("/v1/generate", routes.generate)
+    app.router.add_post("/v1/abort", routes.abort)
+    app.router.add_get("/v1/stats", routes.stats)
+    return app
+
+
+async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
+    """Runs until SIGTERM/SIGINT (exit code 0) or a failed child (exit code 1)."""
+    sup = Supervisor(cfg, mi_config, tokenizer)
+    secret = load_or_create_secret(cfg.cert_path)
+    model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
+    runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True,
+                           access_log=None)
+    await runner.setup()
+    unix_path = socket_path(cfg.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    exit_code = 0
+    try:
+        try:
+            await web.TCPSite(runner, cfg.host, cfg.port).start()
+        except OSError as exc:
+            raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(unix_path)  # stale socket of a dead backend: our TCP bind proved the port free
+        await web.UnixSite(runner, unix_path).start()
+
+        start = asyncio.create_task(sup.start())
+        stopped = asyncio.create_task(stop.wait())
+        await asyncio.wait({start, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        if start.done():
+            start.result()  # raises on a failed start
+            print(f"service start at localhost:{cfg.port}", flush=True)
+            failed = asyncio.create_task(sup.failure.wait())
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+            if sup.failure.is_set() and not stop.is_set():
+                exit_code = 1
+        else:
+            start.cancel()
+        stopped.cancel()
+    except RuntimeError as exc:
+        log.error("%s", exc)
+        exit_code = 1
+    finally:
+        await sup.shutdown()
+        await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(unix_path)
+    return exit_code

@@ -1,0 +1,307 @@
+"""Supervisor: owns the replicas (child processes and rings) and the table of live requests.
+
+    Supervisor ──AddRequest/Abort──► scheduler ──StepPlan──► workers      (one set per replica)
+        ▲ ◄──TokenOutputs, PromptLogprobs, SchedulerStats──┘ ◄──StepResult── worker 0
+
+It tokenizes prompts, routes each request to the least-loaded replica, turns token outputs into
+text (incremental, UTF-8 safe, stop strings) and hands each request's events to its HTTP handler
+through an asyncio queue. A child that dies turns into an error for every request in flight and
+a shutdown, never a hang.
+"""
+import asyncio
+import itertools
+import logging
+import math
+import os
+import secrets
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from mi.actors import messages as m
+from mi.actors.supervisor.detokenizer import TextStream
+from mi.actors.supervisor.replica import Replica, cpu_shares
+from mi.api.backend import GenerateRequest, StreamDelta, Usage, check_context_len
+from mi.api.errors import ApiError
+from mi.config import BackendConfig
+
+log = logging.getLogger("mi.backend")
+
+
+@dataclass
+class LiveRequest:
+    """A request between submission and its final event."""
+
+    request_id: str
+    req_id: int
+    replica: Replica
+    prompt_ids: list[int]
+    text: TextStream
+    num_logprobs: int  # -1: not asked
+    num_prompt_logprobs: int
+    ids: list[int] = field(default_factory=list)
+    num_cached_tokens: int = 0
+    prompt_logprobs: list = field(default_factory=list)  # entry per prompt token, first None
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamDelta | ApiError
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.ids), self.num_cached_tokens)
+
+
+def _logprob_entry(token_id: int, logprob: float, top_ids, top_logprobs, k: int) -> dict:
+    return {"token_id": token_id, "logprob": None if math.isnan(logprob) else logprob,
+            "top": [[int(i), float(lp)] for i, lp in zip(top_ids[:k], top_logprobs[:k])]}
+
+
+class Supervisor:
+    def __init__(self, cfg: BackendConfig, mi_config: dict, tokenizer):
+        self.cfg = cfg
+        self.mi_config = mi_config
+        self.tokenizer = tokenizer
+        model = mi_config["model"]
+        self.vocab_size = model["vocab_size"]
+        self.eos_token_ids = list(model["eos_token_ids"])
+        self.state = "starting"  # -> "ok" -> "stopping" | "dead"
+        self.failure = asyncio.Event()  # set when a child dies or reports a failure
+        self.failure_reason: str | None = None
+        self.replicas: list[Replica] = []
+        self.finished = Counter()  # finish reason -> requests
+        self.num_prompt_tokens = 0
+        self.num_generated_tokens = 0
+        self._requests: dict[int, LiveRequest] = {}
+        self._by_request_id: dict[str, LiveRequest] = {}
+        self._req_ids = itertools.count(1)
+        self._tasks: list[asyncio.Task] = []
+        self._run_dir = tempfile.mkdtemp(prefix=f"mi-backend-{os.getpid()}-")
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return min((r.num_kv_blocks for r in self.replicas), default=0)
+
+    # -- start-up ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        cfg = self.cfg
+        threads, cpu_ids = (cpu_shares(cfg.num_devices) if cfg.device_type == "cpu"
+                            else (1, [[] for _ in range(cfg.num_devices)]))
+        for index in range(cfg.num_replicas):
+            replica = Replica(index, cfg, self.mi_config["model"], self.eos_token_ids, self._run_dir)
+            self.replicas.append(replica)
+            replica.start(threads, cpu_ids[index * cfg.tp:(index + 1) * cfg.tp])
+        self._tasks.append(asyncio.create_task(self._watch_children()))
+        ready = asyncio.create_task(asyncio.wait_for(
+            asyncio.gather(*(r.wait_ready() for r in self.replicas)), cfg.ready_timeout))
+        failed = asyncio.create_task(self.failure.wait())
+        await asyncio.wait({ready, failed}, return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+        if not ready.done():
+            ready.cancel()
+            raise RuntimeError(self.failure_reason)
+        try:
+            ready.result()
+        except asyncio.TimeoutError:
+            raise RuntimeError(f"workers not ready after {cfg.ready_timeout:.0f} s") from None
+        self.state = "ok"
+        self._tasks += [asyncio.create_task(self._pump_outputs(r)) for r in self.replicas]
+
+    def _fail(self, reason: str) -> None:
+        if self.failure.is_set():
+            return
+        log.error("backend failed: %s", reason)
+        self.failure_reason = reason
+        if self.state != "stopping":
+            self.state = "dead"
+        for live in list(self._requests.values()):
+            self._forget(live)
+            live.events.put_nowait(ApiError(500, "The backend failed while serving this request.",
+                                            type="server_error", code="backend_failed"))
+        self.failure.set()
+
+    async def _watch_children(self) -> None:
+        while True:
+            for replica in self.replicas:
+                reason = replica.dead_child()
+                if reason and self.state in ("starting", "ok"):
+                    self._fail(reason)
+                    return
+            await asyncio.sleep(0.2)
+
+    # -- requests ---------------------------------------------------------------------------
+    def submit(self, req: GenerateRequest) -> LiveRequest:
+        """Validates what needs the tokenizer or the KV size, then queues the request."""
+        if self.state != "ok":
+            raise ApiError(503, f"The backend is {self.state}.", code="backend_unavailable",
+                           retry_after=1)
+        if req.request_id in self._by_request_id:
+            raise ApiError(400, f"request_id {req.request_id!r} is already in use.", "request_id")
+        replica = min(self.replicas, key=lambda r: r.num_live)
+        if replica.num_live >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
+            raise ApiError(503, "The server is overloaded: too many requests are queued.",
+                           code="overloaded", retry_after=1)
+        if req.prompt_ids is not None:
+            prompt_ids = list(req.prompt_ids)
+        else:
+            prompt_ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        check_context_len(len(prompt_ids), req.max_tokens, self.cfg.max_model_len)
+        needed = -(-(len(prompt_ids) + max(req.max_tokens, 1) - 1) // self.cfg.block_size)
+        if needed > self.num_kv_blocks:
+            raise ApiError(400, f"The request needs {needed} KV-cache blocks but the backend has "
+                           f"{self.num_kv_blocks}; shorten the prompt or max_tokens.", "max_tokens")
+        if req.max_tokens == 0 and req.prompt_logprobs is None:
+            raise ApiError(400, "max_tokens 0 only scores the prompt: it needs prompt_logprobs.",
+                           "max_tokens")
+        text = TextStream(self.tokenizer, prompt_ids, req.stop, req.skip_special_tokens,
+                          req.include_stop_str_in_output)
+        live = LiveRequest(req.request_id, next(self._req_ids), replica, prompt_ids, text,
+                           -1 if req.logprobs is None else req.logprobs,
+                           -1 if req.prompt_logprobs is None else req.prompt_logprobs)
+        replica.to_scheduler.send(m.AddRequest(
+            req_id=live.req_id, prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
+            max_tokens=req.max_tokens, min_tokens=req.min_tokens, temperature=req.temperature,
+            top_p=req.top_p, top_k=max(0, req.top_k), min_p=req.min_p,
+            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
+            frequency_penalty=req.frequency_penalty,
+            logit_bias=[[int(t), float(b)] for t, b in dict(req.logit_bias).items()],
+            seed=req.seed if req.seed is not None else secrets.randbits(63),
+            stop_token_ids=np.asarray(req.stop_token_ids, dtype=np.int32),
+            ignore_eos=req.ignore_eos, logprobs=live.num_logprobs,
+            prompt_logprobs=live.num_prompt_logprobs))
+        replica.num_live += 1
+        replica.num_routed += 1
+        self.num_prompt_tokens += len(prompt_ids)
+        self._requests[live.req_id] = live
+        self._by_request_id[live.request_id] = live
+        return live
+
+    def abort(self, request_id: str) -> bool:
+        live = self._by_request_id.get(request_id)
+        if live is None:
+            return False
+        if self.state == "ok":
+            live.replica.to_scheduler.send(m.AbortRequest(req_id=live.req_id))
+        self._finish(live, StreamDelta((), live.text.take_delta(final=True), "abort",
+                                       live.usage(), logprobs=self._no_logprobs(live)))
+        return True
+
+    def cancel(self, live: LiveRequest) -> None:
+        """Aborts `live` if it is still running (a no-op once it has finished)."""
+        if self._by_request_id.get(live.request_id) is live:
+            self.abort(live.request_id)
+
+    def _finish(self, live: LiveRequest, event: StreamDelta) -> None:
+        self._forget(live)
+        self.finished[event.finish_reason] += 1
+        live.events.put_nowait(event)
+
+    def _forget(self, live: LiveRequest) -> None:
+        self._requests.pop(live.req_id, None)
+        self._by_request_id.pop(live.request_id, None)
+        live.replica.num_live -= 1
+
+    @staticmethod
+    def _no_logprobs(live: LiveRequest) -> list | None:
+        return [] if live.num_logprobs >= 0 else None
+
+    def _on_outputs(self, msg: m.TokenOutputs) -> None:
+        has_logprobs = len(msg.logprobs) > 0
+        for i, (req_id, token_id, code) in enumerate(zip(
+                msg.req_ids.tolist(), msg.token_ids.tolist(), msg.finish_reasons.tolist())):
+            live = self._requests.get(req_id)
+            if live is None:
+                continue  # finished here already (stop string, client abort)
+            live.num_cached_tokens = int(msg.num_cached_tokens[i])
+            new_ids = (token_id,) if token_id >= 0 else ()
+            logprobs = self._no_logprobs(live)
+            if new_ids:
+                live.ids.append(token_id)
+                live.text.add(list(new_ids))
+                self.num_generated_tokens += 1
+                if has_logprobs and live.num_logprobs >= 0:
+                    logprobs.append(_logprob_entry(token_id, float(msg.logprobs[i]), msg.top_ids[i],
+                                                   msg.top_logprobs[i], live.num_logprobs))
+            finish = m.FINISH_REASON_NAMES.get(code)
+            if finish is None and live.text.stopped:
+                finish = "stop"
+                live.replica.to_scheduler.send(m.AbortRequest(req_id=req_id))
+            if finish is None:
+                live.events.put_nowait(StreamDelta(new_ids, live.text.take_delta(final=False),
+                                                   None, logprobs=logprobs))
+                continue
+            live.text.flush()
+            self._finish(live, StreamDelta(new_ids, live.text.take_delta(final=True), finish,
+                                           live.usage(), logprobs=logprobs))
+
+    def _on_prompt_logprobs(self, msg: m.PromptLogprobs) -> None:
+        live = self._requests.get(msg.req_id)
+        if live is None:
+            return
+        if msg.start_pos == 0:
+            live.prompt_logprobs = [None]
+        targets = live.prompt_ids[msg.start_pos + 1:msg.start_pos + 1 + len(msg.logprobs)]
+        live.prompt_logprobs += [
+            _logprob_entry(t, float(msg.logprobs[j]), msg.top_ids[j], msg.top_logprobs[j],
+                           live.num_prompt_logprobs) for j, t in enumerate(targets)]
+
+    async def _pump_outputs(self, replica: Replica) -> None:
+        while True:
+            msg = await replica.from_scheduler.recv_async()
+            if isinstance(msg, m.TokenOutputs):
+                self._on_outputs(msg)
+            elif isinstance(msg, m.PromptLogprobs):
+                self._on_prompt_logprobs(msg)
+            elif isinstance(msg, m.SchedulerStats):
+                replica.stats = msg.stats
+            elif isinstance(msg, m.RequestRejected):
+                live = self._requests.get(msg.req_id)
+                if live is not None:
+                    self._forget(live)
+                    live.events.put_nowait(ApiError(400, msg.reason))
+            elif isinstance(msg, m.ActorFailed):
+                self._fail(f"replica {replica.index} {msg.actor}: {msg.reason}")
+                return
+            else:
+                self._fail(f"unexpected {type(msg).__name__} from replica {replica.index}")
+                return
+
+    def stats(self) -> dict:
+        """GET /v1/stats: scheduler counters summed over replicas, plus the supervisor's own."""
+        summed = Counter()
+        for replica in self.replicas:
+            summed.update({k: v for k, v in replica.stats.items() if isinstance(v, (int, float))})
+        return {
+            "num_requests_running": summed["num_requests_running"],
+            "num_requests_waiting": summed["num_requests_waiting"],
+            "num_kv_blocks": summed["num_kv_blocks"],
+            "num_kv_blocks_used": summed["num_kv_blocks_used"],
+            "num_preemptions": summed["num_preemptions"],
+            "prefix_cache_queried_tokens": summed["prefix_cache_queried_tokens"],
+            "prefix_cache_hit_tokens": summed["prefix_cache_hit_tokens"],
+            "prompt_tokens_total": self.num_prompt_tokens,
+            "generation_tokens_total": self.num_generated_tokens,
+            "requests_finished_total": {r: self.finished[r] for r in ("stop", "length", "abort")},
+            "replicas": [{"index": r.index, "num_requests_live": r.num_live,
+                          "requests_routed_total": r.num_routed, **r.stats} for r in self.replicas],
+        }
+
+    # -- shutdown ---------------------------------------------------------------------------
+    async def shutdown(self) -> None:
+        """Abort in-flight requests, stop the children (grace period, then SIGKILL), free rings."""
+        if self.state != "dead":
+            self.state = "stopping"
+        for live in list(self._requests.values()):
+            self.abort(live.request_id)
+        for task in self._tasks:
+            task.cancel()
+        for replica in self.replicas:
+            if not self.failure.is_set():
+                try:
+                    replica.to_scheduler.send(m.Shutdown(reason="supervisor stopping"), timeout=1.0)
+                except Exception as exc:  # a full ring must not block the exit
+                    log.warning("could not send Shutdown to replica %d: %s", replica.index, exc)
+        # After a child failure the survivors may be blocked on it (a scheduler waiting for a
+        # dead worker's result): no grace period, kill them now.
+        grace = 0.0 if self.failure.is_set() else self.cfg.shutdown_grace
+        await asyncio.gather(*(r.stop(grace, log) for r in self.replicas))
+        shutil.rmtree(self._run_dir, ignore_errors=True)

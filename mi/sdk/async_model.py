@@ -1,0 +1,345 @@
+"""The async SDK: `AsyncModel` and `AsyncStream` over the backend's token-level API.
+
+    async with AsyncModel("http://localhost:12222") as model:
+        outputs = await model.generate(["hello"], do_sample=False, max_new_tokens=8)
+        async with model.stream("hello", max_new_tokens=64) as stream:
+            async for delta in stream:
+                print(delta.text, end="")
+
+Every call opens its own aiohttp session in the running loop (so a model works from any loop
+and needs no closing); every request carries `Authorization: Bearer SECRET` from the backend's
+cert file when that file exists. Abandoning a call (cancellation, `aclose()`, `abort()`) aborts
+the request in the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import errno
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from mi.api.backend import (
+    BackendStats,
+    GenerateRequest,
+    GenerateResult,
+    ModelInfo,
+)
+from mi.api.errors import ApiError
+from mi.api.tokenizer_files import load_tokenizer_files
+from mi.auth import cert_path, read_secret
+from mi.sdk.stream import AsyncStream
+from mi.sdk.types import (
+    AuthenticationError,
+    BackendUnavailable,
+    GenerationOutput,
+    InvalidRequest,
+    MIError,
+    Overloaded,
+    RequestTimeout,
+    ServerError,
+    Usage,
+    to_logprobs,
+)
+
+__all__ = ["AsyncModel", "make_request", "normalize_prompts", "run_sync"]
+
+Prompts = str | list[str] | list[int] | list[list[int]]
+
+
+def make_request(
+    prompt: str | list[int],
+    *,
+    do_sample: bool = True,
+    max_new_tokens: int = 16,
+    min_new_tokens: int = 0,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    min_p: float = 0.0,
+    repetition_penalty: float = 1.0,
+    presence_penalty: float = 0.0,
+    frequency_penalty: float = 0.0,
+    logit_bias: dict[int, float] | None = None,
+    stop: str | list[str] | None = None,
+    stop_token_ids: list[int] | None = None,
+    include_stop_str_in_output: bool = False,
+    ignore_eos: bool = False,
+    seed: int | None = None,
+    logprobs: int | None = None,
+    prompt_logprobs: int | None = None,
+    skip_special_tokens: bool = True,
+    add_special_tokens: bool = True,
+    stream: bool = False,
+) -> GenerateRequest:
+    """One backend request. A string prompt is tokenized by the backend (BOS added unless
+    `add_special_tokens=False`); token ids are used as given. `do_sample=False` is greedy
+    decoding (temperature 0). The backend checks every value (`InvalidRequest` names it)."""
+    return GenerateRequest(
+        prompt=prompt if isinstance(prompt, str) else None,
+        prompt_ids=None if isinstance(prompt, str) else tuple(prompt),
+        add_special_tokens=add_special_tokens,
+        max_tokens=max_new_tokens,
+        min_tokens=min_new_tokens,
+        temperature=float(temperature) if do_sample else 0.0,
+        top_p=float(top_p),
+        top_k=top_k,
+        min_p=float(min_p),
+        repetition_penalty=float(repetition_penalty),
+        presence_penalty=float(presence_penalty),
+        frequency_penalty=float(frequency_penalty),
+        logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
+        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+        stop_token_ids=tuple(stop_token_ids or ()),
+        include_stop_str_in_output=include_stop_str_in_output,
+        ignore_eos=ignore_eos,
+        seed=seed,
+        logprobs=logprobs,
+        prompt_logprobs=prompt_logprobs,
+        skip_special_tokens=skip_special_tokens,
+        stream=stream,
+    )
+
+
+def normalize_prompts(prompts: Prompts) -> list[str | list[int]]:
+    """One entry per prompt; raise TypeError on anything else."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if not isinstance(prompts, (list, tuple)) or not prompts:
+        raise TypeError("prompts must be a str, a list of str, a list of token ids or a list of such lists")
+    if all(_is_int(p) for p in prompts):
+        return [list(prompts)]
+    normalized = []
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            normalized.append(prompt)
+        elif isinstance(prompt, (list, tuple)) and prompt and all(_is_int(i) for i in prompt):
+            normalized.append(list(prompt))
+        else:
+            raise TypeError(f"each prompt must be a str or a non-empty list of token ids, got {prompt!r:.80}")
+    return normalized
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _output(result: GenerateResult) -> GenerationOutput:
+    u = result.usage
+    return GenerationOutput(
+        list(result.prompt_ids), list(result.ids), result.text, result.finish_reason,
+        to_logprobs(result.logprobs), to_logprobs(result.prompt_logprobs),
+        Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens), result.request_id,
+    )
+
+
+class AsyncModel:
+    """A served model, reached at `endpoint` (e.g. "http://localhost:12222").
+
+    `cert`: the backend's shared-secret file (default: $MI_CERT or ~/.mi/cert; nothing is sent
+    when it does not exist). `timeout`: seconds one `generate` may take, and the longest wait
+    for the next delta of a stream. `connect_timeout`: seconds to open a connection.
+    Nothing is contacted until first use.
+    """
+
+    def __init__(self, endpoint: str, *, cert: str | Path | None = None, timeout: float = 600,
+                 connect_timeout: float = 10) -> None:
+        if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
+            raise ValueError(f"endpoint must be an http:// URL, got {endpoint!r}")
+        if not timeout > 0 or not connect_timeout > 0:
+            raise ValueError(f"timeouts must be positive, got {timeout!r} and {connect_timeout!r}")
+        self.endpoint = endpoint.rstrip("/")
+        self.cert = cert_path(None if cert is None else str(cert))
+        self.timeout = float(timeout)
+        self.connect_timeout = float(connect_timeout)
+        self._tokenizer = None
+        self._info: ModelInfo | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(endpoint={self.endpoint!r})"
+
+    async def __aenter__(self) -> "AsyncModel":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        return None
+
+    # -- generation ----------------------------------------------------------------------------
+
+    async def generate(self, prompts: Prompts, **sampling: Any) -> list[GenerationOutput]:
+        """Complete each prompt (concurrently); one output per prompt, in order. Keyword
+        arguments are those of `make_request` (do_sample, max_new_tokens, temperature, top_p,
+        top_k, min_p, penalties, logit_bias, stop, stop_token_ids, seed, logprobs, ...)."""
+        reqs = [make_request(prompt, **sampling) for prompt in normalize_prompts(prompts)]
+        async with self._session(total=self.timeout) as session:
+            tasks = [asyncio.ensure_future(self._call(session, "POST", "/v1/generate", r.to_json())) for r in reqs]
+            try:
+                bodies = await asyncio.gather(*tasks)
+            finally:
+                for task in tasks:  # NOTE: a failed sibling closes the others' connections: aborted
+                    task.cancel()
+        try:
+            return [_output(GenerateResult.from_json(body)) for body in bodies]
+        except ApiError as err:
+            raise ServerError(err.message) from None
+
+    def stream(self, prompt: str | list[int], **sampling: Any) -> AsyncStream:
+        """Stream one prompt's deltas: `async for delta in model.stream(...)`. Close it (or use
+        `async with`) when leaving early: that aborts the request in the backend."""
+        if not isinstance(prompt, (str, list, tuple)) or len(normalize_prompts(prompt)) != 1:
+            raise TypeError("stream takes one prompt: a str or a list of token ids")
+        return AsyncStream(self, make_request(normalize_prompts(prompt)[0], **sampling, stream=True))
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request; False when it is unknown or already finished."""
+        async with self._session(total=self.timeout) as session:
+            body = await self._call(session, "POST", "/v1/abort", {"request_id": request_id})
+        return bool(isinstance(body, dict) and body.get("aborted"))
+
+    # -- model metadata ------------------------------------------------------------------------
+
+    async def get_info(self) -> ModelInfo:
+        """`GET /v1/model`: name, context length, vocabulary size, ... (fetched once)."""
+        if self._info is None:
+            try:
+                self._info = ModelInfo.from_json(await self._get("/v1/model"))
+            except ApiError as err:
+                raise ServerError(err.message) from None
+        return self._info
+
+    @property
+    def tokenizer(self):
+        """The tokenizer, loaded on first use; that first use blocks (in a helper thread), so
+        async code may prefer `await get_tokenizer()` once."""
+        return self._tokenizer or run_sync(self.get_tokenizer())
+
+    async def get_tokenizer(self):
+        """The served model's Hugging Face tokenizer, fetched from the backend on first use."""
+        if self._tokenizer is None:
+            body = await self._get("/v1/tokenizer")
+            try:
+                self._tokenizer = await asyncio.to_thread(load_tokenizer_files, body)
+            except ApiError as err:
+                raise ServerError(err.message) from None
+        return self._tokenizer
+
+    async def stats(self) -> BackendStats:
+        """`GET /v1/stats`: running / waiting requests, KV blocks in use, counters."""
+        try:
+            return BackendStats.from_json(await self._get("/v1/stats"))
+        except ApiError as err:
+            raise ServerError(err.message) from None
+
+    async def health(self) -> bool:
+        """True when the backend answers `/health` with 200."""
+        try:
+            await self._get("/health")
+        except MIError:
+            return False
+        return True
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    def _session(self, total: float | None = None, sock_read: float | None = None) -> aiohttp.ClientSession:
+        headers = {}
+        secret = read_secret(self.cert)
+        if secret is not None:
+            headers["Authorization"] = f"Bearer {secret}"
+        return aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0),
+            headers=headers,
+            timeout=aiohttp.ClientTimeout(total=total, sock_connect=self.connect_timeout, sock_read=sock_read),
+        )
+
+    async def _get(self, path: str) -> Any:
+        async with self._session(total=self.timeout) as session:
+            return await self._call(session, "GET", path, None)
+
+    async def _call(self, session: aiohttp.ClientSession, method: str, path: str, body: dict | None) -> Any:
+        resp = await self._open(session, method, path, body)
+        try:
+            raw = await resp.read()
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
+        except aiohttp.ClientError as exc:
+            raise ServerError(f"The connection to {self.endpoint} broke ({type(exc).__name__}).") from None
+        finally:
+            resp.release()
+        try:
+            return orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise ServerError(f"The backend at {self.endpoint} sent invalid JSON.") from None
+
+    async def _open(self, session: aiohttp.ClientSession, method: str, path: str, body: dict | None):
+        """Send a request; a non-200 answer raises its typed error."""
+        data = None if body is None else orjson.dumps(body)
+        headers = None if body is None else {"Content-Type": "application/json"}
+        try:
+            resp = await session.request(method, self.endpoint + path, data=data, headers=headers)
+        except asyncio.TimeoutError:
+            raise self._timeout() from None
+        except aiohttp.ClientConnectorError as exc:
+            raise self._unreachable(exc) from None
+        except aiohttp.ClientError as exc:
+            raise BackendUnavailable(f"Cannot reach the backend at {self.endpoint} ({type(exc).__name__}).") from None
+        if resp.status != 200:
+            try:
+                raw = await resp.read()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                raw = b""
+            finally:
+                resp.release()
+            raise self._error(resp.status, raw, resp.headers.get("Retry-After"))
+        return resp
+
+    def _timeout(self) -> RequestTimeout:
+        return RequestTimeout(f"No answer from {self.endpoint} within {self.timeout:g} s.")
+
+    def _unreachable(self, exc: aiohttp.ClientConnectorError) -> BackendUnavailable:
+        if getattr(exc, "os_error", None) is not None and exc.os_error.errno == errno.ECONNREFUSED:
+            return BackendUnavailable(
+                f"Cannot connect to the backend at {self.endpoint}: connection refused, so no mi-backend "
+                "is running on that port. Start one with `mi-backend --model DIR --port PORT`."
+            )
+        return BackendUnavailable(
+            f"Cannot connect to the backend at {self.endpoint} ({type(exc).__name__}). Check the "
+            "address and that mi-backend is running there."
+        )
+
+    def _error(self, status: int, raw: bytes, retry_after: str | None) -> MIError:
+        try:
+            obj = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            obj = None
+        err = ApiError.from_body(status, obj)
+        if status == 401:
+            return AuthenticationError(
+                f"The backend at {self.endpoint} refused the secret from {self.cert}: {err.message}",
+                status, err.param, err.code,
+            )
+        if status == 429 or (status == 503 and err.code == "overloaded"):
+            seconds = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
+            return Overloaded(f"The backend at {self.endpoint} is overloaded: {err.message}", seconds)
+        if status == 503:
+            return BackendUnavailable(f"The backend at {self.endpoint} is not ready: {err.message}")
+        if 400 <= status < 500:
+            return InvalidRequest(err.message, status, err.param, err.code)
+        return ServerError(f"The backend failed (HTTP {status}): {err.message}")
+
+
+def run_sync(coro):
+    """Run `coro` to completion from synchronous code, also when this thread runs a loop."""
+    try:
+        asyncio.get_running_loop()
+        in_loop = True
+    except RuntimeError:
+        in_loop = False
+    if not in_loop:
+        return asyncio.run(coro)
+    # NOTE: asyncio.run refuses to nest; a helper thread gets its own loop (e.g. in Jupyter).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        return pool.submit(asyncio.run, coro).result()
