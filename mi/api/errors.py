@@ -7,7 +7,14 @@ Messages are for end users: they never name file paths, addresses or internals.
 
 from __future__ import annotations
 
-__all__ = ["ApiError", "error_body", "default_error_type"]
+import re
+from typing import TypeVar
+
+import msgspec
+
+__all__ = ["ApiError", "decode_body", "default_error_type", "error_body", "validation_error"]
+
+T = TypeVar("T")
 
 _TYPE_BY_STATUS = {
     400: "invalid_request_error",
@@ -197,3 +204,65 @@ def reject_unknown(body: dict, known: frozenset[str]) -> None:
             raise ApiError(
                 400, f"Unrecognized request argument supplied: {key}", key, code="unknown_parameter"
             )
+
+
+# -- typed request bodies -----------------------------------------------------------------------
+# Every request body is one msgspec Struct (mi/api/sampling.py, backend.py, openai.py, chat.py);
+# `decode_body` is the one place its validation errors become OpenAI error bodies.
+
+_AT = re.compile(r" - at `\$(?P<path>[^`]*)`$|^(?P<key>.*) - at `key` in `\$(?P<keypath>[^`]*)`$")
+_LEADING_NAME = re.compile(r"^'(?P<name>[A-Za-z_][A-Za-z0-9_]*)'")
+
+
+def decode_body(body: object, body_type: type[T], *, param_prefix: str = "") -> T:
+    """`body` (decoded JSON) as a `body_type` Struct, or `ApiError` 400 with the OpenAI error body.
+
+    `null` in a top-level field means "the default", as the OpenAI spec marks its optional fields
+    nullable. Codes: unknown_parameter, missing_required_parameter, invalid_type, invalid_value.
+    """
+    if isinstance(body, dict):
+        body = {key: value for key, value in body.items() if value is not None}
+    try:
+        # Through JSON bytes, not msgspec.convert: object keys must parse as they do in JSON
+        # (logit_bias {"50256": -100} into dict[int, float]).
+        return msgspec.json.decode(msgspec.json.encode(body), type=body_type)
+    except msgspec.ValidationError as exc:
+        raise validation_error(str(exc), param_prefix) from None
+
+
+def validation_error(message: str, param_prefix: str = "") -> ApiError:
+    """The 400 for one msgspec validation message (see `decode_body`)."""
+    detail, param = message, None
+    match = _AT.search(message)
+    if match and match.group("path") is not None:
+        detail, param = message[: match.start()], _param(match.group("path"))
+    elif match:
+        detail, param = match.group("key") + " as a key", _param(match.group("keypath"))
+    if detail.startswith("Object contains unknown field `"):
+        name = detail.split("`")[1][:64]
+        return ApiError(400, f"Unrecognized request argument supplied: {name}",
+                        _join(param, name, param_prefix), code="unknown_parameter")
+    if detail.startswith("Object missing required field `"):
+        name = detail.split("`")[1]
+        return ApiError(400, f"'{_join(param, name, '')}' is required.", _join(param, name, param_prefix),
+                        code="missing_required_parameter")
+    if param is None and (named := _LEADING_NAME.match(detail)):  # a __post_init__ rule
+        return ApiError(400, detail, param_prefix + named.group("name"), code="invalid_value")
+    if param is None:
+        return ApiError(400, f"The request body is invalid: {detail}.", param_prefix or None,
+                        code="invalid_type" if detail.startswith("Expected `object`") else "invalid_value")
+    is_type = re.match(r"Expected `[^`]*`, got `", detail) is not None
+    shown = param_prefix + param
+    return ApiError(400, f"Invalid '{shown}': {detail[0].lower()}{detail[1:]}.", shown,
+                    code="invalid_type" if is_type else "invalid_value")
+
+
+def _param(path: str) -> str | None:
+    """`.stream_options.include_usage` -> "stream_options.include_usage"; `.logit_bias[...]` ->
+    "logit_bias"; `` (the body itself) -> None."""
+    path = re.sub(r"\[\.\.\.\]", "", path).lstrip(".")
+    return path or None
+
+
+def _join(parent: str | None, name: str, prefix: str) -> str:
+    return prefix + (f"{parent}.{name}" if parent else name)
