@@ -14,7 +14,10 @@ from __future__ import annotations
 import os
 import tempfile
 import uuid
-from dataclasses import dataclass, field
+from typing import Annotated
+
+import msgspec
+from msgspec import Meta
 
 from mi.api.backend_answers import (
     FINISH_REASONS,
@@ -27,17 +30,8 @@ from mi.api.backend_answers import (
     Usage,
     parse_stream_line,
 )
-from mi.api.errors import (
-    ApiError,
-    invalid,
-    read_bool,
-    read_float,
-    read_int,
-    read_str,
-    read_token_ids,
-    reject_unknown,
-    wrong_type,
-)
+from mi.api.errors import ApiError, decode_body, invalid, wrong_type
+from mi.api.sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams, TokenId
 
 __all__ = [
     "FINISH_REASONS",
@@ -61,10 +55,7 @@ __all__ = [
     "socket_path",
 ]
 
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_REQUEST_ID_LEN = 256
-MAX_NUM_STOP = 16  # stop strings per request; the OpenAI frontend allows 4
-MAX_LOGPROBS = 20  # top alternatives per position
 MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 
 
@@ -77,64 +68,36 @@ def new_request_id() -> str:
     return f"req-{uuid.uuid4().hex}"
 
 
-@dataclass(frozen=True)
-class GenerateRequest:
-    """One `POST /v1/generate` body; exactly one of `prompt` / `prompt_ids` is set.
+class GenerateRequest(SamplingParams, frozen=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One `POST /v1/generate` body: the sampling fields (flat, as documented) plus the prompt.
 
-    Defaults are the documented ones; `to_json` sends only fields that differ from them, so a
-    request that uses no new feature is also understood by an older backend.
+    Exactly one of `prompt` / `prompt_ids` is set. `to_json` sends only fields that differ from
+    their defaults, so a request that uses no new feature is also understood by an older backend.
     """
 
-    request_id: str = field(default_factory=new_request_id)
-    prompt: str | None = None
-    prompt_ids: tuple[int, ...] | None = None
-    add_special_tokens: bool = True
-    max_tokens: int = 16  # 0: score the prompt only (needs prompt_logprobs)
-    min_tokens: int = 0  # EOS and stop_token_ids are blocked before this many tokens
-    temperature: float = 1.0  # 0 = greedy
-    top_p: float = 1.0
-    top_k: int = 0  # <= 0 = off
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs, ids unique
-    seed: int | None = None
-    logprobs: int | None = None  # top alternatives per generated token
-    prompt_logprobs: int | None = None  # top alternatives per prompt token
-    stop: tuple[str, ...] = ()
-    include_stop_str_in_output: bool = False
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    skip_special_tokens: bool = True
-    stream: bool = False
+    request_id: Annotated[str, Meta(
+        min_length=1, max_length=MAX_REQUEST_ID_LEN,
+        description="The name of this request in aborts and answers; default: a new unique one.",
+    )] = msgspec.field(default_factory=new_request_id)
+    prompt: Annotated[str, Meta(description="The prompt as text (tokenized by the backend).")] | None = None
+    prompt_ids: Annotated[tuple[TokenId, ...], Meta(
+        min_length=1, description="The prompt as token ids, used as given.",
+    )] | None = None
+    add_special_tokens: Annotated[bool, Meta(
+        description="Tokenizing `prompt` adds the model's special tokens (e.g. BOS).",
+    )] = True
+    stream: Annotated[bool, Meta(description="Answer with NDJSON lines as tokens arrive.")] = False
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if (self.prompt is None) == (self.prompt_ids is None):
+            raise ValueError("'prompt': exactly one of 'prompt' and 'prompt_ids' must be given.")
 
     def to_json(self) -> dict:
-        body: dict = {"request_id": self.request_id}
-        if self.prompt_ids is not None:
-            body["prompt_ids"] = list(self.prompt_ids)
-        else:
-            body["prompt"] = self.prompt
-        body["max_tokens"] = self.max_tokens
-        for name in _OPTIONAL_FIELDS:
-            value = getattr(self, name)
-            if value != _DEFAULTS[name]:
-                body[name] = value
-        if self.logit_bias:
-            body["logit_bias"] = {str(token_id): bias for token_id, bias in self.logit_bias}
-        for name in ("stop", "stop_token_ids"):
-            if getattr(self, name):
-                body[name] = list(getattr(self, name))
+        body = msgspec.json.decode(msgspec.json.encode(self))
+        body["request_id"] = self.request_id
+        body.setdefault("max_tokens", self.max_tokens)
         return body
-
-
-_GENERATE_FIELDS = frozenset(GenerateRequest.__dataclass_fields__)
-_DEFAULTS = {name: f.default for name, f in GenerateRequest.__dataclass_fields__.items()}
-_OPTIONAL_FIELDS = (
-    "add_special_tokens", "min_tokens", "temperature", "top_p", "top_k", "min_p",
-    "repetition_penalty", "presence_penalty", "frequency_penalty", "seed", "logprobs",
-    "prompt_logprobs", "include_stop_str_in_output", "ignore_eos", "skip_special_tokens", "stream",
-)
 
 
 def parse_generate_request(body: object, *, vocab_size: int) -> GenerateRequest:
@@ -143,62 +106,13 @@ def parse_generate_request(body: object, *, vocab_size: int) -> GenerateRequest:
     Unknown fields are rejected (a typo must not silently change sampling). The context-length
     rule needs the tokenized prompt: the backend applies `check_context_len` afterwards.
     """
-    if not isinstance(body, dict):
-        raise wrong_type("body", body, "a JSON object")
-    reject_unknown(body, _GENERATE_FIELDS)
-
-    prompt, prompt_ids = body.get("prompt"), body.get("prompt_ids")
-    if (prompt is None) == (prompt_ids is None):
-        raise ApiError(400, "Exactly one of 'prompt' and 'prompt_ids' must be given.", "prompt")
-    if prompt is not None and not isinstance(prompt, str):
-        raise wrong_type("prompt", prompt, "a string")
-    if prompt_ids is not None:
-        prompt_ids = read_token_ids(prompt_ids, "prompt_ids", vocab_size, allow_empty=False)
-
-    request_id = read_str(body, "request_id", None)
-    if request_id is None:
-        request_id = new_request_id()
-    elif not 0 < len(request_id) <= MAX_REQUEST_ID_LEN:
-        raise invalid("request_id", f"'request_id' must have 1 to {MAX_REQUEST_ID_LEN} characters.")
-
-    max_tokens = read_int(body, "max_tokens", 16, 0, INT64_MAX)
-    min_tokens = read_int(body, "min_tokens", 0, 0, INT64_MAX)
-    prompt_logprobs = read_int(body, "prompt_logprobs", None, 0, MAX_LOGPROBS)
-    if max_tokens == 0 and prompt_logprobs is None:
-        raise invalid("max_tokens", "'max_tokens' 0 only scores the prompt: it needs 'prompt_logprobs'.")
-    if min_tokens > max_tokens:
-        raise invalid("min_tokens", f"'min_tokens' ({min_tokens}) must not exceed 'max_tokens' ({max_tokens}).")
-    return GenerateRequest(
-        request_id=request_id,
-        prompt=prompt,
-        prompt_ids=prompt_ids,
-        add_special_tokens=read_bool(body, "add_special_tokens", True),
-        max_tokens=max_tokens,
-        min_tokens=min_tokens,
-        temperature=read_float(body, "temperature", 1.0, 0.0),
-        top_p=read_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=read_int(body, "top_k", 0, INT64_MIN, INT64_MAX),
-        min_p=read_float(body, "min_p", 0.0, 0.0, 1.0),
-        repetition_penalty=read_float(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
-        presence_penalty=read_float(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=read_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        logit_bias=read_logit_bias(body.get("logit_bias"), "logit_bias", vocab_size),
-        seed=read_int(body, "seed", None, INT64_MIN, INT64_MAX),
-        logprobs=read_int(body, "logprobs", None, 0, MAX_LOGPROBS),
-        prompt_logprobs=prompt_logprobs,
-        stop=read_stop(body.get("stop"), "stop", MAX_NUM_STOP),
-        include_stop_str_in_output=read_bool(body, "include_stop_str_in_output", False),
-        stop_token_ids=read_token_ids(
-            _or_empty(body.get("stop_token_ids")), "stop_token_ids", vocab_size, allow_empty=True
-        ),
-        ignore_eos=read_bool(body, "ignore_eos", False),
-        skip_special_tokens=read_bool(body, "skip_special_tokens", True),
-        stream=read_bool(body, "stream", False),
-    )
-
-
-def _or_empty(value: object) -> object:
-    return [] if value is None else value
+    req = decode_body(body, GenerateRequest)
+    req.check_vocab(vocab_size)
+    if req.prompt_ids is not None:
+        bad = next((token_id for token_id in req.prompt_ids if token_id >= vocab_size), None)
+        if bad is not None:
+            raise invalid("prompt_ids", f"Token id {bad} in 'prompt_ids' is out of range [0, {vocab_size}).")
+    return req
 
 
 def read_stop(value: object, param: str, max_num: int) -> tuple[str, ...]:

@@ -17,8 +17,9 @@ Chat specifics (the common policy is in openai_common.py):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
+
+import msgspec
 
 from mi.api.backend import GenerateRequest
 from mi.api.errors import (
@@ -97,7 +98,7 @@ class ChatRequest:
             **sampling,
         )
         return tuple(
-            dataclasses.replace(template, request_id=f"{chat_id}-{i}", seed=seed_for_choice(seed, i))
+            msgspec.structs.replace(template, request_id=f"{chat_id}-{i}", seed=seed_for_choice(seed, i))
             for i in range(self.n)
         )
 

@@ -249,7 +249,7 @@ def validation_error(message: str, param_prefix: str = "") -> ApiError:
     if param is None and (named := _LEADING_NAME.match(detail)):  # a __post_init__ rule
         return ApiError(400, detail, param_prefix + named.group("name"), code="invalid_value")
     if param is None:
-        return ApiError(400, f"The request body is invalid: {detail}.", param_prefix or None,
+        return ApiError(400, f"The request body is invalid: {detail}.", param_prefix or "body",
                         code="invalid_type" if detail.startswith("Expected `object`") else "invalid_value")
     is_type = re.match(r"Expected `[^`]*`, got `", detail) is not None
     shown = param_prefix + param
@@ -258,9 +258,9 @@ def validation_error(message: str, param_prefix: str = "") -> ApiError:
 
 
 def _param(path: str) -> str | None:
-    """`.stream_options.include_usage` -> "stream_options.include_usage"; `.logit_bias[...]` ->
-    "logit_bias"; `` (the body itself) -> None."""
-    path = re.sub(r"\[\.\.\.\]", "", path).lstrip(".")
+    """`.stream_options.include_usage` -> "stream_options.include_usage"; `.logit_bias[...]` and
+    `.stop[1]` -> the field ("logit_bias", "stop"); `` (the body itself) -> None."""
+    path = re.sub(r"(\[\.\.\.\]|\[\d+\])+$", "", path).lstrip(".")
     return path or None
 
 

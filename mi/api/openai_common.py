@@ -109,7 +109,7 @@ def read_sampling(body: dict, vocab_size: int, limits: Limits) -> dict:
         presence_penalty=read_float(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=read_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=read_float(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
-        logit_bias=read_logit_bias(body.get("logit_bias"), "logit_bias", vocab_size),
+        logit_bias=dict(read_logit_bias(body.get("logit_bias"), "logit_bias", vocab_size)),
         seed=read_int(body, "seed", None, INT64_MIN, INT64_MAX),
         stop=read_stop(body.get("stop"), "stop", limits.max_stop),
         stop_token_ids=read_token_ids(

@@ -29,7 +29,7 @@ from mi.api.backend import (
     GenerateResult,
     ModelInfo,
 )
-from mi.api.errors import ApiError
+from mi.api.errors import ApiError, validation_error
 from mi.api.tokenizer_files import load_tokenizer_files
 from mi.auth import cert_path, read_secret
 from mi.sdk.stream import AsyncStream
@@ -78,31 +78,36 @@ def make_request(
 ) -> GenerateRequest:
     """One backend request. A string prompt is tokenized by the backend (BOS added unless
     `add_special_tokens=False`); token ids are used as given. `do_sample=False` is greedy
-    decoding (temperature 0). The backend checks every value (`InvalidRequest` names it)."""
-    return GenerateRequest(
-        prompt=prompt if isinstance(prompt, str) else None,
-        prompt_ids=None if isinstance(prompt, str) else tuple(prompt),
-        add_special_tokens=add_special_tokens,
-        max_tokens=max_new_tokens,
-        min_tokens=min_new_tokens,
-        temperature=float(temperature) if do_sample else 0.0,
-        top_p=float(top_p),
-        top_k=top_k,
-        min_p=float(min_p),
-        repetition_penalty=float(repetition_penalty),
-        presence_penalty=float(presence_penalty),
-        frequency_penalty=float(frequency_penalty),
-        logit_bias=tuple(sorted((int(k), float(v)) for k, v in (logit_bias or {}).items())),
-        stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-        stop_token_ids=tuple(stop_token_ids or ()),
-        include_stop_str_in_output=include_stop_str_in_output,
-        ignore_eos=ignore_eos,
-        seed=seed,
-        logprobs=logprobs,
-        prompt_logprobs=prompt_logprobs,
-        skip_special_tokens=skip_special_tokens,
-        stream=stream,
-    )
+    decoding (temperature 0). The backend checks every value (`InvalidRequest` names it); the
+    rules between fields (max_new_tokens 0, min_new_tokens) are checked here already."""
+    try:
+        return GenerateRequest(
+            prompt=prompt if isinstance(prompt, str) else None,
+            prompt_ids=None if isinstance(prompt, str) else tuple(prompt),
+            add_special_tokens=add_special_tokens,
+            max_tokens=max_new_tokens,
+            min_tokens=min_new_tokens,
+            temperature=float(temperature) if do_sample else 0.0,
+            top_p=float(top_p),
+            top_k=top_k,
+            min_p=float(min_p),
+            repetition_penalty=float(repetition_penalty),
+            presence_penalty=float(presence_penalty),
+            frequency_penalty=float(frequency_penalty),
+            logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()},
+            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
+            stop_token_ids=tuple(stop_token_ids or ()),
+            include_stop_str_in_output=include_stop_str_in_output,
+            ignore_eos=ignore_eos,
+            seed=seed,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            skip_special_tokens=skip_special_tokens,
+            stream=stream,
+        )
+    except ValueError as exc:  # a rule between fields (SamplingParams.__post_init__)
+        err = validation_error(str(exc))
+        raise InvalidRequest(err.message, err.status, err.param, err.code) from None
 
 
 def normalize_prompts(prompts: Prompts) -> list[str | list[int]]:

@@ -88,7 +88,7 @@ def test_generate_defaults():
     assert not req.stream and not req.ignore_eos and req.skip_special_tokens
     assert req.request_id.startswith("req-")
     assert (req.min_tokens, req.min_p, req.repetition_penalty, req.presence_penalty) == (0, 0.0, 1.0, 0.0)
-    assert (req.frequency_penalty, req.logit_bias, req.logprobs, req.prompt_logprobs) == (0.0, (), None, None)
+    assert (req.frequency_penalty, req.logit_bias, req.logprobs, req.prompt_logprobs) == (0.0, {}, None, None)
     assert not req.include_stop_str_in_output
 
 
@@ -107,7 +107,7 @@ def test_generate_full_body_round_trips():
         temperature=0.0, top_p=0.5, top_k=3, seed=-(2**63), stop=("\n", "x"), stop_token_ids=(2,),
         ignore_eos=True, skip_special_tokens=False, stream=True, min_tokens=2, min_p=0.1,
         repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=2.0,
-        logit_bias=((3, 2.5), (7, -100.0)), logprobs=0, prompt_logprobs=20,
+        logit_bias={3: 2.5, 7: -100.0}, logprobs=0, prompt_logprobs=20,
         include_stop_str_in_output=True,
     )
     assert parse_generate_request(orjson.loads(orjson.dumps(req.to_json())), vocab_size=VOCAB) == req
@@ -115,7 +115,7 @@ def test_generate_full_body_round_trips():
 
 def test_generate_to_json_sends_only_what_differs_from_the_defaults():
     assert GenerateRequest(request_id="r", prompt="a").to_json() == {"request_id": "r", "prompt": "a", "max_tokens": 16}
-    body = GenerateRequest(request_id="r", prompt_ids=(1,), max_tokens=0, prompt_logprobs=0, logit_bias=((4, 1.0),)).to_json()
+    body = GenerateRequest(request_id="r", prompt_ids=(1,), max_tokens=0, prompt_logprobs=0, logit_bias={4: 1.0}).to_json()
     assert body == {"request_id": "r", "prompt_ids": [1], "max_tokens": 0, "prompt_logprobs": 0, "logit_bias": {"4": 1.0}}
 
 
@@ -165,7 +165,6 @@ def test_generate_stop_accepts_a_single_string_and_null():
         ({"prompt": "a", "max_tokens": True}, "max_tokens"),
         ({"prompt": "a", "temperature": -0.1}, "temperature"),
         ({"prompt": "a", "temperature": "hot"}, "temperature"),
-        ({"prompt": "a", "top_p": 0}, "top_p"),
         ({"prompt": "a", "top_p": 1.01}, "top_p"),
         ({"prompt": "a", "top_k": 1.5}, "top_k"),
         ({"prompt": "a", "seed": 2**63}, "seed"),
@@ -680,3 +679,9 @@ def test_sse_done_and_stream_decoding():
 def test_sse_decode_rejects_other_framing(raw):
     with pytest.raises(ValueError):
         decode_events(raw)
+
+
+def test_generate_top_p_0_keeps_the_most_likely_token_as_the_frontend_does():
+    req = parse_generate_request({"prompt": "a", "top_p": 0, "top_k": -1}, vocab_size=VOCAB)
+    assert (req.top_p, req.top_k) == (1.0, 1)
+    assert parse_generate_request({"prompt": "a", "top_k": -1}, vocab_size=VOCAB).top_k == 0
