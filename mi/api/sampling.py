@@ -122,7 +122,7 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
         # ValueError here is a msgspec.ValidationError when decoding, naming no field: say it.
         if self.max_tokens == 0 and self.prompt_logprobs is None:
             raise ValueError("'max_tokens' 0 only scores the prompt: it needs 'prompt_logprobs'.")
-        if self.min_tokens > self.max_tokens:
+        if 0 <= self.max_tokens < self.min_tokens:  # a negative max_tokens is its own error
             raise ValueError(f"'min_tokens' ({self.min_tokens}) must not exceed 'max_tokens' "
                              f"({self.max_tokens}).")
         if isinstance(self.stop, str):

@@ -369,7 +369,7 @@ def test_completion_maps_every_sampling_field():
     (req,) = creq.generate_requests
     assert (req.max_tokens, req.temperature, req.top_p, req.top_k, req.seed) == (7, 0.0, 0.9, 5, 3)
     assert req.stop == ("\n",) and req.stop_token_ids == (2,) and req.ignore_eos and req.stream
-    assert (req.frequency_penalty, req.presence_penalty, req.logit_bias) == (0.5, -1.0, ((5, 1.0),))
+    assert (req.frequency_penalty, req.presence_penalty, req.logit_bias) == (0.5, -1.0, {5: 1.0})
     assert (req.min_p, req.repetition_penalty, req.min_tokens) == (0.05, 1.1, 3)
     assert not req.skip_special_tokens and req.include_stop_str_in_output and not req.add_special_tokens
     assert req.logprobs == 2 and req.prompt_logprobs is None
