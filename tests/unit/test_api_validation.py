@@ -673,6 +673,24 @@ def test_openapi_document_refs_resolve():
         assert ref in doc["components"]["schemas"], ref
 
 
+def test_openapi_document_is_the_parsers_own():
+    from mi.api.chat import ChatCompletionRequest
+    from mi.api.info import DetokenizeRequest, TokenizeRequest
+    from mi.api.openai import CompletionRequest
+
+    schemas = openapi_document("9.9")["components"]["schemas"]
+    for struct in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest):
+        assert set(schemas[struct.__name__]["properties"]) == set(struct.__struct_fields__), struct
+        assert schemas[struct.__name__]["additionalProperties"] is False
+    assert {"continue_final_message", "chat_template_kwargs"} <= set(schemas["TokenizeRequest"]["properties"])
+    assert "skip_special_tokens" in schemas["DetokenizeRequest"]["properties"]
+    temperature = schemas["CompletionRequest"]["properties"]["temperature"]  # SamplingParams' bound
+    assert {"type": "number", "minimum": 0.0, "maximum": 2.0} in temperature["anyOf"]
+    assert {"type": "null"} in temperature["anyOf"]  # null means the default
+    chunk = schemas["CompletionChunk"]
+    assert "usage" in chunk["properties"] and "usage" not in chunk["required"]
+
+
 # -- SSE ----------------------------------------------------------------------------------------
 
 
