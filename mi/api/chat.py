@@ -1,11 +1,13 @@
-"""The OpenAI `/v1/chat/completions` protocol: request checks and response builders.
+"""The OpenAI `/v1/chat/completions` protocol: the request and answer Structs, and the one
+conversion from a request to backend `GenerateRequest`s.
 
-`parse_chat_request` checks the body; the frontend renders `messages` with the model's chat
-template (it needs the tokenizer) and then calls `ChatRequest.generate_requests` with the
-prompt's token ids. Choice `index` = i for i < n.
+`parse_chat_request` decodes and checks the body into a `ChatPlan`; the frontend renders
+`messages` with the model's chat template (it needs the tokenizer) and then calls
+`ChatPlan.generate_requests` with the prompt's token ids. Choice `index` = i for i < n.
 
 Chat specifics (the common policy is in openai_common.py):
-- message content is a string or an array of text parts; other part types are a 400;
+- message content is a string or an array of text (or refusal) parts; image, audio and file
+  parts are a 400 "not supported";
 - `max_completion_tokens` wins over `max_tokens`; without either a choice may use the rest of
   the context (capped by the server's max-tokens limit);
 - `logprobs: true` with `top_logprobs` k (0 gives `[]` alternatives); `top_logprobs` without
@@ -18,257 +20,369 @@ Chat specifics (the common policy is in openai_common.py):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
 import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from mi.api.backend import GenerateRequest
-from mi.api.errors import (
-    ApiError,
-    invalid,
-    read_bool,
-    read_int,
-    read_str,
-    reject_unknown,
-    wrong_type,
-)
+from mi.api.errors import ApiError, decode_body
 from mi.api.openai_common import (
-    SAMPLING_FIELDS,
+    CompletionUsage,
     Limits,
-    check_min_tokens,
+    StreamOptions,
+    check_limits,
     check_model,
-    read_max_tokens,
-    read_sampling,
-    read_stream_options,
+    sampling_base,
     seed_for_choice,
+    to_generate_request,
 )
+from mi.api.sampling import INT32_MAX, NumLogprobs, SamplingParams
 
 __all__ = [
-    "ChatRequest",
-    "chat_choice",
-    "chat_chunk",
-    "chat_response",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunkChoice",
+    "ChatCompletionChunk",
+    "ChatCompletionRequest",
+    "ChatCompletionResponse",
+    "ChatDelta",
+    "ChatLogprobs",
+    "ChatMessage",
+    "ChatPlan",
     "parse_chat_request",
-    "read_messages",
+    "template_messages",
 ]
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-# Accepted and ignored: they do not change what the model generates.
-_IGNORED_STR = ("user", "safety_identifier", "prompt_cache_key", "prompt_cache_retention",
-                "service_tier", "reasoning_effort", "verbosity")
-_IGNORED_BOOL = ("store", "parallel_tool_calls")
-_IGNORED_OBJ = ("metadata", "prompt_cache_options", "moderation")
-_UNSUPPORTED = ("audio", "prediction", "web_search_options", "functions")
-_FIELDS = SAMPLING_FIELDS | set(_IGNORED_STR) | set(_IGNORED_BOOL) | set(_IGNORED_OBJ) | set(_UNSUPPORTED) | {
-    "model", "messages", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options",
-    "logprobs", "top_logprobs", "response_format", "tools", "tool_choice", "function_call",
-    "modalities", "add_generation_prompt", "continue_final_message", "chat_template_kwargs",
-}
-_MESSAGE_FIELDS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "refusal",
-                             "function_call", "audio"})
+Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
+Ignored = Meta(description="Accepted and ignored: it does not change what the model generates.")
+Unsupported = Meta(description="Not supported yet: any value but null is a 400.", extra_json_schema={"type": "null"})
+UnsupportedPart = Meta(description="Not read: a part of this type is a 400 (not supported yet).")
+NoneOrAuto = Meta(description='Only "none" and "auto" are supported.', extra_json_schema={"enum": ["none", "auto", None]})
+MaxTokens = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 
 
 def not_supported(param: str, what: str) -> ApiError:
     return ApiError(400, f"{what} is not supported.", param, code="unsupported_parameter")
 
 
+# -- messages -----------------------------------------------------------------------------------
+
+
+class TextPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="text"):
+    text: Annotated[str, Meta(description="Text of the message.")]
+
+
+class RefusalPart(msgspec.Struct, frozen=True, forbid_unknown_fields=True, tag_field="type", tag="refusal"):
+    refusal: Annotated[str, Meta(description="A refusal by the assistant, used as text.")]
+
+
+class ImageUrlPart(msgspec.Struct, frozen=True, tag_field="type", tag="image_url"):
+    """Not supported yet (a 400)."""
+
+    image_url: Annotated[dict[str, Any] | None, UnsupportedPart] = None
+
+
+class InputAudioPart(msgspec.Struct, frozen=True, tag_field="type", tag="input_audio"):
+    """Not supported yet (a 400)."""
+
+    input_audio: Annotated[dict[str, Any] | None, UnsupportedPart] = None
+
+
+class FilePart(msgspec.Struct, frozen=True, tag_field="type", tag="file"):
+    """Not supported yet (a 400)."""
+
+    file: Annotated[dict[str, Any] | None, UnsupportedPart] = None
+
+
+ContentPart = TextPart | RefusalPart | ImageUrlPart | InputAudioPart | FilePart
+
+
+class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """One message of the conversation, as the chat template receives it (`template_messages`)."""
+
+    role: Annotated[Role, Meta(description="Who speaks; the chat template decides what each role means.")]
+    content: Annotated[str | list[ContentPart] | None, Meta(
+        description="A string, or text parts joined with newlines; null only for an assistant "
+                    "or a function message.",
+    )] = None
+    name: Annotated[str | None, Meta(description="The speaker's name, for the template.")] = None
+    tool_calls: Annotated[list[dict[str, Any]] | None, Meta(
+        description="An assistant's earlier tool calls, for the template.",
+    )] = None
+    tool_call_id: Annotated[str | None, Meta(description="The call a tool message answers.")] = None
+    refusal: Annotated[str | None, Ignored] = None
+    function_call: Annotated[dict[str, Any] | None, Ignored] = None
+    audio: Annotated[dict[str, Any] | None, Ignored] = None
+
+
+# What `template_messages` checks, said in the document: only an assistant or a function message
+# may leave `content` out.
+Message = Annotated[ChatMessage, Meta(extra_json_schema={
+    "if": {"properties": {"role": {"enum": ["system", "developer", "user", "tool"]}}},
+    "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+})]
+
+
+def template_messages(messages: list[ChatMessage]) -> list[dict]:
+    """`messages` as the chat template takes them: `{"role", "content": str}`, plus `name`,
+    `tool_call_id` and `tool_calls` where given."""
+    out = []
+    for i, message in enumerate(messages):
+        item = {"role": message.role, "content": _text(message, f"messages[{i}].content")}
+        for key in ("name", "tool_call_id", "tool_calls"):
+            if getattr(message, key) is not None:
+                item[key] = getattr(message, key)
+        out.append(item)
+    return out
+
+
+def _text(message: ChatMessage, param: str) -> str:
+    content = message.content
+    if content is None:
+        if message.role in ("assistant", "function"):
+            return ""
+        raise ApiError(400, f"'{param}' is required.", param, code="missing_required_parameter")
+    if isinstance(content, str):
+        return content
+    texts = []
+    for part in content:
+        if isinstance(part, TextPart):
+            texts.append(part.text)
+        elif isinstance(part, RefusalPart):
+            texts.append(part.refusal)
+        else:
+            raise not_supported(param, f"Content parts of type '{type(part).__struct_config__.tag}'")
+    return "\n".join(texts)
+
+
+# -- the request --------------------------------------------------------------------------------
+
+
+class ResponseFormat(msgspec.Struct, frozen=True):
+    """The format of the answer; other fields (a JSON schema, ...) are not read."""
+
+    type: Annotated[str, Meta(description='Only "text" is supported.', extra_json_schema={"enum": ["text"]})]
+
+
+class ChatCompletionRequest(sampling_base("ChatSampling"), frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A `POST /v1/chat/completions` body: the sampling fields plus these."""
+
+    messages: Annotated[list[Message], Meta(min_length=1, description="The conversation so far.")]
+    model: Annotated[str | None, Meta(description="A served model name; absent: the first one.")] = None
+    max_completion_tokens: Annotated[MaxTokens | None, Meta(
+        description="Tokens to generate per choice; absent: the rest of the context (capped by "
+                    "the server's --max-tokens).",
+    )] = None
+    max_tokens: Annotated[MaxTokens | None, Meta(description="The old name of max_completion_tokens.")] = None
+    n: Annotated[int, Meta(ge=1, description="Choices.")] = 1
+    stream: Annotated[bool, Meta(description="Answer with server-sent events as tokens arrive.")] = False
+    stream_options: Annotated[StreamOptions | None, Meta(description="Only with stream.")] = None
+    logprobs: Annotated[bool, Meta(description="Return the logprob of each generated token.")] = False
+    top_logprobs: Annotated[NumLogprobs | None, Meta(
+        description="With logprobs: this many alternatives per token (0 gives []).",
+    )] = None
+    response_format: Annotated[ResponseFormat | None, Meta(description='Only {"type": "text"}.')] = None
+    tools: Annotated[list[dict[str, Any]], Meta(
+        description="Only an empty list is supported.", extra_json_schema={"maxItems": 0},
+    )] | None = None
+    tool_choice: Annotated[str | dict[str, Any] | None, NoneOrAuto] = None
+    function_call: Annotated[str | dict[str, Any] | None, NoneOrAuto] = None
+    modalities: Annotated[list[str], Meta(
+        description='Only ["text"] is supported.', extra_json_schema={"enum": [["text"]]},
+    )] | None = None
+    add_generation_prompt: Annotated[bool | None, Meta(
+        description="The template opens an assistant turn; default: not continue_final_message.",
+    )] = None
+    continue_final_message: Annotated[bool, Meta(
+        description="Continue the last (assistant) message instead of starting a new one.",
+    )] = False
+    chat_template_kwargs: Annotated[dict[str, Any], Meta(
+        description="More variables for the chat template.",
+    )] = msgspec.field(default_factory=dict)
+    user: Annotated[str | None, Ignored] = None
+    safety_identifier: Annotated[str | None, Ignored] = None
+    prompt_cache_key: Annotated[str | None, Ignored] = None
+    prompt_cache_retention: Annotated[str | None, Ignored] = None
+    service_tier: Annotated[str | None, Ignored] = None
+    reasoning_effort: Annotated[str | None, Ignored] = None
+    verbosity: Annotated[str | None, Ignored] = None
+    store: Annotated[bool | None, Ignored] = None
+    parallel_tool_calls: Annotated[bool | None, Ignored] = None
+    metadata: Annotated[dict[str, Any] | None, Ignored] = None
+    prompt_cache_options: Annotated[dict[str, Any] | None, Ignored] = None
+    moderation: Annotated[dict[str, Any] | None, Ignored] = None
+    audio: Annotated[Any, Unsupported] = None
+    prediction: Annotated[Any, Unsupported] = None
+    web_search_options: Annotated[Any, Unsupported] = None
+    functions: Annotated[Any, Unsupported] = None
+
+    def __post_init__(self) -> None:
+        # ValueError here becomes a 400 naming the quoted field (mi.api.errors.validation_error).
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("'top_logprobs' requires 'logprobs' to be true.")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' is only allowed when 'stream' is true.")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("'continue_final_message' and 'add_generation_prompt' cannot both be true.")
+
+    def check_supported(self) -> None:
+        """400 "not supported" for what this server cannot do yet."""
+        for key in ("audio", "prediction", "web_search_options", "functions"):
+            if getattr(self, key) is not None:
+                raise not_supported(key, f"'{key}'")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise not_supported("response_format", f"response_format type '{self.response_format.type[:40]}'")
+        if self.tools:
+            raise not_supported("tools", "Tool calling")
+        for key in ("tool_choice", "function_call"):
+            if getattr(self, key) not in (None, "none", "auto"):
+                raise not_supported(key, f"'{key}' other than \"none\"")
+        if self.modalities is not None and self.modalities != ["text"]:
+            raise not_supported("modalities", 'Output modalities other than ["text"]')
+
+
 @dataclass(frozen=True)
-class ChatRequest:
+class ChatPlan:
+    """A checked chat request; `generate_requests` once the messages are rendered."""
+
+    request: ChatCompletionRequest
     model: str  # the name to answer with
-    messages: list  # [{"role", "content": str, ...}] as the chat template receives them
-    add_generation_prompt: bool
-    continue_final_message: bool
-    chat_template_kwargs: dict
-    n: int
-    max_tokens: int | None  # None: the rest of the context (capped by the server's limit)
-    logprobs: bool
-    top_logprobs: int
-    stream: bool
-    include_usage: bool
-    sampling: dict  # GenerateRequest keyword arguments (seed included)
+    messages: list[dict]  # as the chat template receives them (`template_messages`)
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+    @property
+    def max_tokens(self) -> int | None:
+        """None: the rest of the context (capped by the server's limit)."""
+        if self.request.max_completion_tokens is not None:
+            return self.request.max_completion_tokens
+        return self.request.max_tokens
+
+    @property
+    def logprobs(self) -> bool:
+        return self.request.logprobs
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
+
+    @property
+    def include_usage(self) -> bool:
+        return self.request.stream_options is not None and self.request.stream_options.include_usage
+
+    @property
+    def add_generation_prompt(self) -> bool:
+        req = self.request
+        return req.add_generation_prompt if req.add_generation_prompt is not None else not req.continue_final_message
+
+    @property
+    def continue_final_message(self) -> bool:
+        return self.request.continue_final_message
+
+    @property
+    def chat_template_kwargs(self) -> dict:
+        return self.request.chat_template_kwargs
 
     def generate_requests(self, prompt_ids: list[int], chat_id: str, max_tokens: int) -> tuple[GenerateRequest, ...]:
         """One backend request per choice; `max_tokens` is what the frontend resolved."""
-        sampling = dict(self.sampling)
-        seed = sampling.pop("seed")
-        template = GenerateRequest(
-            prompt_ids=tuple(prompt_ids),
-            max_tokens=max_tokens,
-            logprobs=self.top_logprobs if self.logprobs else None,
-            stream=self.stream,
-            **sampling,
+        req = self.request
+        template = to_generate_request(
+            req, prompt_ids=tuple(prompt_ids), max_tokens=max_tokens, stream=req.stream,
+            logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         return tuple(
-            msgspec.structs.replace(template, request_id=f"{chat_id}-{i}", seed=seed_for_choice(seed, i))
-            for i in range(self.n)
+            msgspec.structs.replace(template, request_id=f"{chat_id}-{i}", seed=seed_for_choice(req.seed, i))
+            for i in range(req.n)
         )
 
 
 def parse_chat_request(
     body: object, *, served_names: tuple[str, ...], vocab_size: int, limits: Limits = Limits()
-) -> ChatRequest:
+) -> ChatPlan:
     """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first problem."""
-    if not isinstance(body, dict):
-        raise wrong_type("body", body, "a JSON object")
-    reject_unknown(body, frozenset(_FIELDS))
-    model = check_model(body, served_names)
-    _check_ignored_and_unsupported(body)
-    messages = read_messages(body.get("messages"))
-
-    n = read_int(body, "n", 1, 1, limits.max_n)
-    stream = read_bool(body, "stream", False)
-    include_usage = read_stream_options(body, stream)
-    max_tokens = read_max_tokens(body, "max_completion_tokens", None, 1, limits)
-    key = "max_completion_tokens"
-    if max_tokens is None:
-        max_tokens, key = read_max_tokens(body, "max_tokens", None, 1, limits), "max_tokens"
-    logprobs = read_bool(body, "logprobs", False)
-    top_logprobs = read_int(body, "top_logprobs", None, 0, limits.max_logprobs)
-    if top_logprobs is not None and not logprobs:
-        raise invalid("top_logprobs", "'top_logprobs' requires 'logprobs' to be true.")
-    sampling = read_sampling(body, vocab_size, limits)
-    check_min_tokens(sampling, max_tokens, key)
-    kwargs = body.get("chat_template_kwargs")
-    if kwargs is not None and not isinstance(kwargs, dict):
-        raise wrong_type("chat_template_kwargs", kwargs, "an object")
-    continue_final = read_bool(body, "continue_final_message", False)
-    add_generation_prompt = read_bool(body, "add_generation_prompt", not continue_final)
-    if continue_final and add_generation_prompt:
-        raise invalid("continue_final_message",
-                      "'continue_final_message' and 'add_generation_prompt' cannot both be true.")
-    return ChatRequest(
-        model=model, messages=messages, add_generation_prompt=add_generation_prompt,
-        continue_final_message=continue_final, chat_template_kwargs=dict(kwargs or {}), n=n,
-        max_tokens=max_tokens, logprobs=logprobs, top_logprobs=top_logprobs or 0, stream=stream,
-        include_usage=include_usage, sampling=sampling,
-    )
-
-
-def _check_ignored_and_unsupported(body: dict) -> None:
-    for key in _IGNORED_STR:
-        read_str(body, key, None)
-    for key in _IGNORED_BOOL:
-        read_bool(body, key, False)
-    for key in _IGNORED_OBJ:
-        if body.get(key) is not None and not isinstance(body[key], dict):
-            raise wrong_type(key, body[key], "an object")
-    for key in _UNSUPPORTED:
-        if body.get(key) is not None:
-            raise not_supported(key, f"'{key}'")
-    fmt = body.get("response_format")
-    if fmt is not None:
-        if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
-            raise wrong_type("response_format", fmt, 'an object with a string "type"')
-        if fmt["type"] != "text":
-            raise not_supported("response_format", f"response_format type '{fmt['type'][:40]}'")
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise wrong_type("tools", tools, "an array")
-    if tools:
-        raise not_supported("tools", "Tool calling")
-    for key in ("tool_choice", "function_call"):
-        choice = body.get(key)
-        if choice is not None and choice not in ("none", "auto"):
-            raise not_supported(key, f"'{key}' other than \"none\"")
-    modalities = body.get("modalities")
-    if modalities is not None and modalities != ["text"]:
-        if not isinstance(modalities, list):
-            raise wrong_type("modalities", modalities, "an array of strings")
-        raise not_supported("modalities", 'Output modalities other than ["text"]')
-
-
-def read_messages(value: object) -> list[dict]:
-    if value is None:
-        raise ApiError(400, "'messages' is required.", "messages", code="missing_required_parameter")
-    if not isinstance(value, list):
-        raise wrong_type("messages", value, "an array of message objects")
-    if not value:
-        raise invalid("messages", "'messages' must not be empty.")
-    return [_read_message(message, f"messages[{i}]") for i, message in enumerate(value)]
-
-
-def _read_message(message: object, param: str) -> dict:
-    if not isinstance(message, dict):
-        raise wrong_type(param, message, "a message object")
-    unknown = set(message) - _MESSAGE_FIELDS
-    if unknown:
-        key = sorted(unknown)[0][:64]
-        raise ApiError(400, f"Unrecognized field in {param}: {key}", f"{param}.{key}", code="unknown_parameter")
-    role = message.get("role")
-    if not isinstance(role, str):
-        raise wrong_type(f"{param}.role", role, "a string")
-    if role not in ROLES:
-        raise invalid(f"{param}.role", f"'{param}.role' must be one of {', '.join(sorted(ROLES))}, got {role[:40]!r}.")
-    out = {"role": role, "content": _read_content(message.get("content"), f"{param}.content", role)}
-    for key in ("name", "tool_call_id"):
-        if message.get(key) is not None:
-            out[key] = read_str(message, key, None)
-    if message.get("tool_calls") is not None:
-        if not isinstance(message["tool_calls"], list):
-            raise wrong_type(f"{param}.tool_calls", message["tool_calls"], "an array")
-        out["tool_calls"] = message["tool_calls"]
-    return out
-
-
-def _read_content(content: object, param: str, role: str) -> str:
-    """A string, or an array of text parts joined with newlines (null only for an assistant or
-    a function message, as the spec allows)."""
-    if content is None:
-        if role in ("assistant", "function"):
-            return ""
-        raise ApiError(400, f"'{param}' is required.", param, code="missing_required_parameter")
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise wrong_type(param, content, "a string or an array of content parts")
-    texts = []
-    for part in content:
-        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
-            raise wrong_type(param, part, 'an array of objects with a string "type"')
-        if part["type"] in ("text", "refusal"):
-            text = part.get(part["type"])
-            if not isinstance(text, str):
-                raise wrong_type(f"{param}.{part['type']}", text, "a string")
-            texts.append(text)
-        else:
-            raise not_supported(param, f"Content parts of type '{part['type'][:40]}'")
-    return "\n".join(texts)
+    req = decode_body(body, ChatCompletionRequest)
+    model = check_model(req.model, served_names)
+    req.check_supported()
+    plan = ChatPlan(req, model, template_messages(req.messages))
+    key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+    check_limits(limits, n=req.n, stop=req.stop, logprobs=req.top_logprobs, logprobs_param="top_logprobs",
+                 max_tokens=plan.max_tokens, max_tokens_param=key)
+    SamplingParams.check_vocab(req, vocab_size)  # the sampling fields are SamplingParams' own
+    return plan
 
 
 # -- answers ------------------------------------------------------------------------------------
 
 
-def chat_choice(index: int, text: str, finish_reason: str, logprobs: dict | None = None) -> dict:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text, "refusal": None, "tool_calls": []},
-        "logprobs": logprobs,
-        "finish_reason": finish_reason,
-    }
+class TopLogprob(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: Annotated[list[int], Meta(description="The token's raw bytes (part of a UTF-8 character, maybe).")]
 
 
-def chat_response(chat_id: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
-    return {
-        "id": chat_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+class ChatTokenLogprob(msgspec.Struct, frozen=True):
+    token: str
+    logprob: float
+    bytes: list[int]
+    top_logprobs: Annotated[list[TopLogprob], Meta(description="Exactly top_logprobs alternatives.")]
 
 
-def chat_chunk(
-    chat_id: str, created: int, model: str, index: int, delta: dict, finish_reason: str | None,
-    logprobs: dict | None = None, *, include_usage: bool = False,
-) -> dict:
-    """One streamed event of choice `index`: the first carries `{"role": "assistant"}`."""
-    chunk = {
-        "id": chat_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+class ChatLogprobs(msgspec.Struct, frozen=True):
+    content: list[ChatTokenLogprob]
+    refusal: None = None
+
+
+class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+    tool_calls: Annotated[list[dict[str, Any]], Meta(description="Always empty.")] = []
+
+
+class ChatChoice(msgspec.Struct, frozen=True):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletionResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer without `stream`: every choice, in index order."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: CompletionUsage
+
+
+class ChatDelta(msgspec.Struct, frozen=True):
+    """The first chunk of a choice has `{"role": "assistant", "content": ""}`, the last may be `{}`."""
+
+    role: Literal["assistant"] | UnsetType = UNSET
+    content: str | UnsetType = UNSET
+
+
+class ChatChunkChoice(msgspec.Struct, frozen=True):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: Annotated[Literal["stop", "length"] | None, Meta(
+        description="Null in every chunk but the last of its choice.",
+    )]
+
+
+class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """One streamed event of one choice; with `stream_options.include_usage` every chunk has
+    `usage: null` and a last chunk has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: CompletionUsage | None | UnsetType = UNSET

@@ -8,11 +8,22 @@ Messages are for end users: they never name file paths, addresses or internals.
 from __future__ import annotations
 
 import re
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
 import msgspec
+import msgspec.inspect
+from msgspec import Meta
 
-__all__ = ["ApiError", "decode_body", "default_error_type", "error_body", "validation_error"]
+__all__ = [
+    "ApiError",
+    "ErrorInfo",
+    "ErrorResponse",
+    "decode_body",
+    "default_error_type",
+    "error_body",
+    "invalid",
+    "validation_error",
+]
 
 T = TypeVar("T")
 
@@ -34,14 +45,32 @@ def default_error_type(status: int) -> str:
     return "server_error" if status >= 500 else "invalid_request_error"
 
 
+class ErrorInfo(msgspec.Struct, frozen=True):
+    """What went wrong, for the client (never a path, an address or a traceback)."""
+
+    message: Annotated[str, Meta(description="A sentence for the end user.")]
+    type: Annotated[str, Meta(description="invalid_request_error, authentication_error, "
+                                          "rate_limit_error, server_error, ...")]
+    param: Annotated[str | None, Meta(description="The request field at fault, e.g. "
+                                                  "'messages[0].role'; null when none is.")]
+    code: Annotated[str | None, Meta(description="A stable name of the failure, e.g. "
+                                                 "'invalid_value', 'context_length_exceeded'.")]
+
+
+class ErrorResponse(msgspec.Struct, frozen=True):
+    """The body of every 4xx/5xx answer (and of the last event of a failed stream)."""
+
+    error: ErrorInfo
+
+
 def error_body(
     message: str,
-    type: str = "invalid_request_error",  # noqa: A002 - the OpenAI field name
+    type: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
 ) -> dict:
-    """The OpenAI error body: `{"error": {"message", "type", "param", "code"}}`."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """`ErrorResponse` as plain data: `{"error": {"message", "type", "param", "code"}}`."""
+    return msgspec.to_builtins(ErrorResponse(ErrorInfo(message, type, param, code)))
 
 
 class ApiError(Exception):
@@ -55,7 +84,7 @@ class ApiError(Exception):
         status: int,
         message: str,
         param: str | None = None,
-        type: str | None = None,  # noqa: A002 - the OpenAI field name
+        type: str | None = None,
         code: str | None = None,
         *,
         retry_after: int | None = None,
@@ -78,7 +107,7 @@ class ApiError(Exception):
         return f"ApiError({self.status}, {self.message!r}, param={self.param!r}, code={self.code!r})"
 
     @classmethod
-    def from_body(cls, status: int, body: object) -> "ApiError":
+    def from_body(cls, status: int, body: object) -> ApiError:
         """Rebuild an error received from another `mi` server (any malformed body is tolerated)."""
         err = body.get("error") if isinstance(body, dict) else None
         if not isinstance(err, dict) or not isinstance(err.get("message"), str):
@@ -91,10 +120,7 @@ class ApiError(Exception):
         return cls(status, err["message"], opt_str("param"), opt_str("type"), opt_str("code"))
 
 
-# -- field checks -------------------------------------------------------------------------------
-# Strict JSON types: a bool is not an int, an int is a valid float, a float with no fractional
-# part is a valid int (as in JSON Schema: 1.0 is an integer), `null` means "use the default"
-# (OpenAI marks its optional fields nullable). Each raises a 400 naming the field.
+# -- hand checks still used by mi/api/backend.py and backend_answers.py (they go with those uses) --
 
 _JSON_TYPE_NAMES = {
     bool: "boolean", int: "integer", float: "number", str: "string",
@@ -104,10 +130,6 @@ _JSON_TYPE_NAMES = {
 
 def json_type_name(value: object) -> str:
     return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def invalid(param: str, message: str) -> ApiError:
-    return ApiError(400, message, param, code="invalid_value")
 
 
 def wrong_type(param: str, value: object, expected: str) -> ApiError:
@@ -120,90 +142,9 @@ def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def as_int(value: object) -> int | None:
-    """`value` as an int when it is one (1 or 1.0, not True or 1.5), else None."""
-    if is_int(value):
-        return value
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return None
-
-
-def read_bool(body: dict, key: str, default: bool) -> bool:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, bool):
-        raise wrong_type(key, value, "a boolean")
-    return value
-
-
-def read_int(body: dict, key: str, default, lo: int | None = None, hi: int | None = None):
-    value = body.get(key)
-    if value is None:
-        return default
-    if as_int(value) is None:
-        raise wrong_type(key, value, "an integer")
-    value = as_int(value)
-    if lo is not None and value < lo:
-        raise invalid(key, f"'{key}' must be at least {lo}, got {value}.")
-    if hi is not None and value > hi:
-        raise invalid(key, f"'{key}' must be at most {hi}, got {value}.")
-    return value
-
-
-def read_float(
-    body: dict, key: str, default: float, lo: float, hi: float | None = None, *, lo_open: bool = False
-) -> float:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise wrong_type(key, value, "a number")
-    value = float(value)
-    if value != value or value < lo or (lo_open and value == lo):
-        bound = f"greater than {lo:g}" if lo_open else f"at least {lo:g}"
-        raise invalid(key, f"'{key}' must be {bound}, got {value:g}.")
-    if hi is not None and value > hi:
-        raise invalid(key, f"'{key}' must be at most {hi:g}, got {value:g}.")
-    return value
-
-
-def read_str(body: dict, key: str, default: str | None) -> str | None:
-    value = body.get(key)
-    if value is None:
-        return default
-    if not isinstance(value, str):
-        raise wrong_type(key, value, "a string")
-    return value
-
-
-def read_token_ids(value: object, param: str, vocab_size: int, *, allow_empty: bool) -> tuple[int, ...]:
-    """A JSON array of token ids, each in [0, vocab_size)."""
-    if not isinstance(value, list):
-        raise wrong_type(param, value, "an array of integers")
-    if not value and not allow_empty:
-        raise invalid(param, f"'{param}' must not be empty.")
-    ids = []
-    for token_id in value:
-        if as_int(token_id) is None:
-            raise wrong_type(param, token_id, "an array of integers")
-        token_id = as_int(token_id)
-        if not 0 <= token_id < vocab_size:
-            raise invalid(
-                param, f"Token id {token_id} in '{param}' is out of range [0, {vocab_size})."
-            )
-        ids.append(token_id)
-    return tuple(ids)
-
-
-def reject_unknown(body: dict, known: frozenset[str]) -> None:
-    for key in body:
-        if key not in known:
-            key = key[:64]
-            raise ApiError(
-                400, f"Unrecognized request argument supplied: {key}", key, code="unknown_parameter"
-            )
+def invalid(param: str, message: str) -> ApiError:
+    """The 400 for a value of the right type that breaks a rule (a limit, the vocabulary)."""
+    return ApiError(400, message, param, code="invalid_value")
 
 
 # -- typed request bodies -----------------------------------------------------------------------
@@ -212,32 +153,49 @@ def reject_unknown(body: dict, known: frozenset[str]) -> None:
 
 _AT = re.compile(r" - at `\$(?P<path>[^`]*)`$|^(?P<key>.*) - at `key` in `\$(?P<keypath>[^`]*)`$")
 _LEADING_NAME = re.compile(r"^'(?P<name>[A-Za-z_][A-Za-z0-9_]*)'")
+_STEP = re.compile(r"\.(\w+)|\[(\d+|\.\.\.)\]")
 
 
 def decode_body(body: object, body_type: type[T], *, param_prefix: str = "") -> T:
     """`body` (decoded JSON) as a `body_type` Struct, or `ApiError` 400 with the OpenAI error body.
 
-    `null` in a top-level field means "the default", as the OpenAI spec marks its optional fields
-    nullable. Codes: unknown_parameter, missing_required_parameter, invalid_type, invalid_value.
+    As in the OpenAI spec and JSON Schema: `null` in a top-level field means "the default" (the
+    spec marks its optional fields nullable), and a number with no fractional part is an integer
+    (`"max_tokens": 7.0`, `"prompt": [5.0, 6]`; nested objects such as `chat_template_kwargs`
+    are passed on as sent). Codes: unknown_parameter, missing_required_parameter, invalid_type,
+    invalid_value.
     """
     if isinstance(body, dict):
-        body = {key: value for key, value in body.items() if value is not None}
+        body = {key: _integral(value) for key, value in body.items() if value is not None}
     try:
         # Through JSON bytes, not msgspec.convert: object keys must parse as they do in JSON
         # (logit_bias {"50256": -100} into dict[int, float]).
         return msgspec.json.decode(msgspec.json.encode(body), type=body_type)
     except msgspec.ValidationError as exc:
-        raise validation_error(str(exc), param_prefix) from None
+        raise validation_error(str(exc), param_prefix, body_type) from None
 
 
-def validation_error(message: str, param_prefix: str = "") -> ApiError:
-    """The 400 for one msgspec validation message (see `decode_body`)."""
+def _integral(value: object) -> object:
+    """A top-level number, or an array (of arrays) of numbers, with integral floats as ints."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, list):
+        return [_integral(item) for item in value]
+    return value
+
+
+def validation_error(message: str, param_prefix: str = "", body_type: type | None = None) -> ApiError:
+    """The 400 for one msgspec validation message about a `body_type` (see `decode_body`).
+
+    `param` names the field as OpenAI does: `messages[0].role` keeps the index of an element
+    that is an object, `stop` and `prompt` name the whole array of strings or numbers.
+    """
     detail, param = message, None
     match = _AT.search(message)
     if match and match.group("path") is not None:
-        detail, param = message[: match.start()], _param(match.group("path"))
+        detail, param = message[: match.start()], _param(match.group("path"), body_type)
     elif match:
-        detail, param = match.group("key") + " as a key", _param(match.group("keypath"))
+        detail, param = match.group("key") + " as a key", _param(match.group("keypath"), body_type)
     if detail.startswith("Object contains unknown field `"):
         name = detail.split("`")[1][:64]
         return ApiError(400, f"Unrecognized request argument supplied: {name}",
@@ -257,11 +215,45 @@ def validation_error(message: str, param_prefix: str = "") -> ApiError:
                     code="invalid_type" if is_type else "invalid_value")
 
 
-def _param(path: str) -> str | None:
-    """`.stream_options.include_usage` -> "stream_options.include_usage"; `.logit_bias[...]` and
-    `.stop[1]` -> the field ("logit_bias", "stop"); `` (the body itself) -> None."""
-    path = re.sub(r"(\[\.\.\.\]|\[\d+\])+$", "", path).lstrip(".")
-    return path or None
+def _param(path: str, body_type: type | None) -> str | None:
+    """A msgspec path as a `param`: `.stream_options.include_usage` -> "stream_options.include_usage",
+    `.messages[0].role` -> "messages[0].role"; an index into an array of non-objects and
+    everything after it is dropped (`.stop[1]` -> "stop", `.prompt[0][2]` -> "prompt"), as are
+    dict keys (`.logit_bias[...]` -> "logit_bias"); `` (the body itself) -> None."""
+    info = msgspec.inspect.type_info(body_type) if body_type is not None else None
+    param = ""
+    for name, index in _STEP.findall(path):
+        if name:
+            param += f".{name}" if param else name
+            info = _step(info, name)
+            continue
+        info = _step(info, None)
+        if not any(isinstance(t, msgspec.inspect.StructType) for t in _alternatives(info)):
+            break
+        param += f"[{index}]"
+    return param or None
+
+
+def _alternatives(info: msgspec.inspect.Type | None) -> list[msgspec.inspect.Type]:
+    while isinstance(info, msgspec.inspect.Metadata):
+        info = info.type
+    if isinstance(info, msgspec.inspect.UnionType):
+        return [t for member in info.types for t in _alternatives(member)]
+    return [] if info is None else [info]
+
+
+def _step(info: msgspec.inspect.Type | None, name: str | None) -> msgspec.inspect.Type | None:
+    """The type of field `name` (None: of an element) of `info`, where it has one."""
+    for t in _alternatives(info):
+        if name is not None and isinstance(t, msgspec.inspect.StructType):
+            for f in t.fields:
+                if f.encode_name == name:
+                    return f.type
+        elif name is None and isinstance(t, (msgspec.inspect.ListType, msgspec.inspect.VarTupleType)):
+            return t.item_type
+        elif name is None and isinstance(t, msgspec.inspect.DictType):
+            return t.value_type
+    return None
 
 
 def _join(parent: str | None, name: str, prefix: str) -> str:

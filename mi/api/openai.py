@@ -1,8 +1,10 @@
-"""The OpenAI `/v1/completions` protocol: request checks and response builders.
+"""The OpenAI `/v1/completions` protocol: the request and answer Structs, and the one conversion
+from a request to backend `GenerateRequest`s.
 
-`parse_completion_request` turns a decoded body into a `CompletionRequest`: one backend
-`GenerateRequest` per choice, choice `index` = prompt index * n + i. Field names follow the
-OpenAI spec (shared/openapi/openai-subset.yaml); the common policy is in openai_common.py.
+`parse_completion_request` decodes a body into a `CompletionRequest` (types and bounds, checked
+by msgspec), checks what depends on this server (served names, vocabulary, `Limits`) and builds
+one `GenerateRequest` per choice, choice `index` = prompt index * n + i. Field names follow the
+OpenAI spec (tests/data/openai-subset.yaml); the common policy is in openai_common.py.
 
 Completions specifics:
 - unknown fields are rejected, as OpenAI itself does ("Unrecognized request argument supplied"):
@@ -17,61 +19,167 @@ Completions specifics:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
 
 from mi.api.backend import GenerateRequest
-from mi.api.errors import (
-    ApiError,
-    as_int,
-    invalid,
-    read_bool,
-    read_int,
-    read_str,
-    read_token_ids,
-    reject_unknown,
-    wrong_type,
-)
+from mi.api.errors import ApiError, decode_body, invalid
 from mi.api.openai_common import (
-    SAMPLING_FIELDS,
+    CompletionUsage,
     Limits,
-    check_min_tokens,
+    StreamOptions,
+    check_limits,
     check_model,
-    read_max_tokens,
-    read_sampling,
-    read_stream_options,
+    sampling_base,
     seed_for_choice,
+    to_generate_request,
 )
+from mi.api.sampling import INT32_MAX, SamplingParams, TokenId
 
 __all__ = [
+    "CompletionChoice",
+    "CompletionChunk",
+    "CompletionLogprobs",
+    "CompletionPlan",
     "CompletionRequest",
-    "completion_choice",
-    "completion_chunk",
-    "completion_response",
+    "CompletionResponse",
     "parse_completion_request",
-    "usage_chunk",
 ]
 
-_FIELDS = SAMPLING_FIELDS | {
-    "model", "prompt", "max_tokens", "n", "stream", "stream_options", "user", "best_of", "echo",
-    "logprobs", "suffix", "add_special_tokens",
-}
+Text = Annotated[str, Meta(min_length=1)]
+TokenIds = Annotated[list[TokenId], Meta(min_length=1)]
+Prompt = Text | Annotated[list[Text | TokenId | TokenIds], Meta(min_length=1)]
 
 
 def not_supported(param: str, what: str) -> ApiError:
     return ApiError(400, f"{what} is not supported.", param, code="unsupported_parameter")
 
 
-@dataclass(frozen=True)
-class CompletionRequest:
-    """A checked completion request: one `GenerateRequest` per choice, in choice order."""
+class CompletionRequest(sampling_base("CompletionSampling", keep=frozenset({"logprobs"})),
+                        frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """A `POST /v1/completions` body: the sampling fields plus these."""
 
+    prompt: Annotated[Prompt, Meta(
+        description="A string, an array of strings, an array of token ids or an array of such "
+                    "arrays; each prompt gets `n` choices.",
+    )]
+    model: Annotated[str | None, Meta(description="A served model name; absent: the first one.")] = None
+    max_tokens: Annotated[int, Meta(
+        ge=0, le=INT32_MAX,
+        description="Tokens to generate per choice; default 16 (or the server's --max-tokens if "
+                    "lower). 0 only with `echo`: the answer scores the prompt.",
+    )] | None = None
+    n: Annotated[int, Meta(ge=1, description="Choices per prompt.")] = 1
+    stream: Annotated[bool, Meta(description="Answer with server-sent events as tokens arrive.")] = False
+    stream_options: Annotated[StreamOptions | None, Meta(description="Only with stream.")] = None
+    echo: Annotated[bool, Meta(description="Put the prompt (and its logprobs) before each choice's text.")] = False
+    best_of: Annotated[int, Meta(ge=1, description="Only 1 is supported.", extra_json_schema={"enum": [1]})] | None = None
+    suffix: Annotated[str, Meta(
+        description="Only an empty suffix is supported.", extra_json_schema={"maxLength": 0},
+    )] | None = None
+    user: Annotated[str, Meta(description="Accepted and ignored.")] | None = None
+    add_special_tokens: Annotated[bool, Meta(
+        description="Tokenizing a text prompt adds the model's special tokens (e.g. BOS).",
+    )] = True
+
+    def __post_init__(self) -> None:
+        # ValueError here becomes a 400 naming the quoted field (mi.api.errors.validation_error).
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("'max_tokens' may be 0 only with 'echo' (to score the prompt).")
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("'stream_options' is only allowed when 'stream' is true.")
+
+    def to_generate_requests(
+        self, completion_id: str, *, vocab_size: int, limits: Limits,
+    ) -> tuple[tuple[str | tuple[int, ...], ...], tuple[GenerateRequest, ...]]:
+        """The prompts and one backend request per choice, ids `{completion_id}-{index}` (so an
+        abort can name them); `ApiError` when this server's limits or vocabulary say no."""
+        if self.best_of not in (None, 1):
+            raise not_supported("best_of", "best_of other than 1")
+        if self.suffix:
+            raise not_supported("suffix", "suffix")
+        check_limits(limits, n=self.n, stop=self.stop, logprobs=self.logprobs, logprobs_param="logprobs",
+                     max_tokens=self.max_tokens, max_tokens_param="max_tokens")
+        SamplingParams.check_vocab(self, vocab_size)  # the sampling fields are SamplingParams' own
+        prompts = _prompts(self.prompt, vocab_size)
+        if len(prompts) * self.n > limits.max_choices:
+            raise invalid("prompt", f"At most {limits.max_choices} choices (prompts x n) per request, "
+                                    f"got {len(prompts)} x {self.n}.")
+        max_tokens = self.max_tokens if self.max_tokens is not None else min(16, limits.max_tokens or 16)
+        # NOTE: echo with logprobs (or scoring with max_tokens 0) needs the prompt's logprobs.
+        prompt_logprobs = None
+        if self.echo and self.logprobs is not None:
+            prompt_logprobs = self.logprobs
+        elif max_tokens == 0:
+            prompt_logprobs = 0
+        template = to_generate_request(
+            self, prompt=prompts[0] if isinstance(prompts[0], str) else None,
+            prompt_ids=None if isinstance(prompts[0], str) else prompts[0],
+            add_special_tokens=self.add_special_tokens, max_tokens=max_tokens, logprobs=self.logprobs,
+            prompt_logprobs=prompt_logprobs, stream=self.stream,
+        )
+        reqs = []
+        for prompt_index, prompt in enumerate(prompts):
+            is_text = isinstance(prompt, str)
+            for i in range(self.n):
+                reqs.append(msgspec.structs.replace(
+                    template, request_id=f"{completion_id}-{prompt_index * self.n + i}",
+                    prompt=prompt if is_text else None, prompt_ids=None if is_text else prompt,
+                    seed=seed_for_choice(self.seed, i),
+                ))
+        return tuple(prompts), tuple(reqs)
+
+
+def _prompts(prompt: str | list, vocab_size: int) -> list[str | tuple[int, ...]]:
+    """The prompts of a decoded `prompt`: an array must hold one kind of element."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    if all(isinstance(p, int) for p in prompt):
+        prompts = [tuple(prompt)]
+    elif all(isinstance(p, list) for p in prompt):
+        prompts = [tuple(p) for p in prompt]
+    else:
+        raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an "
+                            "array of token id arrays, not a mix.", "prompt", code="invalid_type")
+    bad = next((token_id for ids in prompts for token_id in ids if token_id >= vocab_size), None)
+    if bad is not None:
+        raise invalid("prompt", f"Token id {bad} in 'prompt' is out of range [0, {vocab_size}).")
+    return prompts
+
+
+@dataclass(frozen=True)
+class CompletionPlan:
+    """A checked completion request: what to answer with and one `GenerateRequest` per choice."""
+
+    request: CompletionRequest
     model: str  # the name to answer with
     prompts: tuple[str | tuple[int, ...], ...]
-    n: int
-    echo: bool
-    logprobs: int | None
-    stream: bool
-    include_usage: bool  # stream_options.include_usage: a last chunk with usage and no choices
-    generate_requests: tuple[GenerateRequest, ...]
+    generate_requests: tuple[GenerateRequest, ...]  # in choice order
+
+    @property
+    def n(self) -> int:
+        return self.request.n
+
+    @property
+    def echo(self) -> bool:
+        return self.request.echo
+
+    @property
+    def logprobs(self) -> int | None:
+        return self.request.logprobs
+
+    @property
+    def stream(self) -> bool:
+        return self.request.stream
+
+    @property
+    def include_usage(self) -> bool:
+        """stream_options.include_usage: a last chunk with usage and no choices."""
+        return self.request.stream_options is not None and self.request.stream_options.include_usage
 
 
 def parse_completion_request(
@@ -81,128 +189,55 @@ def parse_completion_request(
     vocab_size: int,
     completion_id: str,
     limits: Limits = Limits(),
-) -> CompletionRequest:
-    """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first
-    problem. Backend request ids are `{completion_id}-{index}`, so an abort can name them."""
-    if not isinstance(body, dict):
-        raise wrong_type("body", body, "a JSON object")
-    reject_unknown(body, _FIELDS)
-    model = check_model(body, served_names)
-    read_str(body, "user", None)
-
-    n = read_int(body, "n", 1, 1, limits.max_n)
-    best_of = read_int(body, "best_of", None, 1, None)
-    if best_of is not None and best_of != 1:
-        raise not_supported("best_of", "best_of other than 1")
-    if read_str(body, "suffix", ""):
-        raise not_supported("suffix", "suffix")
-    echo = read_bool(body, "echo", False)
-    logprobs = read_int(body, "logprobs", None, 0, limits.max_logprobs)
-    stream = read_bool(body, "stream", False)
-    include_usage = read_stream_options(body, stream)
-    max_tokens = read_max_tokens(body, "max_tokens", min(16, limits.max_tokens or 16), 0, limits)
-    if max_tokens == 0 and not echo:
-        raise invalid("max_tokens", "'max_tokens' may be 0 only with 'echo' (to score the prompt).")
-    sampling = read_sampling(body, vocab_size, limits)
-    check_min_tokens(sampling, max_tokens, "max_tokens")
-    add_special_tokens = read_bool(body, "add_special_tokens", True)
-
-    prompts = _read_prompts(body.get("prompt"), vocab_size)
-    if len(prompts) * n > limits.max_choices:
-        raise invalid("prompt", f"At most {limits.max_choices} choices (prompts x n) per request, "
-                                f"got {len(prompts)} x {n}.")
-    # NOTE: echo with logprobs (or scoring with max_tokens 0) needs the prompt's logprobs.
-    prompt_logprobs = None
-    if echo and logprobs is not None:
-        prompt_logprobs = logprobs
-    elif max_tokens == 0:
-        prompt_logprobs = 0
-    seed = sampling.pop("seed")
-    reqs = []
-    for prompt_index, prompt in enumerate(prompts):
-        for i in range(n):
-            index = prompt_index * n + i
-            reqs.append(GenerateRequest(
-                request_id=f"{completion_id}-{index}",
-                prompt=prompt if isinstance(prompt, str) else None,
-                prompt_ids=None if isinstance(prompt, str) else prompt,
-                add_special_tokens=add_special_tokens,
-                max_tokens=max_tokens,
-                seed=seed_for_choice(seed, i),
-                logprobs=logprobs,
-                prompt_logprobs=prompt_logprobs,
-                stream=stream,
-                **sampling,
-            ))
-    return CompletionRequest(model, tuple(prompts), n, echo, logprobs, stream, include_usage, tuple(reqs))
-
-
-def _read_prompts(value: object, vocab_size: int) -> list[str | tuple[int, ...]]:
-    """A string, an array of strings, an array of token ids, or an array of such arrays."""
-    if value is None:
-        raise ApiError(400, "'prompt' is required.", "prompt", code="missing_required_parameter")
-    expected = "a string, an array of strings, an array of integers or an array of integer arrays"
-    if isinstance(value, str):
-        prompts = [value]
-    elif not isinstance(value, list):
-        raise wrong_type("prompt", value, expected)
-    elif not value:
-        raise invalid("prompt", "'prompt' must not be an empty array.")
-    elif all(as_int(v) is not None for v in value):
-        prompts = [read_token_ids(value, "prompt", vocab_size, allow_empty=False)]
-    elif all(isinstance(v, str) for v in value):
-        prompts = list(value)
-    elif all(isinstance(v, list) for v in value):
-        prompts = [read_token_ids(v, "prompt", vocab_size, allow_empty=False) for v in value]
-    else:
-        raise wrong_type("prompt", value, expected)
-    if any(p == "" for p in prompts):
-        raise invalid("prompt", "'prompt' must not be empty.")
-    return prompts
+) -> CompletionPlan:
+    """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first problem."""
+    req = decode_body(body, CompletionRequest)
+    model = check_model(req.model, served_names)
+    prompts, reqs = req.to_generate_requests(completion_id, vocab_size=vocab_size, limits=limits)
+    return CompletionPlan(req, model, prompts, reqs)
 
 
 # -- answers ------------------------------------------------------------------------------------
 
 
-def completion_choice(index: int, text: str, finish_reason: str | None, logprobs: dict | None = None) -> dict:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+class CompletionLogprobs(msgspec.Struct, frozen=True):
+    """Per token of the choice's text (the echoed prompt first): its text, logprob, the top
+    alternatives plus itself by text, and its offset in the text. The first prompt token has no
+    logprob (null)."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
 
 
-def completion_response(completion_id: str, created: int, model: str, choices: list[dict], usage: dict) -> dict:
-    """The non-streaming body; `choices` built with `completion_choice`, in index order."""
-    return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": choices,
-        "usage": usage,
-    }
+class CompletionChoice(msgspec.Struct, frozen=True):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: Annotated[Literal["stop", "length"] | None, Meta(
+        description="Null in every streamed chunk but the last of its choice.",
+    )]
 
 
-def completion_chunk(
-    completion_id: str, created: int, model: str, choice: dict, *, include_usage: bool = False
-) -> dict:
-    """One streamed event: a text delta of one choice (same shape as the full answer)."""
-    chunk = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "choices": [choice],
-    }
-    if include_usage:
-        chunk["usage"] = None
-    return chunk
+class CompletionResponse(msgspec.Struct, frozen=True, kw_only=True):
+    """The answer without `stream`: every choice, in index order."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage
 
 
-def usage_chunk(completion_id: str, created: int, model: str, usage: dict, object_: str = "text_completion") -> dict:
-    """The last event when `stream_options.include_usage` is set: no choices, total usage."""
-    return {
-        "id": completion_id,
-        "object": object_,
-        "created": created,
-        "model": model,
-        "choices": [],
-        "usage": usage,
-    }
+class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
+    """One streamed event: a text delta of one choice; with `stream_options.include_usage`
+    every chunk has `usage: null` and a last chunk has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: CompletionUsage | None | UnsetType = UNSET

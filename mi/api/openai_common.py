@@ -1,49 +1,85 @@
-"""What `/v1/completions` and `/v1/chat/completions` share: limits, the model check, the
-sampling fields, `stream_options`, usage and the model list.
+"""What `/v1/completions` and `/v1/chat/completions` share: the sampling fields of a request,
+`stream_options`, the server's limits, the model check, usage and the model list.
+
+The sampling fields are `SamplingParams`' own declarations (bounds and descriptions included):
+`sampling_base` copies them into a base Struct that each endpoint's request extends, leaving out
+the ones whose OpenAI meaning differs, which that request declares itself (`max_tokens`;
+chat's `logprobs`; `prompt_logprobs`, which OpenAI has not). `to_generate_request` is the one way
+back: the copied fields plus what the endpoint resolved make a backend `GenerateRequest`.
 
 Policy on fields (each failure a 400 with the OpenAI error body naming the field):
-- `null` means the default for every optional field;
+- `null` means the default for every optional top-level field;
 - numbers are strict JSON types (a bool is not an int, "7" is not a number);
 - extensions follow vLLM's names: `top_k`, `min_p`, `repetition_penalty`, `min_tokens`,
-  `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output`.
+  `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, `include_stop_str_in_output`;
+- `Limits` (flags of mi-frontend) are checked after decoding, as they differ per server.
 """
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
-from mi.api.backend import INT64_MAX, INT64_MIN, MAX_LOGPROBS, read_logit_bias, read_stop
-from mi.api.errors import (
-    ApiError,
-    invalid,
-    read_bool,
-    read_float,
-    read_int,
-    read_str,
-    read_token_ids,
-    reject_unknown,
-    wrong_type,
-)
+import msgspec
+from msgspec import Meta
+
+from mi.api.backend import GenerateRequest
+from mi.api.errors import ApiError, invalid, validation_error
+from mi.api.sampling import INT64_MIN, MAX_LOGPROBS, SamplingParams
 
 __all__ = [
-    "SAMPLING_FIELDS",
+    "CompletionUsage",
     "Limits",
+    "ModelCard",
+    "ModelList",
+    "PromptTokensDetails",
+    "StreamOptions",
+    "check_limits",
     "check_model",
     "model_list",
     "new_id",
-    "read_sampling",
-    "read_stream_options",
+    "sampling_base",
     "seed_for_choice",
-    "usage_json",
+    "to_generate_request",
+    "usage_info",
 ]
 
-# Fields `read_sampling` reads, shared by both endpoints.
-SAMPLING_FIELDS = frozenset({
-    "temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
-    "repetition_penalty", "logit_bias", "seed", "stop", "stop_token_ids", "ignore_eos",
-    "min_tokens", "skip_special_tokens", "include_stop_str_in_output",
-})
+# Declared by each endpoint, because OpenAI's meaning differs from the backend's.
+_OWN_FIELDS = frozenset({"max_tokens", "logprobs", "prompt_logprobs"})
+
+
+def sampling_base(name: str, *, keep: frozenset[str] = frozenset()) -> type[msgspec.Struct]:
+    """A frozen Struct with `SamplingParams`' fields, except `max_tokens`, `logprobs` and
+    `prompt_logprobs` (unless named in `keep`): the base of an OpenAI request."""
+    fields = []
+    for f in msgspec.structs.fields(SamplingParams):
+        if f.name in _OWN_FIELDS - keep:
+            continue
+        default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
+        fields.append((f.name, f.type, default))
+    return msgspec.defstruct(name, fields, frozen=True, forbid_unknown_fields=True, module=__name__)
+
+
+def to_generate_request(req: msgspec.Struct, **resolved) -> GenerateRequest:
+    """A backend request from the sampling fields of `req` (an OpenAI request) and what the
+    endpoint `resolved` (max_tokens, logprobs, prompt, ...); a rule between fields that only now
+    holds (min_tokens > max_tokens) is a 400."""
+    fields = {name: getattr(req, name) for name in SamplingParams.__struct_fields__ if name not in _OWN_FIELDS}
+    try:
+        return GenerateRequest(**(fields | resolved))
+    except ValueError as exc:  # SamplingParams.__post_init__
+        raise validation_error(str(exc)) from None
+
+
+class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Options of a streamed answer (only with `stream: true`)."""
+
+    include_usage: Annotated[bool, Meta(
+        description="Send one more chunk before [DONE], with no choices and the usage of the "
+                    "whole request; every other chunk then has `usage: null`.",
+    )] = False
+    include_obfuscation: Annotated[bool, Meta(description="Accepted and ignored.")] = False
 
 
 @dataclass(frozen=True)
@@ -65,74 +101,36 @@ class Limits:
             raise ValueError(f"max_tokens must be >= 1, got {self.max_tokens}")
 
 
+def check_limits(
+    limits: Limits, *, n: int, stop: str | tuple[str, ...], logprobs: int | None, logprobs_param: str,
+    max_tokens: int | None, max_tokens_param: str,
+) -> None:
+    """The limits of this server on a decoded request (400 naming the field)."""
+    if n > limits.max_n:
+        raise invalid("n", f"'n' must be at most {limits.max_n} on this server, got {n}.")
+    num_stop = 1 if isinstance(stop, str) else len(stop)
+    if num_stop > limits.max_stop:
+        raise invalid("stop", f"'stop' may hold at most {limits.max_stop} strings on this server, got {num_stop}.")
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise invalid(logprobs_param, f"'{logprobs_param}' must be at most {limits.max_logprobs} on this "
+                                      f"server, got {logprobs}.")
+    if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
+        raise invalid(max_tokens_param, f"'{max_tokens_param}' must be at most {limits.max_tokens} on this "
+                                        f"server, got {max_tokens}.")
+
+
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def check_model(body: dict, served_names: tuple[str, ...]) -> str:
-    """The name to answer with: the request's `model` when it is served (404 otherwise), else the
-    first served name. `model` is optional (the seed's examples have none)."""
-    model = read_str(body, "model", None)
+def check_model(model: str | None, served_names: tuple[str, ...]) -> str:
+    """The name to answer with: `model` when it is served (404 otherwise), else the first served
+    name. `model` is optional (the seed's examples have none)."""
     if model is None:
         return served_names[0]
     if model not in served_names:
         raise ApiError(404, f"The model '{model[:100]}' does not exist.", "model", code="model_not_found")
     return model
-
-
-def read_stream_options(body: dict, stream: bool) -> bool:
-    """`stream_options.include_usage`; `stream_options` without `stream: true` is a 400."""
-    value = body.get("stream_options")
-    if value is None:
-        return False
-    if not isinstance(value, dict):
-        raise wrong_type("stream_options", value, "an object")
-    if not stream:
-        raise invalid("stream_options", "'stream_options' is only allowed when 'stream' is true.")
-    reject_unknown(value, frozenset({"include_usage", "include_obfuscation"}))
-    read_bool(value, "include_obfuscation", False)
-    return read_bool(value, "include_usage", False)
-
-
-def read_sampling(body: dict, vocab_size: int, limits: Limits) -> dict:
-    """The sampling fields as `GenerateRequest` keyword arguments. `top_p` 0 (allowed by the
-    OpenAI spec) keeps the most likely token only, as `top_k` 1 does."""
-    top_k = read_int(body, "top_k", 0, -1, 2**31 - 1)
-    top_p = read_float(body, "top_p", 1.0, 0.0, 1.0)
-    if top_p == 0.0:
-        top_p, top_k = 1.0, 1
-    return dict(
-        temperature=read_float(body, "temperature", 1.0, 0.0, 2.0),
-        top_p=top_p,
-        top_k=0 if top_k == -1 else top_k,
-        min_p=read_float(body, "min_p", 0.0, 0.0, 1.0),
-        presence_penalty=read_float(body, "presence_penalty", 0.0, -2.0, 2.0),
-        frequency_penalty=read_float(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=read_float(body, "repetition_penalty", 1.0, 0.0, lo_open=True),
-        logit_bias=dict(read_logit_bias(body.get("logit_bias"), "logit_bias", vocab_size)),
-        seed=read_int(body, "seed", None, INT64_MIN, INT64_MAX),
-        stop=read_stop(body.get("stop"), "stop", limits.max_stop),
-        stop_token_ids=read_token_ids(
-            [] if body.get("stop_token_ids") is None else body["stop_token_ids"],
-            "stop_token_ids", vocab_size, allow_empty=True,
-        ),
-        ignore_eos=read_bool(body, "ignore_eos", False),
-        min_tokens=read_int(body, "min_tokens", 0, 0, 2**31 - 1),
-        skip_special_tokens=read_bool(body, "skip_special_tokens", True),
-        include_stop_str_in_output=read_bool(body, "include_stop_str_in_output", False),
-    )
-
-
-def read_max_tokens(body: dict, key: str, default: int | None, lo: int, limits: Limits) -> int | None:
-    value = read_int(body, key, default, lo, 2**31 - 1)
-    if value is not None and limits.max_tokens is not None and value > limits.max_tokens:
-        raise invalid(key, f"'{key}' must be at most {limits.max_tokens} on this server, got {value}.")
-    return value
-
-
-def check_min_tokens(sampling: dict, max_tokens: int | None, key: str) -> None:
-    if max_tokens is not None and sampling["min_tokens"] > max_tokens:
-        raise invalid("min_tokens", f"'min_tokens' must not exceed '{key}' ({max_tokens}).")
 
 
 def seed_for_choice(seed: int | None, index: int) -> int | None:
@@ -143,18 +141,42 @@ def seed_for_choice(seed: int | None, index: int) -> int | None:
     return (seed + index - INT64_MIN) % 2**64 + INT64_MIN
 
 
-def usage_json(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": cached_tokens},
-    }
+# -- answers ------------------------------------------------------------------------------------
 
 
-def model_list(served_names: tuple[str, ...], created: int, max_model_len: int) -> dict:
-    return {"object": "list", "data": [model_card(name, created, max_model_len) for name in served_names]}
+class PromptTokensDetails(msgspec.Struct, frozen=True):
+    cached_tokens: Annotated[int, Meta(description="Prompt tokens whose KV came from the prefix cache.")]
 
 
-def model_card(name: str, created: int, max_model_len: int) -> dict:
-    return {"id": name, "object": "model", "created": created, "owned_by": "mi", "max_model_len": max_model_len}
+class CompletionUsage(msgspec.Struct, frozen=True):
+    """Tokens of a whole request: each prompt once, every choice's generated tokens."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+
+def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> CompletionUsage:
+    return CompletionUsage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
+                           PromptTokensDetails(cached_tokens))
+
+
+class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
+    """One served model name (an alias of the backend's model, or its own name)."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: Annotated[int, Meta(description="When this frontend started (Unix seconds).")]
+    owned_by: Literal["mi"] = "mi"
+    max_model_len: Annotated[int, Meta(description="Prompt plus generated tokens, at most.")]
+
+
+class ModelList(msgspec.Struct, frozen=True, kw_only=True):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def model_list(served_names: tuple[str, ...], created: int, max_model_len: int) -> ModelList:
+    return ModelList(data=[ModelCard(id=name, created=created, max_model_len=max_model_len)
+                           for name in served_names])

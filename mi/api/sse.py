@@ -1,20 +1,21 @@
 """Server-sent events as OpenAI streams them: `data: {json}\\n\\n` events, then `data: [DONE]\\n\\n`.
 
-Every event is one `data:` line (orjson never emits a raw newline), so a client can split the
-stream on blank lines.
+Every event is one `data:` line (JSON never holds a raw newline: msgspec escapes it), so a
+client can split the stream on blank lines.
 """
 
 from __future__ import annotations
 
-import orjson
+import msgspec
 
-__all__ = ["DONE", "encode_event", "decode_events"]
+__all__ = ["DONE", "decode_events", "encode_event"]
 
 DONE = b"data: [DONE]\n\n"
 
 
 def encode_event(obj: object) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    """One event of `obj`: an answer Struct (mi/api/openai.py, chat.py) or plain data."""
+    return b"data: " + msgspec.json.encode(obj) + b"\n\n"
 
 
 def decode_events(raw: bytes) -> list[bytes]:

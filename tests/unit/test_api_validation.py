@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import msgspec
 import orjson
 import pytest
 
@@ -19,17 +20,23 @@ from mi.api.backend import (
     parse_stream_line,
     socket_path,
 )
+from mi.api.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatDelta,
+    parse_chat_request,
+)
 from mi.api.errors import ApiError, error_body
-from mi.api.chat import chat_choice, chat_chunk, parse_chat_request
 from mi.api.logprobs import chat_logprobs, completion_logprobs
 from mi.api.openai import (
-    completion_choice,
-    completion_chunk,
-    completion_response,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionResponse,
     parse_completion_request,
-    usage_chunk,
 )
-from mi.api.openai_common import Limits, model_list, seed_for_choice, usage_json
+from mi.api.openai_common import Limits, model_list, seed_for_choice, usage_info
 from mi.api.openapi import openapi_document
 from mi.api.sse import DONE, decode_events, encode_event
 
@@ -47,6 +54,11 @@ def parse_chat(body, **kw):
 
 
 USER = [{"role": "user", "content": "hi"}]
+
+
+def wire(answer) -> dict:
+    """An answer Struct as the client receives it."""
+    return orjson.loads(msgspec.json.encode(answer))
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -449,7 +461,7 @@ def test_completion_nulls_mean_defaults():
         ({"prompt": "a", "min_tokens": 17}, 400, "min_tokens", "invalid_value"),
         ({"prompt": "a", "stop_token_ids": [VOCAB]}, 400, "stop_token_ids", "invalid_value"),
         ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
-        ({"prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400, "x", "unknown_parameter"),
+        ({"prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400, "stream_options.x", "unknown_parameter"),
         ({"prompt": "a", "stream": True, "stream_options": 1}, 400, "stream_options", "invalid_type"),
         ({"prompt": "a", "stream": "true"}, 400, "stream", "invalid_type"),
         ({"prompt": "a", "user": 1}, 400, "user", "invalid_type"),
@@ -485,8 +497,8 @@ def test_completion_limits_are_flags():
 
 
 def test_completion_response_shape():
-    choices = [completion_choice(0, "x", "stop"), completion_choice(1, "yz", "length")]
-    body = completion_response("cmpl-1", 10, "tiny", choices, usage_json(5, 3, 2))
+    choices = [CompletionChoice(0, "x", None, "stop"), CompletionChoice(1, "yz", None, "length")]
+    body = wire(CompletionResponse(id="cmpl-1", created=10, model="tiny", choices=choices, usage=usage_info(5, 3, 2)))
     assert body == {
         "id": "cmpl-1", "object": "text_completion", "created": 10, "model": "tiny",
         "choices": [
@@ -499,13 +511,14 @@ def test_completion_response_shape():
 
 
 def test_chunks_and_model_list():
-    chunk = completion_chunk("cmpl-1", 10, "tiny", completion_choice(2, "ab", None))
+    chunk = wire(CompletionChunk(id="cmpl-1", created=10, model="tiny", choices=[CompletionChoice(2, "ab", None, None)]))
     assert chunk["object"] == "text_completion" and "usage" not in chunk
     assert chunk["choices"] == [{"index": 2, "text": "ab", "logprobs": None, "finish_reason": None}]
-    assert completion_chunk("c", 1, "m", completion_choice(0, "", "stop"), include_usage=True)["usage"] is None
-    usage = usage_chunk("c", 1, "m", usage_json(4, 6, 0))
+    with_usage = CompletionChunk(id="c", created=1, model="m", choices=[CompletionChoice(0, "", None, "stop")], usage=None)
+    assert wire(with_usage)["usage"] is None
+    usage = wire(CompletionChunk(id="c", created=1, model="m", choices=[], usage=usage_info(4, 6, 0)))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 10
-    assert model_list(("tiny", "alias"), 7, 64) == {"object": "list", "data": [
+    assert wire(model_list(("tiny", "alias"), 7, 64)) == {"object": "list", "data": [
         {"id": "tiny", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
         {"id": "alias", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
     ]}
@@ -558,7 +571,7 @@ def test_chat_max_completion_tokens_wins_and_ignored_fields_pass():
         ({"messages": "hi"}, 400, "messages", "invalid_type"),
         ({"messages": ["hi"]}, 400, "messages[0]", "invalid_type"),
         ({"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role", "invalid_value"),
-        ({"messages": [{"content": "x"}]}, 400, "messages[0].role", "invalid_type"),
+        ({"messages": [{"content": "x"}]}, 400, "messages[0].role", "missing_required_parameter"),
         ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter"),
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type"),
         ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
@@ -594,11 +607,15 @@ def test_chat_rejects(body, status, param, code):
 
 
 def test_chat_chunks():
-    role = chat_chunk("c", 1, "m", 0, {"role": "assistant", "content": ""}, None)
-    assert role["object"] == "chat.completion.chunk" and role["choices"][0]["delta"]["role"] == "assistant"
-    assert chat_chunk("c", 1, "m", 0, {}, "stop", include_usage=True)["usage"] is None
-    choice = chat_choice(1, "hey", "length")
-    assert choice["message"]["content"] == "hey" and choice["finish_reason"] == "length"
+    role = wire(ChatCompletionChunk(id="c", created=1, model="m",
+                                    choices=[ChatChunkChoice(0, ChatDelta("assistant", ""), None, None)]))
+    assert role["object"] == "chat.completion.chunk" and role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    last = wire(ChatCompletionChunk(id="c", created=1, model="m", choices=[ChatChunkChoice(0, ChatDelta(), None, "stop")],
+                                    usage=None))
+    assert last["usage"] is None and last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    choice = wire(ChatChoice(1, AssistantMessage(content="hey"), None, "length"))
+    assert choice == {"index": 1, "message": {"role": "assistant", "content": "hey", "refusal": None, "tool_calls": []},
+                      "logprobs": None, "finish_reason": "length"}
 
 
 # -- logprobs -----------------------------------------------------------------------------------
@@ -654,6 +671,24 @@ def test_openapi_document_refs_resolve():
     raw = orjson.dumps(doc).decode()
     for ref in set(__import__("re").findall(r'"#/components/schemas/(\w+)"', raw)):
         assert ref in doc["components"]["schemas"], ref
+
+
+def test_openapi_document_is_the_parsers_own():
+    from mi.api.chat import ChatCompletionRequest
+    from mi.api.info import DetokenizeRequest, TokenizeRequest
+    from mi.api.openai import CompletionRequest
+
+    schemas = openapi_document("9.9")["components"]["schemas"]
+    for struct in (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest):
+        assert set(schemas[struct.__name__]["properties"]) == set(struct.__struct_fields__), struct
+        assert schemas[struct.__name__]["additionalProperties"] is False
+    assert {"continue_final_message", "chat_template_kwargs"} <= set(schemas["TokenizeRequest"]["properties"])
+    assert "skip_special_tokens" in schemas["DetokenizeRequest"]["properties"]
+    temperature = schemas["CompletionRequest"]["properties"]["temperature"]  # SamplingParams' bound
+    assert {"type": "number", "minimum": 0.0, "maximum": 2.0} in temperature["anyOf"]
+    assert {"type": "null"} in temperature["anyOf"]  # null means the default
+    chunk = schemas["CompletionChunk"]
+    assert "usage" in chunk["properties"] and "usage" not in chunk["required"]
 
 
 # -- SSE ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`POST /v1/completions` and `POST /v1/chat/completions`: one backend generate per choice.
 
 Both endpoints run the same machinery; a `_Format` (completions or chat) turns backend results
-and stream pieces into the endpoint's JSON.
+and stream pieces into the endpoint's answer Structs (mi/api/openai.py, chat.py).
 
 Invariants:
 - every backend call the frontend gives up on (client gone, sibling choice failed, shutdown) is
@@ -23,25 +23,36 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
-from mi.sdk.transport import Backend
 from mi.actors.frontend.state import STATE, FrontendState, json_response, read_json
 from mi.actors.frontend.tokenizer import FrontendTokenizer
 from mi.api.backend import GenerateRequest, GenerateResult, StreamDelta, StreamStart
-from mi.api.chat import ChatRequest, chat_choice, chat_chunk, chat_response, parse_chat_request
+from mi.api.chat import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    ChatDelta,
+    ChatLogprobs,
+    ChatPlan,
+    parse_chat_request,
+)
 from mi.api.errors import ApiError
 from mi.api.logprobs import chat_logprobs, completion_logprobs
 from mi.api.openai import (
-    CompletionRequest,
-    completion_choice,
-    completion_chunk,
-    completion_response,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionLogprobs,
+    CompletionPlan,
+    CompletionResponse,
     parse_completion_request,
-    usage_chunk,
 )
-from mi.api.openai_common import new_id, usage_json
+from mi.api.openai_common import CompletionUsage, new_id, usage_info
 from mi.api.sse import DONE, encode_event
+from mi.sdk.transport import Backend
 
 __all__ = ["chat_completions", "completions"]
 
@@ -57,7 +68,7 @@ class _Piece:
     text: str = ""
     positions: list = field(default_factory=list)
 
-    def __add__(self, other: "_Piece") -> "_Piece":
+    def __add__(self, other: _Piece) -> _Piece:
         return _Piece(self.text + other.text, self.positions + other.positions)
 
 
@@ -69,13 +80,13 @@ def _positions(ids, entries: list | None) -> list:
 
 
 class _CompletionFormat:
-    def __init__(self, creq: CompletionRequest, cid: str, tok: FrontendTokenizer | None) -> None:
+    def __init__(self, creq: CompletionPlan, cid: str, tok: FrontendTokenizer | None) -> None:
         self.creq, self.cid, self.tok = creq, cid, tok
         self.n, self.include_usage = creq.n, creq.include_usage
         self.created = int(time.time())
         self._offsets: dict[int, int] = {}
 
-    def opening_chunks(self) -> list[dict]:
+    def opening_chunks(self) -> list[CompletionChunk]:
         return []
 
     def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> _Piece | None:
@@ -91,40 +102,47 @@ class _CompletionFormat:
     def piece(self, ids, logprobs: list | None, text: str) -> _Piece:
         return _Piece(text, _positions(ids, logprobs) if self.creq.logprobs is not None else [])
 
-    def _logprobs(self, index: int, piece: _Piece) -> dict | None:
+    def _logprobs(self, index: int, piece: _Piece) -> CompletionLogprobs | None:
         if self.creq.logprobs is None:
             return None
         obj, self._offsets[index] = completion_logprobs(piece.positions, self.tok, self._offsets.get(index, 0))
-        return obj
+        return msgspec.convert(obj, CompletionLogprobs)
 
-    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> dict:
-        choice = completion_choice(index, piece.text, finish_reason, self._logprobs(index, piece))
-        return completion_chunk(self.cid, self.created, self.creq.model, choice, include_usage=self.include_usage)
+    def _chunk(self, choices: list[CompletionChoice], usage=None) -> CompletionChunk:
+        return CompletionChunk(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
+                               usage=usage if self.include_usage else msgspec.UNSET)
 
-    def choice(self, index: int, result: GenerateResult) -> dict:
+    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> CompletionChunk:
+        return self._chunk([CompletionChoice(index, piece.text, self._logprobs(index, piece), finish_reason)])
+
+    def choice(self, index: int, result: GenerateResult) -> CompletionChoice:
         piece = self.prompt_piece(index, result.prompt_ids, result.prompt_logprobs) or _Piece()
         piece += self.piece(result.ids, result.logprobs, result.text)
-        return completion_choice(index, piece.text, result.finish_reason, self._logprobs(index, piece))
+        return CompletionChoice(index, piece.text, self._logprobs(index, piece), result.finish_reason)
 
-    def response(self, choices: list[dict], usage: dict) -> dict:
-        return completion_response(self.cid, self.created, self.creq.model, choices, usage)
+    def response(self, choices: list[CompletionChoice], usage: CompletionUsage) -> CompletionResponse:
+        return CompletionResponse(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
+                                  usage=usage)
 
-    def usage_chunk(self, usage: dict) -> dict:
-        return usage_chunk(self.cid, self.created, self.creq.model, usage)
+    def usage_chunk(self, usage: CompletionUsage) -> CompletionChunk:
+        return self._chunk([], usage)
 
 
 class _ChatFormat:
-    def __init__(self, creq: ChatRequest, cid: str, tok: FrontendTokenizer) -> None:
+    def __init__(self, creq: ChatPlan, cid: str, tok: FrontendTokenizer) -> None:
         self.creq, self.cid, self.tok = creq, cid, tok
         self.n, self.include_usage = creq.n, creq.include_usage
         self.created = int(time.time())
 
-    def _chunk(self, index: int, delta: dict, finish_reason: str | None, logprobs: dict | None) -> dict:
-        return chat_chunk(self.cid, self.created, self.creq.model, index, delta, finish_reason, logprobs,
-                          include_usage=self.include_usage)
+    def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
+        return ChatCompletionChunk(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
+                                   usage=usage if self.include_usage else msgspec.UNSET)
 
-    def opening_chunks(self) -> list[dict]:
-        return [self._chunk(i, {"role": "assistant", "content": ""}, None, None) for i in range(self.n)]
+    def _logprobs(self, positions: list) -> ChatLogprobs | None:
+        return msgspec.convert(chat_logprobs(positions, self.tok), ChatLogprobs) if self.creq.logprobs else None
+
+    def opening_chunks(self) -> list[ChatCompletionChunk]:
+        return [self._chunk([ChatChunkChoice(i, ChatDelta("assistant", ""), None, None)]) for i in range(self.n)]
 
     def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> None:
         return None
@@ -132,21 +150,20 @@ class _ChatFormat:
     def piece(self, ids, logprobs: list | None, text: str) -> _Piece:
         return _Piece(text, _positions(ids, logprobs) if self.creq.logprobs else [])
 
-    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> dict:
-        logprobs = chat_logprobs(piece.positions, self.tok) if self.creq.logprobs else None
-        return self._chunk(index, {"content": piece.text} if piece.text else {}, finish_reason, logprobs)
+    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> ChatCompletionChunk:
+        delta = ChatDelta(content=piece.text) if piece.text else ChatDelta()
+        return self._chunk([ChatChunkChoice(index, delta, self._logprobs(piece.positions), finish_reason)])
 
-    def choice(self, index: int, result: GenerateResult) -> dict:
-        logprobs = None
-        if self.creq.logprobs:
-            logprobs = chat_logprobs(_positions(result.ids, result.logprobs), self.tok)
-        return chat_choice(index, result.text, result.finish_reason, logprobs)
+    def choice(self, index: int, result: GenerateResult) -> ChatChoice:
+        logprobs = self._logprobs(_positions(result.ids, result.logprobs))
+        return ChatChoice(index, AssistantMessage(content=result.text), logprobs, result.finish_reason)
 
-    def response(self, choices: list[dict], usage: dict) -> dict:
-        return chat_response(self.cid, self.created, self.creq.model, choices, usage)
+    def response(self, choices: list[ChatChoice], usage: CompletionUsage) -> ChatCompletionResponse:
+        return ChatCompletionResponse(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
+                                      usage=usage)
 
-    def usage_chunk(self, usage: dict) -> dict:
-        return usage_chunk(self.cid, self.created, self.creq.model, usage, "chat.completion.chunk")
+    def usage_chunk(self, usage: CompletionUsage) -> ChatCompletionChunk:
+        return self._chunk([], usage)
 
 
 _Format = _CompletionFormat | _ChatFormat
@@ -163,8 +180,8 @@ class _Usage:
             self.cached_tokens += usage.cached_tokens
         self.completion_tokens += usage.completion_tokens
 
-    def json(self) -> dict:
-        return usage_json(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
+    def info(self) -> CompletionUsage:
+        return usage_info(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 # -- handlers -----------------------------------------------------------------------------------
@@ -225,7 +242,7 @@ async def _generate(
         usage.add(index, result.usage)
     choices = [fmt.choice(index, result) for index, result in enumerate(results)]
     state.metrics.observe_finished(usage.prompt_tokens, usage.completion_tokens, time.monotonic() - start)
-    return json_response(fmt.response(choices, usage.json()))
+    return json_response(fmt.response(choices, usage.info()))
 
 
 def _check_not_aborted(finish_reason: str | None) -> None:
@@ -350,7 +367,7 @@ async def _stream(
                     usage.add(index, item.usage)
         tail = DONE
         if fmt.include_usage:
-            tail = encode_event(fmt.usage_chunk(usage.json())) + DONE
+            tail = encode_event(fmt.usage_chunk(usage.info())) + DONE
         await response.write(tail)
         await response.write_eof()
         metrics.observe_finished(usage.prompt_tokens, usage.completion_tokens, time.monotonic() - start)

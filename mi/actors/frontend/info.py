@@ -7,9 +7,17 @@ from aiohttp import web
 
 from mi.actors.frontend.metrics import CONTENT_TYPE
 from mi.actors.frontend.state import STATE, json_response, read_json
-from mi.api.chat import read_messages
-from mi.api.errors import ApiError, read_bool, read_token_ids, reject_unknown, wrong_type
-from mi.api.openai_common import check_model, model_card, model_list
+from mi.api.chat import template_messages
+from mi.api.errors import ApiError, decode_body, invalid
+from mi.api.info import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    HealthResponse,
+    TokenizeRequest,
+    TokenizeResponse,
+    VersionResponse,
+)
+from mi.api.openai_common import ModelCard, check_model, model_list
 from mi.api.openapi import openapi_document
 
 __all__ = ["ROUTES"]
@@ -19,9 +27,9 @@ async def health(request: web.Request) -> web.Response:
     """200 when the backend's /health is 200, else 503 with the backend's status word."""
     status, body = await request.app[STATE].backend.health()
     if status == 200:
-        return json_response({"status": "ok"})
+        return json_response(HealthResponse("ok"))
     word = body.get("status") if isinstance(body, dict) else None
-    return json_response({"status": word if isinstance(word, str) else "unavailable"}, 503,
+    return json_response(HealthResponse(word if isinstance(word, str) else "unavailable"), 503,
                          {"Retry-After": "1"})
 
 
@@ -34,15 +42,14 @@ async def models(request: web.Request) -> web.Response:
 async def model(request: web.Request) -> web.Response:
     state = request.app[STATE]
     info = await state.backend.model_info()
-    name = request.match_info["model"]
-    check_model({"model": name}, await state.served_names())
-    return json_response(model_card(name, state.created, info.max_model_len))
+    name = check_model(request.match_info["model"], await state.served_names())
+    return json_response(ModelCard(id=name, created=state.created, max_model_len=info.max_model_len))
 
 
 async def version(request: web.Request) -> web.Response:
     from mi import __version__
 
-    return json_response({"version": __version__})
+    return json_response(VersionResponse(__version__))
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -61,55 +68,37 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def tokenize(request: web.Request) -> web.Response:
-    """`{"prompt": str}` or `{"messages": [...]}` -> `{"count", "max_model_len", "tokens", "token_strs"}`."""
+    """A prompt, or chat messages rendered with the template, as token ids."""
     state = request.app[STATE]
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise wrong_type("body", body, "a JSON object")
-    reject_unknown(body, frozenset({"model", "prompt", "messages", "add_special_tokens",
-                                    "add_generation_prompt", "continue_final_message",
-                                    "chat_template_kwargs", "return_token_strs"}))
+    req = decode_body(await read_json(request), TokenizeRequest)
     info = await state.backend.model_info()
-    check_model(body, await state.served_names())
-    return_strs = read_bool(body, "return_token_strs", False)
-    has_prompt, has_messages = body.get("prompt") is not None, body.get("messages") is not None
-    if has_prompt == has_messages:
+    check_model(req.model, await state.served_names())
+    if (req.prompt is None) == (req.messages is None):
         raise ApiError(400, "Exactly one of 'prompt' and 'messages' must be given.", "prompt")
     tok = await state.tokenizers.get()
-    if has_prompt:
-        if not isinstance(body["prompt"], str):
-            raise wrong_type("prompt", body["prompt"], "a string")
-        ids = tok.encode(body["prompt"], read_bool(body, "add_special_tokens", True))
+    if req.prompt is not None:
+        ids = tok.encode(req.prompt, req.add_special_tokens)
     else:
-        kwargs = body.get("chat_template_kwargs")
-        if kwargs is not None and not isinstance(kwargs, dict):
-            raise wrong_type("chat_template_kwargs", kwargs, "an object")
-        continue_final = read_bool(body, "continue_final_message", False)
-        ids = tok.render_chat(read_messages(body["messages"]),
-                              read_bool(body, "add_generation_prompt", not continue_final),
-                              continue_final, kwargs)
-    return json_response({
-        "count": len(ids),
-        "max_model_len": info.max_model_len,
-        "tokens": ids,
-        "token_strs": [tok.token_str(i) for i in ids] if return_strs else None,
-    })
+        add_generation_prompt = req.add_generation_prompt
+        if add_generation_prompt is None:
+            add_generation_prompt = not req.continue_final_message
+        ids = tok.render_chat(template_messages(req.messages), add_generation_prompt,
+                              req.continue_final_message, req.chat_template_kwargs)
+    token_strs = [tok.token_str(i) for i in ids] if req.return_token_strs else None
+    return json_response(TokenizeResponse(len(ids), info.max_model_len, ids, token_strs))
 
 
 async def detokenize(request: web.Request) -> web.Response:
-    """`{"tokens": [int]}` -> `{"prompt": str}`."""
+    """Token ids as text."""
     state = request.app[STATE]
-    body = await read_json(request)
-    if not isinstance(body, dict):
-        raise wrong_type("body", body, "a JSON object")
-    reject_unknown(body, frozenset({"model", "tokens", "skip_special_tokens"}))
+    req = decode_body(await read_json(request), DetokenizeRequest)
     info = await state.backend.model_info()
-    check_model(body, await state.served_names())
-    if body.get("tokens") is None:
-        raise ApiError(400, "'tokens' is required.", "tokens", code="missing_required_parameter")
-    ids = read_token_ids(body["tokens"], "tokens", info.vocab_size, allow_empty=True)
+    check_model(req.model, await state.served_names())
+    bad = next((token_id for token_id in req.tokens if token_id >= info.vocab_size), None)
+    if bad is not None:
+        raise invalid("tokens", f"Token id {bad} in 'tokens' is out of range [0, {info.vocab_size}).")
     tok = await state.tokenizers.get()
-    return json_response({"prompt": tok.decode(ids, read_bool(body, "skip_special_tokens", False))})
+    return json_response(DetokenizeResponse(tok.decode(req.tokens, req.skip_special_tokens)))
 
 
 async def tokenizer_info(request: web.Request) -> web.Response:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+import msgspec
 import orjson
 from aiohttp import web
 
@@ -69,8 +70,9 @@ STATE: web.AppKey[FrontendState] = web.AppKey("state", FrontendState)
 
 
 def json_response(obj: object, status: int = 200, headers: dict | None = None) -> web.Response:
+    """`obj` (an answer Struct of mi/api, or plain data) as a JSON response."""
     return web.Response(
-        body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
+        body=msgspec.json.encode(obj), status=status, headers=headers, content_type="application/json"
     )
 
 
