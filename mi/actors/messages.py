@@ -157,5 +157,6 @@ class SchedulerStats(_Part, tag=12):
 
 
 Message = (AddRequest | AbortRequest | Shutdown | WorkerReady | SchedulerReady | TokenOutputs
-           | RequestRejected | ActorFailed | StepPlan | StepResult | PromptLogprobs | SchedulerStats)
+           | RequestRejected | ActorFailed | StepPlan | StepResult | PromptLogprobs
+           | SchedulerStats)
 CODEC = Codec(Message)

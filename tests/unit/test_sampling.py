@@ -459,11 +459,13 @@ def test_slot_sampling_takes_new_slots_as_the_ring_delivers_them():
     p = state.params
     assert p["temperature"][[2, 0]].tolist() == [0.5, 1.0]
     assert p["top_k"][[2, 0]].tolist() == [0, 1] and p["seed"][[2, 0]].tolist() == [7, -3]
-    assert p["logprobs"][[2, 0]].tolist() == [2, -1] and p["prompt_logprobs"][[2, 0]].tolist() == [-1, -1]
+    assert p["logprobs"][[2, 0]].tolist() == [2, -1]
+    assert p["prompt_logprobs"][[2, 0]].tolist() == [-1, -1]
     assert state.is_penalized.tolist() == [True, False, False, False]
     assert sorted(zip(*(a.tolist() for a in state.bias))) == [(2, 1, 2.5), (2, 4, -100.0)]
     assert sorted(zip(*(a.tolist() for a in state.bans))) == [(0, 0, -np.inf), (0, 5, -np.inf)]
-    assert state.output_counts.sum() == 0 and state.prompt_mask[0].nonzero().flatten().tolist() == [6]
+    assert state.output_counts.sum() == 0
+    assert state.prompt_mask[0].nonzero().flatten().tolist() == [6]
     # Row 0 has generated 1 < min_tokens 2 tokens at position 4: its bans apply with the bias.
     st = state.tensors(np.array([0, 2]), np.array([4, 3]))
     assert st.top_k.tolist() == [1, 0] and st.num_top_logprobs == 2

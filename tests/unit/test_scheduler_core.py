@@ -354,7 +354,8 @@ BAD_SAMPLING_FIELDS = (
     dict(max_tokens=0), dict(temperature=-1.0), dict(min_tokens=9), dict(min_p=1.5),
     dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
     dict(temperature=float("nan")), dict(logit_bias={5: 101.0}), dict(logit_bias={-1: 1.0}),
-    dict(logprobs=21), dict(prompt_logprobs=-1), dict(max_tokens=0, prompt_logprobs=0, min_tokens=1),
+    dict(logprobs=21), dict(prompt_logprobs=-1),
+    dict(max_tokens=0, prompt_logprobs=0, min_tokens=1),
     dict(top_k=-2), dict(top_p=1.5), dict(seed=2**63), dict(max_tokens="8"), dict(unknown=1),
 )
 

@@ -140,7 +140,8 @@ def test_decoded_views_keep_the_buffer_alive():
                                            np.arange(5, dtype=np.int64))))
     gc.collect()
     np.zeros(200_000, np.int32)  # reuse freed memory, if any were freed
-    assert out.token_ids.tolist() == list(range(100_000)) and out.anything.tolist() == [0, 1, 2, 3, 4]
+    assert out.token_ids.tolist() == list(range(100_000))
+    assert out.anything.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_empty_message_and_members_only():
@@ -303,7 +304,8 @@ def _ring_messages():
     return [
         m.AddRequest(req_id=9, prompt_ids=i32(1, 2, 3), params=params),
         m.StepPlan(step_id=3, new_slots=[slot, slot], freed_slots=i32(0), slots=i32(1, 2),
-                   num_new_tokens=i32(3, 1), num_computed_tokens=i32(0, 7), input_ids=i32(1, 2, 3, 4),
+                   num_new_tokens=i32(3, 1), num_computed_tokens=i32(0, 7),
+                   input_ids=i32(1, 2, 3, 4),
                    do_sample=np.ones(2, np.uint8), block_appends=i32(1, 5).reshape(1, 2),
                    prompt_logprobs_rows=np.zeros(2, np.uint8), prompt_targets=i32()),
         m.TokenOutputs(req_ids=np.arange(2, dtype=np.int64), token_ids=i32(5, -1),
@@ -318,7 +320,8 @@ def _ring_messages():
 @pytest.mark.parametrize("which", ["test types", "ring messages"])
 def test_random_corruption_only_raises_codec_error(which):
     if which == "test types":
-        samples, codec, members = _sample_messages(), CODEC, (Scalars, Nested, Arrays, Empty, Checked)
+        samples, codec = _sample_messages(), CODEC
+        members = (Scalars, Nested, Arrays, Empty, Checked)
     else:
         samples, codec, members = _ring_messages()
     seed = random.randrange(2**32)
