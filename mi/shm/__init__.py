@@ -1,13 +1,13 @@
-"""Shared-memory transport between actors: broadcast rings, typed message codec, channels.
+"""Shared-memory transport between actors: broadcast rings, the message codec, channels.
 
 Imports nothing else from `mi` and no torch, so every actor (and tests) can use it cheaply.
 """
 
 from mi.shm.channel import Receiver, Sender
-from mi.shm.codec import CodecError, decode, encode, encode_bytes, message, registered_types
+from mi.shm.codec import Codec, CodecError
 from mi.shm.ring import Ring, RingCorrupt, RingError, RingReader, RingTimeout, RingWriter
 
 __all__ = [
-    "CodecError", "Receiver", "Ring", "RingCorrupt", "RingError", "RingReader", "RingTimeout",
-    "RingWriter", "Sender", "decode", "encode", "encode_bytes", "message", "registered_types",
+    "Codec", "CodecError", "Receiver", "Ring", "RingCorrupt", "RingError", "RingReader",
+    "RingTimeout", "RingWriter", "Sender",
 ]

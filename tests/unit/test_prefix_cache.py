@@ -6,12 +6,13 @@ depends on every earlier token, so a block reused for the wrong prefix fails its
 import hashlib
 
 import pytest
-from test_scheduler_core import (FakeWorker, expected_tokens, make_core, params, prompt, run_all,
-                                 step)
+from test_scheduler_core import (FakeWorker, expected_tokens, make_core, params, prompt,
+                                 ring_params, run_all, step)
 
 from mi.actors.scheduler import prefix_cache
 from mi.actors.scheduler.block_manager import InvariantError
-from mi.actors.scheduler.core import RequestOutput, SamplingParams
+from mi.actors.scheduler.core import RequestOutput
+from mi.shm import CodecError
 
 
 def table_of(core, worker, req_id: int) -> list[int]:
@@ -190,10 +191,10 @@ def test_prompt_logprobs_requests_skip_the_lookup_and_get_every_target():
 
 
 def test_max_tokens_zero_scores_the_prompt_without_sampling():
-    with pytest.raises(ValueError, match="max_tokens"):
-        SamplingParams(max_tokens=0)
-    with pytest.raises(ValueError, match="min_tokens"):
-        SamplingParams(max_tokens=0, prompt_logprobs=0, min_tokens=1)
+    with pytest.raises(CodecError, match="max_tokens"):
+        ring_params(dict(max_tokens=0))
+    with pytest.raises(CodecError, match="min_tokens"):
+        ring_params(dict(max_tokens=0, prompt_logprobs=0, min_tokens=1))
     core = make_core(block_size=4, max_num_batched_tokens=4, max_model_len=6)
     worker = FakeWorker(core)
     core.add_request(0, prompt(6), params(max_tokens=0, prompt_logprobs=0))  # = max_model_len

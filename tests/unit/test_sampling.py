@@ -1,5 +1,6 @@
 """Sampler tests: each parameter has a test that fails without it, plus determinism, greedy
-isolation, raw logprobs and low-precision inputs. CPU, a few seconds."""
+isolation, raw logprobs and low-precision inputs, and the worker's per-slot sampling state that
+feeds the sampler. CPU, a few seconds."""
 import numpy as np
 import pytest
 import torch
@@ -7,6 +8,9 @@ from transformers import RepetitionPenaltyLogitsProcessor
 
 import mi.ops.logprobs as logprobs_module
 import mi.ops.sampling as sampling_module
+from mi.actors import messages as m
+from mi.actors.worker.slot_sampling import SlotSampling
+from mi.api.sampling import SamplingParams
 from mi.ops.logprobs import prompt_logprobs
 from mi.ops.penalties import apply_penalties
 from mi.ops.sampling import SamplingTensors, sample, uniform_noise
@@ -428,3 +432,43 @@ def test_invalid_sampling_tensors_raise():
     with pytest.raises(ValueError, match="output_counts"):
         apply_penalties(torch.zeros(3, 5), make_st(
             3, frequency_penalty=0.5, output_counts=torch.zeros(3, 4, dtype=torch.int32)))
+
+
+def test_slot_sampling_takes_new_slots_as_the_ring_delivers_them():
+    """The worker's per-slot state reads each NewSlot's attributes (decoded from the ring, so its
+    arrays are read-only, unaligned views): parameters, logit bias, min_tokens bans, logprobs
+    (None -> -1) and the prefix-cache hits of a penalized request."""
+    def new_slot(slot, params, bans=(), cached=()):
+        return m.NewSlot(slot=slot, num_prompt_tokens=3, params=params,
+                         ban_token_ids=np.array(bans, np.int32),
+                         cached_token_ids=np.array(cached, np.int32))
+
+    plan = m.CODEC.decode(m.CODEC.encode(m.StepPlan(
+        step_id=1, new_slots=[
+            new_slot(2, SamplingParams(temperature=0.5, top_k=-1, seed=7, logprobs=2,
+                                       logit_bias={4: -100.0, 1: 2.5})),
+            new_slot(0, SamplingParams(top_p=0.0, seed=-3, min_tokens=2,
+                                       presence_penalty=1.0), bans=(0, 5), cached=(6, 6)),
+        ], **{name: np.zeros(0, np.uint8 if name in ("do_sample", "prompt_logprobs_rows")
+                             else np.int32) for name in (
+            "freed_slots", "slots", "num_new_tokens", "num_computed_tokens", "input_ids",
+            "do_sample", "prompt_logprobs_rows", "prompt_targets")},
+        block_appends=np.zeros((0, 2), np.int32))))
+    state = SlotSampling(max_num_seqs=4, vocab_size=8, device=torch.device("cpu"))
+    state.admit(plan.new_slots)
+    p = state.params
+    assert p["temperature"][[2, 0]].tolist() == [0.5, 1.0]
+    assert p["top_k"][[2, 0]].tolist() == [0, 1] and p["seed"][[2, 0]].tolist() == [7, -3]
+    assert p["logprobs"][[2, 0]].tolist() == [2, -1]
+    assert p["prompt_logprobs"][[2, 0]].tolist() == [-1, -1]
+    assert state.is_penalized.tolist() == [True, False, False, False]
+    assert sorted(zip(*(a.tolist() for a in state.bias))) == [(2, 1, 2.5), (2, 4, -100.0)]
+    assert sorted(zip(*(a.tolist() for a in state.bans))) == [(0, 0, -np.inf), (0, 5, -np.inf)]
+    assert state.output_counts.sum() == 0
+    assert state.prompt_mask[0].nonzero().flatten().tolist() == [6]
+    # Row 0 has generated 1 < min_tokens 2 tokens at position 4: its bans apply with the bias.
+    st = state.tensors(np.array([0, 2]), np.array([4, 3]))
+    assert st.top_k.tolist() == [1, 0] and st.num_top_logprobs == 2
+    rows, tokens, values = (t.tolist() for t in st.logit_bias)
+    assert sorted(zip(rows, tokens, values)) == [(0, 0, -np.inf), (0, 5, -np.inf), (1, 1, 2.5),
+                                                 (1, 4, -100.0)]

@@ -9,11 +9,14 @@ reads in the cache, so feeding wrong tokens or serving KV from a wrong block cha
 import os
 import random
 
+import msgspec
 import numpy as np
 import pytest
 
+from mi.actors import messages as m
 from mi.actors.scheduler.block_manager import InvariantError
 from mi.actors.scheduler.core import RequestOutput, SamplingParams, SchedulerCore, StepPlan
+from mi.shm import CodecError
 
 EOS = 0
 INITIAL_STATE = 7
@@ -337,23 +340,45 @@ def test_duplicate_id_is_rejected_and_boundaries_accepted():
         core.add_request(0, prompt(3), params())
 
 
-def test_invalid_sampling_params():
-    for bad in (dict(max_tokens=0), dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1),
-                dict(min_tokens=9), dict(min_p=1.5), dict(repetition_penalty=0.0),
-                dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
-                dict(temperature=float("nan")), dict(logit_bias=((5, 101.0),)),
-                dict(logit_bias=((5, 1.0), (5, 2.0))), dict(logit_bias=((-1, 1.0),)),
-                dict(logit_bias={5: 1.0}), dict(logprobs=21), dict(prompt_logprobs=-1),
-                dict(max_tokens=0, prompt_logprobs=0, min_tokens=1)):
-        with pytest.raises(ValueError):
-            SamplingParams(**{"max_tokens": 8, **bad})
+def ring_params(fields: dict) -> SamplingParams:
+    """``fields`` as the scheduler receives them: decoded from an AddRequest on the ring."""
+    tag, req_id, prompt_ids, _ = msgspec.msgpack.decode(m.CODEC.encode(m.AddRequest(
+        req_id=1, prompt_ids=np.arange(3, dtype=np.int32), params=SamplingParams())))
+    return m.CODEC.decode(msgspec.msgpack.encode([tag, req_id, prompt_ids, fields])).params
+
+
+# The bounds are SamplingParams' (mi/api/sampling.py), checked wherever it is decoded: by the
+# HTTP layer and on the ring. logit_bias is a {token_id: bias} dict, so the pair forms of the
+# old core (duplicate ids, a dict where pairs were expected) have no wire form any more.
+BAD_SAMPLING_FIELDS = (
+    dict(max_tokens=0), dict(temperature=-1.0), dict(min_tokens=9), dict(min_p=1.5),
+    dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
+    dict(temperature=float("nan")), dict(logit_bias={5: 101.0}), dict(logit_bias={-1: 1.0}),
+    dict(logprobs=21), dict(prompt_logprobs=-1),
+    dict(max_tokens=0, prompt_logprobs=0, min_tokens=1),
+    dict(top_k=-2), dict(top_p=1.5), dict(seed=2**63), dict(max_tokens="8"), dict(unknown=1),
+)
+
+
+@pytest.mark.parametrize("bad", BAD_SAMPLING_FIELDS, ids=str)
+def test_invalid_sampling_params(bad):
+    fields = {"max_tokens": 8, **bad}
+    with pytest.raises(msgspec.ValidationError):
+        msgspec.convert(fields, SamplingParams)
+    with pytest.raises(CodecError):
+        ring_params(fields)
 
 
 def test_valid_sampling_params_at_their_bounds():
-    SamplingParams(max_tokens=0, prompt_logprobs=0)
-    SamplingParams(max_tokens=1, temperature=0.0, top_p=1.0, min_p=1.0, repetition_penalty=0.01,
-                   presence_penalty=-2.0, frequency_penalty=2.0, logprobs=20, prompt_logprobs=20,
-                   logit_bias=((0, -100.0), (7, 100)))
+    fields = dict(max_tokens=1, temperature=0.0, top_p=1.0, min_p=1.0, repetition_penalty=0.01,
+                  presence_penalty=-2.0, frequency_penalty=2.0, logprobs=20, prompt_logprobs=20,
+                  logit_bias={0: -100.0, 7: 100}, seed=-(2**63))
+    for decode in (lambda f: msgspec.convert(f, SamplingParams), ring_params):
+        assert decode(fields) == SamplingParams(**fields)
+        assert decode(dict(max_tokens=0, prompt_logprobs=0)).max_tokens == 0
+        # OpenAI's top_p 0 and vLLM's top_k -1 are valid, and arrive canonical.
+        assert (decode(dict(top_p=0.0)).top_k, decode(dict(top_p=0.0)).top_p) == (1, 1.0)
+        assert decode(dict(top_k=-1)).top_k == 0
 
 
 def scripted(req_params: SamplingParams, script: list[int], **core_overrides):

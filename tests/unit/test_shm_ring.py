@@ -4,7 +4,6 @@ corruption, a cross-process echo, asyncio reads, idle CPU and the channel glue."
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import mmap
 import os
@@ -16,10 +15,11 @@ import threading
 import time
 from pathlib import Path
 
+import msgspec
 import numpy as np
 import pytest
 
-from mi.shm import (CodecError, Receiver, Ring, RingCorrupt, RingTimeout, Sender, message)
+from mi.shm import Codec, CodecError, Receiver, Ring, RingCorrupt, RingTimeout, Sender
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -294,18 +294,19 @@ def test_read_async_uses_the_event_loop(ring):
     assert asyncio.run(main()) == [b"one", b"two", b"three", b"four"]
 
 
-@message(220)
-@dataclasses.dataclass(frozen=True)
-class Tokens:
+class Tokens(msgspec.Struct, frozen=True, array_like=True, tag=220):
     req_id: int
     token_ids: np.ndarray
     text: str | None
 
 
+TOKENS = Codec(Tokens)
+
+
 def test_channel_send_recv():
     with Ring.create(4096, 2) as ring:
-        sender = Sender(ring.writer())
-        recv0, recv1 = Receiver(ring.reader(0)), Receiver(ring.reader(1))
+        sender = Sender(ring.writer(), TOKENS)
+        recv0, recv1 = Receiver(ring.reader(0), TOKENS), Receiver(ring.reader(1), TOKENS)
         assert recv0.try_recv() is None
         big = np.arange(5000, dtype=np.int64)  # 40 KB: split into frames
         out1 = []

@@ -21,11 +21,12 @@ import numpy as np
 
 from mi.actors import messages as m
 from mi.actors.lifecycle import die_with_parent, ignore_interrupts
-from mi.actors.scheduler.core import SamplingParams, SchedulerCore, StepPlan
+from mi.actors.scheduler.core import NewSlot, SchedulerCore, StepPlan
 from mi.shm import Receiver, Ring, Sender
 
 _FINISH_CODES = {None: m.NOT_FINISHED, "stop": m.FINISHED_STOP, "length": m.FINISHED_LENGTH}
 STATS_INTERVAL = 0.2
+_NO_TOKENS = np.zeros(0, dtype=np.int32)
 
 
 @dataclass(frozen=True)
@@ -45,25 +46,14 @@ class SchedulerSpec:
     ready_timeout: float
 
 
-def sampling_params(msg: m.AddRequest) -> SamplingParams:
-    return SamplingParams(
-        max_tokens=msg.max_tokens, min_tokens=msg.min_tokens, temperature=msg.temperature,
-        top_p=msg.top_p, top_k=msg.top_k, min_p=msg.min_p,
-        repetition_penalty=msg.repetition_penalty, presence_penalty=msg.presence_penalty,
-        frequency_penalty=msg.frequency_penalty,
-        logit_bias=tuple((int(t), float(b)) for t, b in msg.logit_bias), seed=msg.seed,
-        stop_token_ids=tuple(msg.stop_token_ids.tolist()), ignore_eos=msg.ignore_eos,
-        logprobs=None if msg.logprobs < 0 else msg.logprobs,
-        prompt_logprobs=None if msg.prompt_logprobs < 0 else msg.prompt_logprobs)
-
-
 class SchedulerActor:
     def __init__(self, spec: SchedulerSpec):
         self.spec = spec
-        self.requests = Receiver(Ring.attach(spec.request_ring).reader(0))
-        self.outputs = Sender(Ring.attach(spec.output_ring).writer())
-        self.plans = Sender(Ring.attach(spec.plan_ring).writer())
-        self.results = Receiver(Ring.attach(spec.result_ring).reader(0))
+        self.requests = Receiver(Ring.attach(spec.request_ring).reader(0), m.CODEC)
+        self.outputs = Sender(Ring.attach(spec.output_ring).writer(), m.CODEC)
+        self.plans = Sender(Ring.attach(spec.plan_ring).writer(), m.CODEC)
+        self.results = Receiver(Ring.attach(spec.result_ring).reader(0), m.CODEC)
+        self._eos_token_ids = tuple(spec.eos_token_ids)
         self.core: SchedulerCore | None = None
         self.step_id = 0
         self._stats_sent_at = 0.0
@@ -85,14 +75,14 @@ class SchedulerActor:
         self._send_stats()
 
     def _send_stats(self) -> None:
-        self.outputs.send(m.SchedulerStats(stats=self.core.stats()))
+        self.outputs.send(m.SchedulerStats(stats=m.SchedulerCounters(**self.core.stats())))
         self._stats_sent_at = time.monotonic()
 
     def _handle(self, msg) -> bool:
         """Applies one supervisor message; False on Shutdown."""
         if isinstance(msg, m.AddRequest):
             try:
-                self.core.add_request(msg.req_id, msg.prompt_ids, sampling_params(msg))
+                self.core.add_request(msg.req_id, msg.prompt_ids, msg.params)
             except ValueError as exc:
                 self.outputs.send(m.RequestRejected(req_id=msg.req_id, reason=str(exc)))
         elif isinstance(msg, m.AbortRequest):
@@ -117,25 +107,19 @@ class SchedulerActor:
             msg = self.requests.try_recv()
         return True
 
+    def _new_slot(self, new: NewSlot) -> m.NewSlot:
+        p = new.params
+        bans = () if p.min_tokens == 0 else (
+            p.stop_token_ids + (() if p.ignore_eos else self._eos_token_ids))
+        return m.NewSlot(
+            slot=new.slot, num_prompt_tokens=new.num_prompt_tokens, params=p,
+            ban_token_ids=np.array(bans, dtype=np.int32),
+            cached_token_ids=new.cached_token_ids if p.is_penalized else _NO_TOKENS)
+
     def _plan_message(self, plan: StepPlan) -> m.StepPlan:
-        new_slots = []
-        for new in plan.new_reqs:
-            p = new.params
-            bans = () if p.min_tokens == 0 else (
-                p.stop_token_ids + (() if p.ignore_eos else tuple(self.spec.eos_token_ids)))
-            new_slots.append(dict(
-                slot=new.slot, num_prompt_tokens=new.num_prompt_tokens,
-                temperature=p.temperature, top_p=p.top_p, top_k=p.top_k, min_p=p.min_p,
-                seed=p.seed, repetition_penalty=p.repetition_penalty,
-                presence_penalty=p.presence_penalty, frequency_penalty=p.frequency_penalty,
-                logit_bias=[list(pair) for pair in p.logit_bias], min_tokens=p.min_tokens,
-                ban_token_ids=list(bans), logprobs=-1 if p.logprobs is None else p.logprobs,
-                prompt_logprobs=-1 if p.prompt_logprobs is None else p.prompt_logprobs,
-                # Prefix-cache hits never reach the worker as inputs; its penalty counts need them.
-                cached_token_ids=new.cached_token_ids.tolist() if _is_penalized(p) else []))
         return m.StepPlan(
-            step_id=self.step_id, new_slots=new_slots, freed_slots=plan.freed_slots,
-            slots=plan.slots, num_new_tokens=plan.num_new_tokens,
+            step_id=self.step_id, new_slots=[self._new_slot(new) for new in plan.new_reqs],
+            freed_slots=plan.freed_slots, slots=plan.slots, num_new_tokens=plan.num_new_tokens,
             num_computed_tokens=plan.num_computed_tokens, input_ids=plan.input_ids,
             do_sample=plan.do_sample.astype(np.uint8), block_appends=plan.block_appends,
             prompt_logprobs_rows=plan.prompt_logprobs_rows.astype(np.uint8),
@@ -178,10 +162,6 @@ class SchedulerActor:
                 self._step()
         finally:
             self.plans.send(m.Shutdown(reason="scheduler stopping"))
-
-
-def _is_penalized(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1 or p.presence_penalty != 0 or p.frequency_penalty != 0
 
 
 def _token_outputs(req_ids, token_ids, codes, cached, logprobs=None, top_ids=None,

@@ -53,13 +53,13 @@ class Replica:
         self.cfg = cfg
         self.rings = {name: Ring.create(size, num_readers=cfg.tp if name == "plan" else 1)
                       for name, size in _RING_BYTES.items()}
-        self.to_scheduler = Sender(self.rings["request"].writer())
-        self.from_scheduler = Receiver(self.rings["output"].reader(0))
+        self.to_scheduler = Sender(self.rings["request"].writer(), m.CODEC)
+        self.from_scheduler = Receiver(self.rings["output"].reader(0), m.CODEC)
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.num_kv_blocks = 0
         self.num_live = 0  # requests routed here and not finished: the routing load
         self.num_routed = 0
-        self.stats: dict = {}
+        self.stats: m.SchedulerCounters | None = None  # the latest SchedulerStats
         self.collectives = (ShmCollectives.create(cfg.tp, _collective_slot_bytes(cfg, model))
                             if cfg.device_type == "cpu" and cfg.tp > 1 and cfg.shm_collectives
                             else None)

@@ -19,6 +19,7 @@ import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 
+import msgspec
 import numpy as np
 
 from mi.actors import messages as m
@@ -40,7 +41,7 @@ class LiveRequest:
     replica: Replica
     prompt_ids: list[int]
     text: TextStream
-    num_logprobs: int  # -1: not asked
+    num_logprobs: int  # -1: not asked (server.py reads this convention; the rings carry None)
     num_prompt_logprobs: int
     ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
@@ -149,25 +150,16 @@ class Supervisor:
         if needed > self.num_kv_blocks:
             raise ApiError(400, f"The request needs {needed} KV-cache blocks but the backend has "
                            f"{self.num_kv_blocks}; shorten the prompt or max_tokens.", "max_tokens")
-        if req.max_tokens == 0 and req.prompt_logprobs is None:
-            raise ApiError(400, "max_tokens 0 only scores the prompt: it needs prompt_logprobs.",
-                           "max_tokens")
         text = TextStream(self.tokenizer, prompt_ids, req.stop, req.skip_special_tokens,
                           req.include_stop_str_in_output)
         live = LiveRequest(req.request_id, next(self._req_ids), replica, prompt_ids, text,
                            -1 if req.logprobs is None else req.logprobs,
                            -1 if req.prompt_logprobs is None else req.prompt_logprobs)
+        params = req.sampling_params()
+        if params.seed is None:
+            params = msgspec.structs.replace(params, seed=secrets.randbits(63))
         replica.to_scheduler.send(m.AddRequest(
-            req_id=live.req_id, prompt_ids=np.asarray(prompt_ids, dtype=np.int32),
-            max_tokens=req.max_tokens, min_tokens=req.min_tokens, temperature=req.temperature,
-            top_p=req.top_p, top_k=max(0, req.top_k), min_p=req.min_p,
-            repetition_penalty=req.repetition_penalty, presence_penalty=req.presence_penalty,
-            frequency_penalty=req.frequency_penalty,
-            logit_bias=[[int(t), float(b)] for t, b in dict(req.logit_bias).items()],
-            seed=req.seed if req.seed is not None else secrets.randbits(63),
-            stop_token_ids=np.asarray(req.stop_token_ids, dtype=np.int32),
-            ignore_eos=req.ignore_eos, logprobs=live.num_logprobs,
-            prompt_logprobs=live.num_prompt_logprobs))
+            req_id=live.req_id, prompt_ids=np.asarray(prompt_ids, dtype=np.int32), params=params))
         replica.num_live += 1
         replica.num_routed += 1
         self.num_prompt_tokens += len(prompt_ids)
@@ -267,9 +259,11 @@ class Supervisor:
 
     def stats(self) -> dict:
         """GET /v1/stats: scheduler counters summed over replicas, plus the supervisor's own."""
+        counters = [{} if r.stats is None else msgspec.structs.asdict(r.stats)
+                    for r in self.replicas]
         summed = Counter()
-        for replica in self.replicas:
-            summed.update({k: v for k, v in replica.stats.items() if isinstance(v, (int, float))})
+        for counts in counters:
+            summed.update(counts)
         return {
             "num_requests_running": summed["num_requests_running"],
             "num_requests_waiting": summed["num_requests_waiting"],
@@ -282,7 +276,8 @@ class Supervisor:
             "generation_tokens_total": self.num_generated_tokens,
             "requests_finished_total": {r: self.finished[r] for r in ("stop", "length", "abort")},
             "replicas": [{"index": r.index, "num_requests_live": r.num_live,
-                          "requests_routed_total": r.num_routed, **r.stats} for r in self.replicas],
+                          "requests_routed_total": r.num_routed, **counts}
+                         for r, counts in zip(self.replicas, counters)],
         }
 
     # -- shutdown ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from mi.actors.lifecycle import die_with_parent, ignore_interrupts
-from mi.actors.messages import ActorFailed, Shutdown, StepPlan, WorkerReady
+from mi.actors.messages import CODEC, ActorFailed, Shutdown, StepPlan, WorkerReady
 from mi.actors.worker.model_runner import ModelRunner, RunnerConfig
 from mi.models.parallel import TensorParallel
 from mi.shm import Receiver, Ring, Sender
@@ -60,8 +60,8 @@ def run(spec: WorkerSpec) -> None:
     if spec.cpu_ids:
         os.sched_setaffinity(0, spec.cpu_ids)
     torch.set_num_threads(spec.num_threads)
-    plans = Receiver(Ring.attach(spec.plan_ring).reader(spec.rank))
-    results = Sender(Ring.attach(spec.result_ring).writer()) if spec.rank == 0 else None
+    plans = Receiver(Ring.attach(spec.plan_ring).reader(spec.rank), CODEC)
+    results = Sender(Ring.attach(spec.result_ring).writer(), CODEC) if spec.rank == 0 else None
     try:
         if spec.runner.device.startswith("cuda"):
             torch.cuda.set_device(torch.device(spec.runner.device))

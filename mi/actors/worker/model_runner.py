@@ -75,7 +75,7 @@ class ModelRunner:
 
     def apply_diffs(self, plan: StepPlan) -> None:
         if plan.new_slots:
-            self.num_slot_blocks[[row["slot"] for row in plan.new_slots]] = 0
+            self.num_slot_blocks[[new.slot for new in plan.new_slots]] = 0
             self.sampling.admit(plan.new_slots)
         appends = plan.block_appends
         if len(appends):

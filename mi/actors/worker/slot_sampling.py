@@ -1,7 +1,9 @@
 """A worker's per-slot sampling state, and the batch tensors the sampler takes each step.
 
-The scheduler sends a request's parameters once (StepPlan.new_slots); they live here in arrays
-indexed by slot, so a step gathers them with one fancy-index per field.
+The scheduler sends a request's parameters once (StepPlan.new_slots, a `SamplingParams` each);
+they live here in arrays indexed by slot, so a step gathers them with one fancy-index per field.
+In these arrays `logprobs` and `prompt_logprobs` are -1 where the message says None (not asked),
+so a batch's largest request is one `max()`.
 
 Penalties need to know which tokens a request has seen. The counts are derived from the tokens
 the worker computes: a token at position p < num_prompt_tokens is a prompt token, any later one
@@ -16,60 +18,74 @@ from the prefix cache are never inputs, so the scheduler names them once on admi
     sparse, one row per (slot, token) pair:
         logit bias    (slot, token, bias)         min_tokens bans (slot, token) of EOS / stop ids
 """
+from operator import attrgetter
+
 import numpy as np
 import torch
 
+from mi.actors.messages import NewSlot
 from mi.ops.sampling import SamplingTensors
 
-_FIELDS = {  # new_slots key -> (dtype, default)
-    "temperature": (np.float32, 1.0), "top_p": (np.float32, 1.0), "top_k": (np.int64, 0),
-    "min_p": (np.float32, 0.0), "seed": (np.int64, 0), "repetition_penalty": (np.float32, 1.0),
-    "presence_penalty": (np.float32, 0.0), "frequency_penalty": (np.float32, 0.0),
-    "logprobs": (np.int64, -1), "prompt_logprobs": (np.int64, -1),
-    "num_prompt_tokens": (np.int64, 0), "min_tokens": (np.int64, 0),
+_PARAMS = {  # SamplingParams field -> dtype of its per-slot array
+    "temperature": np.float32, "top_p": np.float32, "top_k": np.int64, "min_p": np.float32,
+    "seed": np.int64, "repetition_penalty": np.float32, "presence_penalty": np.float32,
+    "frequency_penalty": np.float32, "min_tokens": np.int64,
 }
+_NUM_LOGPROBS = ("logprobs", "prompt_logprobs")  # int | None -> int64, -1 for None
+_EMPTY_TABLE = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    # torch.from_numpy takes unaligned memory without a word (the ring's arrays are unaligned
+    # views), and its kernels may assume alignment: copy those, as well as non-contiguous ones.
+    flags = array.flags
+    if not (flags.c_contiguous and flags.aligned):
+        array = array.copy(order="C")
+    return torch.from_numpy(array).to(device)
 
 
-def _pairs(rows: list, key: str, slots: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Flattens each row's list of [token, value] (or bare token) into (slot, token, value)."""
-    counts = np.array([len(row.get(key, ())) for row in rows], dtype=np.int64)
-    flat = [item for row in rows for item in row.get(key, ())]
-    if not flat:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty, np.zeros(0, dtype=np.float32)
-    items = np.asarray(flat, dtype=np.float64).reshape(len(flat), -1)
-    values = items[:, 1].astype(np.float32) if items.shape[1] > 1 else np.full(len(flat), -np.inf, np.float32)
-    return np.repeat(slots, counts), items[:, 0].astype(np.int64), values
+def _table(slots: np.ndarray, token_ids: list[np.ndarray], values: list[np.ndarray]):
+    """(slot, token, value) rows from each slot's tokens and values."""
+    if not token_ids:
+        return _EMPTY_TABLE
+    counts = np.array([len(ids) for ids in token_ids], dtype=np.int64)
+    return (np.repeat(slots, counts), np.concatenate(token_ids).astype(np.int64),
+            np.concatenate(values).astype(np.float32))
 
 
 class SlotSampling:
     def __init__(self, max_num_seqs: int, vocab_size: int, device: torch.device):
         self.vocab_size = vocab_size
         self.device = device
-        self.params = {name: np.full(max_num_seqs, default, dtype=dtype)
-                       for name, (dtype, default) in _FIELDS.items()}
+        self.params = {name: np.zeros(max_num_seqs, dtype=dtype) for name, dtype in _PARAMS.items()}
+        self.params.update({name: np.full(max_num_seqs, -1, np.int64) for name in _NUM_LOGPROBS})
+        self.params["num_prompt_tokens"] = np.zeros(max_num_seqs, dtype=np.int64)
         self.is_penalized = np.zeros(max_num_seqs, dtype=bool)
-        self.bias = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
-        self.bans = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+        self.bias = _EMPTY_TABLE
+        self.bans = _EMPTY_TABLE
         self.output_counts: torch.Tensor | None = None
         self.prompt_mask: torch.Tensor | None = None
 
-    def admit(self, new_slots: list[dict]) -> None:
+    def admit(self, new_slots: list[NewSlot]) -> None:
         """Stores the parameters of (re)admitted requests, resetting their slots."""
-        slots = np.array([row["slot"] for row in new_slots], dtype=np.int64)
-        for name, (dtype, default) in _FIELDS.items():
-            self.params[name][slots] = np.array([row.get(name, default) for row in new_slots],
-                                                dtype=dtype)
+        slots = np.array([new.slot for new in new_slots], dtype=np.int64)
+        sampling = [new.params for new in new_slots]
         p = self.params
+        for name, dtype in _PARAMS.items():
+            p[name][slots] = np.array(list(map(attrgetter(name), sampling)), dtype=dtype)
+        for name in _NUM_LOGPROBS:
+            p[name][slots] = [-1 if n is None else n for n in map(attrgetter(name), sampling)]
+        p["num_prompt_tokens"][slots] = [new.num_prompt_tokens for new in new_slots]
         self.is_penalized[slots] = ((p["repetition_penalty"][slots] != 1)
                                     | (p["presence_penalty"][slots] != 0)
                                     | (p["frequency_penalty"][slots] != 0))
-        self.bias = self._replace(self.bias, slots, _pairs(new_slots, "logit_bias", slots))
-        self.bans = self._replace(self.bans, slots, _pairs(new_slots, "ban_token_ids", slots))
+        biases = [params.logit_bias for params in sampling]
+        self.bias = self._replace(self.bias, slots, _table(
+            slots, [np.fromiter(bias.keys(), np.int64, len(bias)) for bias in biases],
+            [np.fromiter(bias.values(), np.float32, len(bias)) for bias in biases]))
+        bans = [new.ban_token_ids for new in new_slots]
+        self.bans = self._replace(self.bans, slots, _table(
+            slots, bans, [np.full(len(ids), -np.inf, np.float32) for ids in bans]))
         if self.is_penalized[slots].any() and self.output_counts is None:
             shape = (len(self.is_penalized), self.vocab_size)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -78,12 +94,12 @@ class SlotSampling:
             reset = to_device(slots, self.device)
             self.output_counts[reset] = 0
             self.prompt_mask[reset] = False
-            cached = [np.asarray(row.get("cached_token_ids", ()), dtype=np.int64) for row in new_slots]
+            cached = [new.cached_token_ids for new in new_slots]
             lengths = np.array([len(ids) for ids in cached], dtype=np.int64)
             if lengths.sum():
                 self.observe(np.repeat(slots, lengths),
                              np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths),
-                             np.concatenate(cached))
+                             np.concatenate(cached).astype(np.int64))
 
     @staticmethod
     def _replace(table, slots, new):
