@@ -31,7 +31,8 @@ from mi.api.backend import (
 )
 from mi.api.errors import ApiError, validation_error
 from mi.api.tokenizer_files import load_tokenizer_files
-from mi.auth import cert_path, read_secret
+from mi.auth import read_secret
+from mi.config import cert_path
 from mi.sdk.stream import AsyncStream
 from mi.sdk.types import (
     AuthenticationError,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 from aiohttp import web
@@ -18,7 +19,7 @@ from mi.actors.frontend.metrics import FrontendMetrics
 from mi.actors.frontend.tokenizer import TokenizerStore
 from mi.api.errors import ApiError
 from mi.api.openai_common import Limits
-from mi.auth import cert_path
+from mi.config import DEFAULT_CERT_PATH
 
 __all__ = ["STATE", "FrontendConfig", "FrontendState", "json_response", "read_json"]
 
@@ -32,7 +33,7 @@ class FrontendConfig:
     served_model_names: tuple[str, ...] = ()  # aliases; empty: the backend's model name
     allowed_origins: tuple[str, ...] = ()  # CORS; "*" allows any origin
     chat_template: str | None = None  # Jinja text overriding the tokenizer's template
-    backend_cert: str | None = None  # the backend's secret file; None: $MI_CERT or ~/.mi/cert
+    backend_cert: Path = DEFAULT_CERT_PATH  # the backend's secret file (mi-frontend: or $MI_CERT)
     max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413
     limits: Limits = field(default_factory=Limits)
     # On SIGTERM in-flight requests get this long to finish, then (aiohttp) as long again to
@@ -54,7 +55,7 @@ class FrontendConfig:
 class FrontendState:
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
-        self.backend = Backend(config.backend, cert_path(config.backend_cert))
+        self.backend = Backend(config.backend, config.backend_cert.expanduser())
         self.tokenizers = TokenizerStore(self.backend, config.chat_template)
         self.metrics = FrontendMetrics()
         self.created = int(time.time())
