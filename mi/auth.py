@@ -1,4 +1,4 @@
-"""The backend's shared secret (the seed's "certificate file", `~/.mi/cert` by default).
+"""The backend's shared secret (the seed's "certificate file"; where it is: `mi.config.cert_path`).
 
 The backend creates it on first start (mode 0600, in a 0700 directory) and requires it as
 `Authorization: Bearer SECRET` on every request but /health; the frontend and the SDK read it.
@@ -7,13 +7,6 @@ import hmac
 import os
 import secrets
 from pathlib import Path
-
-CERT_ENV = "MI_CERT"
-
-
-def cert_path(explicit: str | None = None) -> Path:
-    """--cert flag, else $MI_CERT, else ~/.mi/cert."""
-    return Path(explicit or os.environ.get(CERT_ENV) or Path.home() / ".mi" / "cert").expanduser()
 
 
 def read_secret(path: Path) -> str | None:

@@ -1,6 +1,17 @@
-"""Frozen configuration of the backend, built once from the command line."""
+"""Frozen configuration, built once by each entry point: the backend's from its command line,
+and every `MI_*` environment variable of the project (`Environment`).
+
+No other module reads an `MI_*` variable: the entry points (`mi-backend`, `mi-frontend`, the
+SDK's `Model` / `AsyncModel`) call `read_environment` once and pass the values down, so
+libraries take parameters and a test sets the environment of the processes it starts.
+"""
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_CERT_PATH = Path("~/.mi/cert")
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
           "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
@@ -12,6 +23,37 @@ def parse_bytes(text: str) -> int:
     if not match or match.group(2).lower() not in _UNITS:
         raise ValueError(f"not a memory size: {text!r} (examples: 1GiB, 512MiB, 1073741824)")
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _flag(environ: Mapping[str, str], name: str) -> bool:
+    value = environ.get(name, "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
+@dataclass(frozen=True)
+class Environment:
+    """The `MI_*` variables, parsed (a bad value is a ValueError naming it)."""
+
+    cert: str | None = None  # MI_CERT: the backend's secret file (default of --cert, --backend-cert, cert=)
+    api_key: str | None = None  # MI_API_KEY: the default of mi-frontend --api-key
+    profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
+    force_triton: bool = False  # MI_FORCE_TRITON=1: workers run the triton kernels also on CPU
+    force_triton: bool = False  # MI_FORCE_TRITON=1: the triton kernels also on CPU (TRITON_INTERPRET=1)
+
+
+def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
+    """This process's `MI_*` variables (or those of `environ`)."""
+    environ = os.environ if environ is None else environ
+    return Environment(cert=environ.get("MI_CERT") or None, api_key=environ.get("MI_API_KEY") or None,
+                       profile=_flag(environ, "MI_PROFILE"), force_triton=_flag(environ, "MI_FORCE_TRITON"))
+
+
+def cert_path(explicit: str | Path | None = None, env: Environment | None = None) -> Path:
+    """The backend's secret file: `explicit` (a flag or argument), else MI_CERT, else ~/.mi/cert."""
+    env = read_environment() if env is None else env
+    return Path(explicit or env.cert or DEFAULT_CERT_PATH).expanduser()
 
 
 @dataclass(frozen=True)
@@ -31,12 +73,13 @@ class BackendConfig:
     num_kv_blocks: int  # 0: derive from kv_cache_bytes
     enable_prefix_caching: bool  # reuse KV blocks of identical prompt prefixes
     max_queued_requests: int  # per replica, beyond max_num_seqs running; more get a 503
-    cert_path: str  # the shared secret every request but /health must present
+    cert_path: Path  # the shared secret every request but /health must present
     ready_timeout: float  # seconds for the workers to load and report ready
     shutdown_grace: float  # seconds children get to exit before SIGKILL
     shm_collectives: bool = True  # CPU tensor parallelism: shared-memory all-reduce, not gloo
     debug_invariants: bool = False  # schedulers run check_invariants() whenever they go idle
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
+    force_triton: bool = False  # MI_FORCE_TRITON=1: workers run the triton kernels also on CPU
 
     def __post_init__(self):
         checks = [

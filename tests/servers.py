@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def backend_headers() -> dict:
     """The Authorization header the backend requires (its secret comes from $MI_CERT)."""
-    from mi.auth import cert_path, read_secret
+    from mi.auth import read_secret
+    from mi.config import cert_path
 
     secret = read_secret(cert_path())
     return {"Authorization": f"Bearer {secret}"} if secret else {}

@@ -2,8 +2,8 @@
 
 The backend parses `POST /v1/generate` bodies with `parse_generate_request`; its clients (the
 frontend and the SDK) build a `GenerateRequest` and send `to_json()`. Answers (`GenerateResult`,
-the NDJSON stream lines, `ModelInfo`, `BackendStats`) live in mi/api/backend_answers.py and are
-re-exported here.
+the NDJSON stream lines, `ModelInfo`, `BackendStats`) and their one decoder live in
+mi/api/backend_answers.py and are re-exported here, so `mi.api.backend` is the whole wire.
 
 Invariants: nothing here imports aiohttp, torch or asyncio; a parse either returns a fully
 checked object or raises `ApiError` (400 naming the field).
@@ -20,36 +20,42 @@ import msgspec
 from msgspec import Meta
 
 from mi.api.backend_answers import (
-    FINISH_REASONS,
     BackendStats,
     GenerateResult,
-    LineBuffer,
+    Logprob,
     ModelInfo,
+    ReplicaStats,
+    StreamDecoder,
     StreamDelta,
     StreamStart,
+    TokenizerFiles,
     Usage,
-    parse_stream_line,
+    decode_answer,
+    encode_answer,
 )
 from mi.api.errors import ApiError, decode_body, invalid, wrong_type
 from mi.api.sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams, TokenId
 
 __all__ = [
-    "FINISH_REASONS",
     "INT64_MAX",
     "INT64_MIN",
     "MAX_LOGPROBS",
     "BackendStats",
     "GenerateRequest",
     "GenerateResult",
-    "LineBuffer",
+    "Logprob",
     "ModelInfo",
+    "ReplicaStats",
+    "StreamDecoder",
     "StreamDelta",
     "StreamStart",
+    "TokenizerFiles",
     "Usage",
     "check_context_len",
+    "decode_answer",
+    "encode_answer",
     "new_request_id",
     "parse_generate_request",
-    "parse_stream_line",
     "read_logit_bias",
     "read_stop",
     "socket_path",

@@ -1,305 +1,239 @@
-"""The backend's answers (docs/backend-api.md) as plain data, checked on the client side.
+"""The backend's answers (docs/backend-api.md) as msgspec Structs, and the one decoder for them.
 
 A generate answer is one `GenerateResult` body, or NDJSON lines: one `StreamStart`, then
-`StreamDelta`s, the last carrying `finish_reason` and `usage` (or an `{"error": ...}` line).
-A logprob entry stays the JSON object the backend sends,
-`{"token_id": int, "logprob": float | None, "top": [[token_id, logprob], ...]}`
-(`logprob` is null where the backend had NaN or -inf); `check_logprobs` validates a list of them.
+`StreamDelta`s, the last carrying `finish_reason` and `usage` (an abort may lack it), or an
+`{"error": ...}` line. A `Logprob` entry is `{"token_id", "logprob", "top": [[token_id,
+logprob], ...]}`; a logprob is null where the backend had NaN or -inf (msgspec writes a
+non-finite float as null).
 
-Invariant: every `from_json` / `parse_*` either returns a fully checked object or raises
-`ApiError` 502 (a malformed answer), so callers never index into unchecked JSON.
+The backend (mi/actors/supervisor/server.py) writes these with `encode_answer`; its clients (the
+SDK's transport, which the frontend uses too) read every body with `decode_answer` and every
+stream with one `StreamDecoder`.
+
+Invariants: a decode returns a fully checked Struct or raises `ApiError`: the error an
+`{"error": ...}` line carries, else 502 `bad_backend_response`; callers never index into
+unchecked JSON. Answers ignore fields they do not know (a newer backend may add some), unlike
+requests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+from typing import Annotated, Literal, TypeVar
 
-from mi.api.errors import ApiError, is_int
+import msgspec
+from msgspec import Meta
+
+from mi.api.errors import ApiError
+from mi.api.sampling import TokenId
 
 __all__ = [
-    "FINISH_REASONS",
     "BackendStats",
+    "FinishReason",
     "GenerateResult",
-    "LineBuffer",
+    "Logprob",
     "ModelInfo",
+    "ReplicaStats",
+    "StreamDecoder",
     "StreamDelta",
     "StreamStart",
+    "TokenizerFiles",
     "Usage",
-    "check_logprobs",
-    "parse_stream_line",
+    "decode_answer",
+    "encode_answer",
 ]
 
-FINISH_REASONS = frozenset({"stop", "length", "abort"})
+T = TypeVar("T")
+
+FinishReason = Literal["stop", "length", "abort"]
+Count = Annotated[int, Meta(ge=0)]
+MAX_TOKENIZER_FILES = 32
+
+
+class Logprob(msgspec.Struct, frozen=True):
+    """One position: the token, its logprob (None: NaN or -inf), and the top alternatives,
+    best first, exactly as many as asked (the chosen token may or may not be among them)."""
+
+    token_id: TokenId
+    logprob: float | None
+    top: tuple[tuple[TokenId, float | None], ...]
+
+
+PromptLogprobs = tuple[Logprob | None, ...]  # one per prompt token; the first, and only it, None
+
+
+def _check_prompt_logprobs(entries: PromptLogprobs | None) -> None:
+    # NOTE: raised in __post_init__, msgspec reports it as a validation error of the answer.
+    if entries and (entries[0] is not None or any(e is None for e in entries[1:])):
+        raise ValueError("prompt_logprobs: the first entry, and only it, must be null")
+
+
+class Usage(msgspec.Struct, frozen=True):
+    prompt_tokens: Count
+    completion_tokens: Count
+    cached_tokens: Count = 0  # prompt tokens served from the prefix cache
+
+
+class GenerateResult(msgspec.Struct, frozen=True):
+    """A non-streaming `/v1/generate` answer."""
+
+    request_id: str
+    prompt_ids: tuple[TokenId, ...]
+    ids: tuple[TokenId, ...]  # generated tokens only
+    text: str
+    finish_reason: FinishReason
+    usage: Usage
+    logprobs: tuple[Logprob, ...] | None = None  # one entry per id in `ids`
+    prompt_logprobs: PromptLogprobs | None = None
+
+    def __post_init__(self) -> None:
+        _check_prompt_logprobs(self.prompt_logprobs)
+
+
+class StreamStart(msgspec.Struct, frozen=True):
+    """First NDJSON line of a streamed `/v1/generate`."""
+
+    request_id: str
+    prompt_ids: tuple[TokenId, ...]
+    prompt_logprobs: PromptLogprobs | None = None
+
+    def __post_init__(self) -> None:
+        _check_prompt_logprobs(self.prompt_logprobs)
+
+
+class StreamDelta(msgspec.Struct, frozen=True):
+    """A later NDJSON line; the last one has `finish_reason` set, and `usage` unless aborted."""
+
+    ids: tuple[TokenId, ...]
+    text: str
+    finish_reason: FinishReason | None = None
+    usage: Usage | None = None
+    logprobs: tuple[Logprob, ...] | None = None  # entries for this line's `ids`
+
+    def __post_init__(self) -> None:
+        if self.finish_reason in ("stop", "length") and self.usage is None:
+            raise ValueError("usage: the last line must carry it")
+
+
+class ModelInfo(msgspec.Struct, frozen=True):
+    """`GET /v1/model`. Only the first three fields are required from the backend."""
+
+    model_name: Annotated[str, Meta(min_length=1)]
+    max_model_len: Count
+    vocab_size: Count
+    architecture: str = ""
+    bos_token_id: TokenId | None = None
+    eos_token_ids: tuple[TokenId, ...] = ()
+    tp: Count = 1
+    num_replicas: Count = 1
+    block_size: Count = 0
+    num_kv_blocks: Count = 0
+
+
+class _SchedulerCounts(msgspec.Struct, frozen=True):
+    """What one scheduler reports (gauges, then counters); a missing one reads 0."""
+
+    num_requests_running: Count = 0
+    num_requests_waiting: Count = 0
+    num_kv_blocks: Count = 0
+    num_kv_blocks_used: Count = 0
+    num_preemptions: Count = 0
+    prefix_cache_queried_tokens: Count = 0
+    prefix_cache_hit_tokens: Count = 0
+
+
+class ReplicaStats(_SchedulerCounts, frozen=True):
+    """One replica in `GET /v1/stats`: its scheduler's counts and its routing load."""
+
+    index: Count = 0
+    num_requests_live: Count = 0  # routed here and not finished
+    requests_routed_total: Count = 0
+
+
+class BackendStats(_SchedulerCounts, frozen=True):
+    """`GET /v1/stats`: the scheduler counts summed over replicas, the supervisor's own, and
+    the replicas one by one."""
+
+    prompt_tokens_total: Count = 0
+    generation_tokens_total: Count = 0
+    requests_finished_total: dict[str, Count] = {}  # finish reason -> requests
+    replicas: tuple[ReplicaStats, ...] = ()
+
+
+class TokenizerFiles(msgspec.Struct, frozen=True):
+    """`GET /v1/tokenizer`: file name -> text (mi/api/tokenizer_files.py checks the names)."""
+
+    files: Annotated[dict[str, str], Meta(min_length=1, max_length=MAX_TOKENIZER_FILES)]
+
+
+class _Error(msgspec.Struct, frozen=True):
+    message: str
+    type: str | None = None
+    param: str | None = None
+    code: str | None = None
+
+
+class _ErrorLine(msgspec.Struct, frozen=True):
+    error: _Error
+
+
+encode_answer = msgspec.json.Encoder().encode
+
+
+@functools.cache
+def _decoder(answer_type: type) -> msgspec.json.Decoder:
+    return msgspec.json.Decoder(answer_type)
 
 
 def _bad_answer(what: str) -> ApiError:
     return ApiError(502, f"The backend sent an invalid response ({what}).", code="bad_backend_response")
 
 
-def _ids(obj: dict, key: str) -> tuple[int, ...]:
-    value = obj.get(key)
-    if not isinstance(value, list) or not all(is_int(i) for i in value):
-        raise _bad_answer(key)
-    return tuple(value)
+def decode_answer(raw: bytes, answer_type: type[T]) -> T:
+    """One answer body or stream line as `answer_type`; raises the `ApiError` an `{"error": ...}`
+    line carries, or 502 for anything else that is not a valid `answer_type`."""
+    try:
+        return _decoder(answer_type).decode(raw)
+    except msgspec.DecodeError as exc:  # ValidationError included
+        problem = str(exc)
+    try:
+        err = _decoder(_ErrorLine).decode(raw).error
+    except msgspec.DecodeError:
+        raise _bad_answer(problem[:200]) from None
+    status = 400 if err.type == "invalid_request_error" else 500
+    raise ApiError(status, err.message, err.param, err.type, err.code)
 
 
-def _finish_reason(obj: dict, *, required: bool) -> str | None:
-    value = obj.get("finish_reason")
-    if value is None and not required:
-        return None
-    if value not in FINISH_REASONS:
-        raise _bad_answer("finish_reason")
-    return value
-
-
-def _is_logprob(value: object) -> bool:
-    return value is None or (isinstance(value, (int, float)) and not isinstance(value, bool))
-
-
-def _check_entry(entry: object, key: str) -> None:
-    if not isinstance(entry, dict) or not is_int(entry.get("token_id")) \
-            or not _is_logprob(entry.get("logprob")) or not isinstance(entry.get("top"), list):
-        raise _bad_answer(key)
-    for pair in entry["top"]:
-        if not isinstance(pair, list) or len(pair) != 2 or not is_int(pair[0]) or not _is_logprob(pair[1]):
-            raise _bad_answer(key)
-
-
-def check_logprobs(value: object, key: str, *, first_is_null: bool = False) -> list | None:
-    """A list of logprob entries (or null); for prompt logprobs the first entry is null."""
-    if value is None:
-        return None
-    if not isinstance(value, list):
-        raise _bad_answer(key)
-    for index, entry in enumerate(value):
-        if first_is_null and index == 0:
-            if entry is not None:
-                raise _bad_answer(key)
-            continue
-        _check_entry(entry, key)
-    return value
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens served from the prefix cache
-
-    def to_json(self) -> dict:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "cached_tokens": self.cached_tokens,
-        }
-
-    @classmethod
-    def from_json(cls, obj: object) -> "Usage":
-        if not isinstance(obj, dict):
-            raise _bad_answer("usage")
-        values = [obj.get("prompt_tokens"), obj.get("completion_tokens"), obj.get("cached_tokens", 0)]
-        if not all(is_int(v) and v >= 0 for v in values):
-            raise _bad_answer("usage")
-        return cls(*values)
-
-
-@dataclass(frozen=True)
-class GenerateResult:
-    """A non-streaming `/v1/generate` answer."""
-
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    ids: tuple[int, ...]  # generated tokens only
-    text: str
-    finish_reason: str  # "stop" | "length" | "abort"
-    usage: Usage
-    logprobs: list | None = None  # one entry per id in `ids`
-    prompt_logprobs: list | None = None  # one entry per prompt token, the first None
-
-    def to_json(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "prompt_ids": list(self.prompt_ids),
-            "ids": list(self.ids),
-            "text": self.text,
-            "finish_reason": self.finish_reason,
-            "logprobs": self.logprobs,
-            "prompt_logprobs": self.prompt_logprobs,
-            "usage": self.usage.to_json(),
-        }
-
-    @classmethod
-    def from_json(cls, obj: object) -> "GenerateResult":
-        if not isinstance(obj, dict):
-            raise _bad_answer("not an object")
-        request_id, text = obj.get("request_id"), obj.get("text")
-        if not isinstance(request_id, str) or not isinstance(text, str):
-            raise _bad_answer("request_id or text")
-        return cls(
-            request_id=request_id,
-            prompt_ids=_ids(obj, "prompt_ids"),
-            ids=_ids(obj, "ids"),
-            text=text,
-            finish_reason=_finish_reason(obj, required=True),
-            usage=Usage.from_json(obj.get("usage")),
-            logprobs=check_logprobs(obj.get("logprobs"), "logprobs"),
-            prompt_logprobs=check_logprobs(obj.get("prompt_logprobs"), "prompt_logprobs", first_is_null=True),
-        )
-
-
-@dataclass(frozen=True)
-class StreamStart:
-    """First NDJSON line of a streamed `/v1/generate`."""
-
-    request_id: str
-    prompt_ids: tuple[int, ...]
-    prompt_logprobs: list | None = None
-
-    def to_json(self) -> dict:
-        return {
-            "request_id": self.request_id,
-            "prompt_ids": list(self.prompt_ids),
-            "prompt_logprobs": self.prompt_logprobs,
-        }
-
-
-@dataclass(frozen=True)
-class StreamDelta:
-    """A later NDJSON line; the last one has `finish_reason` and `usage` set."""
-
-    ids: tuple[int, ...]
-    text: str
-    finish_reason: str | None = None
-    usage: Usage | None = None
-    logprobs: list | None = None  # entries for this line's `ids`
-
-    def to_json(self) -> dict:
-        obj = {"ids": list(self.ids), "text": self.text, "finish_reason": self.finish_reason,
-               "logprobs": self.logprobs}
-        if self.usage is not None:
-            obj["usage"] = self.usage.to_json()
-        return obj
-
-
-def parse_stream_line(obj: object) -> StreamStart | StreamDelta:
-    """Decode one NDJSON line; an `{"error": ...}` line is raised as the `ApiError` it carries."""
-    if not isinstance(obj, dict):
-        raise _bad_answer("stream line is not an object")
-    if "error" in obj:
-        err = obj["error"]
-        is_client_error = isinstance(err, dict) and err.get("type") == "invalid_request_error"
-        raise ApiError.from_body(400 if is_client_error else 500, obj)
-    if "request_id" in obj:
-        if not isinstance(obj["request_id"], str):
-            raise _bad_answer("request_id")
-        prompt_logprobs = check_logprobs(obj.get("prompt_logprobs"), "prompt_logprobs", first_is_null=True)
-        return StreamStart(obj["request_id"], _ids(obj, "prompt_ids"), prompt_logprobs)
-    text = obj.get("text")
-    if not isinstance(text, str):
-        raise _bad_answer("text")
-    finish_reason = _finish_reason(obj, required=False)
-    usage = None
-    if finish_reason is not None and (finish_reason != "abort" or "usage" in obj):
-        usage = Usage.from_json(obj.get("usage"))
-    return StreamDelta(_ids(obj, "ids"), text, finish_reason, usage, check_logprobs(obj.get("logprobs"), "logprobs"))
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """`GET /v1/model`. Only the first three fields are required from the backend."""
-
-    model_name: str
-    max_model_len: int
-    vocab_size: int
-    architecture: str = ""
-    bos_token_id: int | None = None
-    eos_token_ids: tuple[int, ...] = ()
-    tp: int = 1
-    num_replicas: int = 1
-    block_size: int = 0
-    num_kv_blocks: int = 0
-
-    def to_json(self) -> dict:
-        obj = {name: getattr(self, name) for name in self.__dataclass_fields__}
-        obj["eos_token_ids"] = list(self.eos_token_ids)
-        return obj
-
-    @classmethod
-    def from_json(cls, obj: object) -> "ModelInfo":
-        if not isinstance(obj, dict):
-            raise _bad_answer("model info is not an object")
-        name = obj.get("model_name")
-        if not isinstance(name, str) or not name:
-            raise _bad_answer("model_name")
-        ints = {}
-        for key in ("max_model_len", "vocab_size", "tp", "num_replicas", "block_size", "num_kv_blocks"):
-            value = obj.get(key, cls.__dataclass_fields__[key].default)
-            if not is_int(value) or value < 0:
-                raise _bad_answer(key)
-            ints[key] = value
-        bos = obj.get("bos_token_id")
-        return cls(
-            model_name=name,
-            architecture=obj.get("architecture") if isinstance(obj.get("architecture"), str) else "",
-            bos_token_id=bos if is_int(bos) else None,
-            eos_token_ids=_ids(obj, "eos_token_ids") if "eos_token_ids" in obj else (),
-            **ints,
-        )
-
-
-_STATS_COUNTS = (
-    "num_requests_running", "num_requests_waiting", "num_kv_blocks", "num_kv_blocks_used",
-    "num_preemptions", "prefix_cache_queried_tokens", "prefix_cache_hit_tokens",
-    "prompt_tokens_total", "generation_tokens_total",
-)
-
-
-@dataclass(frozen=True)
-class BackendStats:
-    """`GET /v1/stats`, summed over replicas. A missing counter reads 0."""
-
-    num_requests_running: int = 0
-    num_requests_waiting: int = 0
-    num_kv_blocks: int = 0
-    num_kv_blocks_used: int = 0
-    num_preemptions: int = 0
-    prefix_cache_queried_tokens: int = 0
-    prefix_cache_hit_tokens: int = 0
-    prompt_tokens_total: int = 0
-    generation_tokens_total: int = 0
-    requests_finished_total: tuple[tuple[str, int], ...] = ()  # (finish reason, count)
-
-    @classmethod
-    def from_json(cls, obj: object) -> "BackendStats":
-        if not isinstance(obj, dict):
-            raise _bad_answer("stats is not an object")
-        counts = {}
-        for key in _STATS_COUNTS:
-            value = obj.get(key, 0)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-                raise _bad_answer(key)
-            counts[key] = int(value)
-        finished = obj.get("requests_finished_total") or {}
-        if not isinstance(finished, dict) or not all(
-            isinstance(k, str) and is_int(v) and v >= 0 for k, v in finished.items()
-        ):
-            raise _bad_answer("requests_finished_total")
-        return cls(**counts, requests_finished_total=tuple(sorted(finished.items())))
-
-
-class LineBuffer:
-    """Splits an NDJSON byte stream into lines, whatever the chunking (no line-length limit)."""
+class StreamDecoder:
+    """The NDJSON lines of one streamed generate, whatever the chunking: a `StreamStart`, then
+    `StreamDelta`s up to the one with `finish_reason` (a line after it is an error)."""
 
     def __init__(self) -> None:
         self._buf = b""
+        self._started = False
+        self.finished = False
 
-    def feed(self, data: bytes) -> list[bytes]:
-        """The complete non-blank lines `data` finishes."""
+    def feed(self, data: bytes) -> list[StreamStart | StreamDelta]:
+        """The answers of the complete lines `data` finishes."""
         self._buf += data
         *lines, self._buf = self._buf.split(b"\n")
-        return [line for line in lines if line.strip()]
+        return [self._decode(line) for line in lines if line.strip()]
 
-    def rest(self) -> bytes | None:
-        """The last line when the stream ended without a newline, else None."""
+    def end(self) -> list[StreamStart | StreamDelta]:
+        """At the end of the stream: the last line if it had no newline; 502 if the stream
+        stopped before its last line."""
         rest, self._buf = self._buf, b""
-        return rest if rest.strip() else None
+        items = [self._decode(rest)] if rest.strip() else []
+        if not self.finished:
+            raise ApiError(502, "The backend closed the stream unexpectedly.")
+        return items
+
+    def _decode(self, line: bytes) -> StreamStart | StreamDelta:
+        if self.finished:
+            raise _bad_answer("a line after the last one")
+        if not self._started:
+            self._started = True
+            return decode_answer(line, StreamStart)
+        delta = decode_answer(line, StreamDelta)
+        self.finished = delta.finish_reason is not None
+        return delta

@@ -1,9 +1,8 @@
 """Backend logprob entries -> the two OpenAI logprobs shapes.
 
-A position is `(token_id, entry)`, `entry` the backend's
-`{"token_id", "logprob", "top": [[id, logprob], ...]}` or None (the first prompt token, which
-has no logprob). Token text comes from a `TokenTexts` (the frontend's tokenizer), so this module
-stays plain data.
+A position is `(token_id, entry)`, `entry` the backend's `Logprob` (mi/api/backend_answers.py)
+or None (the first prompt token, which has no logprob). Token text comes from a `TokenTexts`
+(the frontend's tokenizer), so this module stays plain data.
 
 - completions: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`; `top_logprobs[i]`
   maps token text to logprob for the top alternatives plus the chosen token (OpenAI: "up to
@@ -19,9 +18,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from mi.api.backend_answers import Logprob
+
 __all__ = ["Position", "TokenTexts", "chat_logprobs", "completion_logprobs"]
 
-Position = tuple[int, "dict | None"]
+Position = tuple[int, Logprob | None]
 _FLOOR = -9999.0
 
 
@@ -48,11 +49,11 @@ def completion_logprobs(positions: list[Position], texts: TokenTexts, text_offse
             token_logprobs.append(None)
             top_logprobs.append(None)
             continue
-        token_logprobs.append(_lp(entry["logprob"]))
+        token_logprobs.append(_lp(entry.logprob))
         top: dict[str, float] = {}
-        for top_id, lp in entry["top"]:  # NOTE: best first; tokens with equal text keep the best
+        for top_id, lp in entry.top:  # NOTE: best first; tokens with equal text keep the best
             top.setdefault(texts.token_str(top_id), _lp(lp))
-        top.setdefault(token, _lp(entry["logprob"]))
+        top.setdefault(token, _lp(entry.logprob))
         top_logprobs.append(top)
     obj = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
            "text_offset": offsets}
@@ -68,7 +69,7 @@ def chat_logprobs(positions: list[Position], texts: TokenTexts) -> dict:
     """The chat `logprobs` object of generated `positions` (entries are never None here)."""
     content = []
     for token_id, entry in positions:
-        item = _chat_token(texts, token_id, entry["logprob"] if entry else None)
-        item["top_logprobs"] = [_chat_token(texts, i, lp) for i, lp in entry["top"]] if entry else []
+        item = _chat_token(texts, token_id, entry.logprob if entry else None)
+        item["top_logprobs"] = [_chat_token(texts, i, lp) for i, lp in entry.top] if entry else []
         content.append(item)
     return {"content": content, "refusal": None}

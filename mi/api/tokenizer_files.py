@@ -10,27 +10,24 @@ from __future__ import annotations
 import os
 import tempfile
 
+from mi.api.backend_answers import TokenizerFiles
 from mi.api.errors import ApiError
 
 __all__ = ["load_tokenizer_files"]
-
-_MAX_FILES = 32
 
 
 def _bad(what: str) -> ApiError:
     return ApiError(502, f"The backend sent invalid tokenizer files ({what}).", code="bad_backend_response")
 
 
-def load_tokenizer_files(body: object):
-    """Load the tokenizer from `{"files": {name: text}}`; raise ApiError 502 on a bad answer."""
-    files = body.get("files") if isinstance(body, dict) else None
-    if not isinstance(files, dict) or not files or len(files) > _MAX_FILES:
-        raise _bad("no files")
-    for name, text in files.items():
+def load_tokenizer_files(answer: TokenizerFiles):
+    """Load the tokenizer from the backend's files; raise ApiError 502 on a bad file name or a
+    set of files transformers cannot load."""
+    files = answer.files
+    for name in files:
         # NOTE: names come from the network: plain file names only, nothing outside the dir.
-        if not isinstance(name, str) or not name or name != os.path.basename(name) \
-                or name.startswith(".") or "\0" in name or not isinstance(text, str):
-            raise _bad(f"file name {str(name)[:80]!r}")
+        if not name or name != os.path.basename(name) or name.startswith(".") or "\0" in name:
+            raise _bad(f"file name {name[:80]!r}")
     from transformers import AutoTokenizer
 
     with tempfile.TemporaryDirectory(prefix="mi-tokenizer-") as tmp:

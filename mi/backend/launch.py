@@ -8,11 +8,9 @@ cleanly (exit 0).
 import argparse
 import asyncio
 import logging
-import os
 import sys
 
-from mi.auth import cert_path
-from mi.config import BackendConfig, parse_bytes
+from mi.config import BackendConfig, Environment, cert_path, parse_bytes, read_environment
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -76,7 +74,7 @@ def _device_count(requested: str, tp: int) -> tuple[str, int]:
     return device_type, count
 
 
-def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig:
+def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment) -> BackendConfig:
     tp = mi_config["tp"]
     device_type, num_devices = _device_count(args.device, tp)  # BackendConfig checks it vs tp
     dtype = args.dtype
@@ -103,9 +101,10 @@ def config_from_args(args: argparse.Namespace, mi_config: dict) -> BackendConfig
         max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
         kv_cache_bytes=kv_bytes, num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
-        max_queued_requests=args.max_queued_requests, cert_path=cert_path(args.cert),
+        max_queued_requests=args.max_queued_requests, cert_path=cert_path(args.cert, env),
         ready_timeout=args.ready_timeout, shutdown_grace=5.0,
-        shm_collectives=not args.gloo_collectives, debug_invariants=args.debug_invariants, profile=os.environ.get("MI_PROFILE") == "1")
+        shm_collectives=not args.gloo_collectives, debug_invariants=args.debug_invariants,
+        profile=env.profile, force_triton=env.force_triton)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         from mi.convert import load_mi_config
 
         mi_config = load_mi_config(args.model)
-        cfg = config_from_args(args, mi_config)
+        cfg = config_from_args(args, mi_config, read_environment())
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -3,8 +3,8 @@
     python -m mi.frontend.launch --backend 12222 --server-port 13000 [--host 127.0.0.1]
 
 Prints `frontend start at http://HOST:PORT` once listening; SIGTERM or SIGINT exits 0.
-Environment (read here, once): MI_API_KEY (the default of --api-key), MI_CERT (the default of
---backend-cert, read by mi.auth).
+Environment (read once, by `mi.config.read_environment`): MI_API_KEY (the default of
+--api-key), MI_CERT (the default of --backend-cert).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import sys
 
 from mi.actors.frontend.app import FrontendConfig, serve
 from mi.api.openai_common import Limits
-from mi.config import parse_bytes
+from mi.config import Environment, cert_path, parse_bytes, read_environment
 
 
 def _chat_template(value: str | None) -> str | None:
@@ -36,7 +36,7 @@ def _origins(values: list[str]) -> tuple[str, ...]:
     return tuple(o.strip() for value in values for o in value.split(",") if o.strip())
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(env: Environment) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mi-frontend", description="OpenAI-compatible HTTP frontend for an mi backend."
     )
@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-port", type=int, default=13000, help="port to serve on (13000)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (127.0.0.1; a public address must be given explicitly)")
-    p.add_argument("--api-key", default=os.environ.get("MI_API_KEY") or None,
+    p.add_argument("--api-key", default=env.api_key,
                    help="require 'Authorization: Bearer KEY' on every route but /health (default: $MI_API_KEY)")
     p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
                    help="model names clients may use (aliases; the first is reported by default); "
@@ -71,7 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None) -> FrontendConfig:
-    parser = build_parser()
+    try:
+        env = read_environment()
+    except ValueError as exc:
+        print(f"mi-frontend: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    parser = build_parser(env)
     args = parser.parse_args(argv)
     try:
         return FrontendConfig(
@@ -82,7 +87,7 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
             served_model_names=tuple(args.served_model_name),
             allowed_origins=_origins(args.allowed_origins),
             chat_template=_chat_template(args.chat_template),
-            backend_cert=args.backend_cert,
+            backend_cert=cert_path(args.backend_cert, env),
             max_body_bytes=parse_bytes(args.max_body_bytes),
             limits=Limits(max_n=args.max_n, max_choices=args.max_choices, max_stop=args.max_stop,
                           max_logprobs=args.max_logprobs, max_tokens=args.max_tokens),

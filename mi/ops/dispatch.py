@@ -2,12 +2,12 @@
 references.
 
 A call goes to triton when its first tensor is on CUDA and mi.ops.triton_kernels imports, or
-always when MI_FORCE_TRITON=1 (tests, with TRITON_INTERPRET=1, on CPU); otherwise to the
-reference. The kernels are imported on the first triton call, so a CPU-only process never
-imports triton. A triton call whose arguments the kernel does not take (dtype, strides) raises
-the guard's ValueError rather than falling back silently.
+always after `force_triton(True)` (the workers of a backend started with MI_FORCE_TRITON=1, and
+tests; with TRITON_INTERPRET=1 on CPU); otherwise to the reference. The kernels are imported on
+the first triton call, so a CPU-only process never imports triton. A triton call whose
+arguments the kernel does not take (dtype, strides) raises the guard's ValueError rather than
+falling back silently.
 """
-import os
 from functools import cache
 from types import ModuleType
 
@@ -16,15 +16,13 @@ import torch
 from mi.ops import activation, attention, norm, rotary
 from mi.ops.attention import AttentionMetadata
 
-
-def _parse_force_triton(value: str) -> bool:
-    if value not in ("", "0", "1"):
-        raise ValueError(f"MI_FORCE_TRITON must be 0 or 1, got {value!r}")
-    return value == "1"
+FORCE_TRITON = False  # set once per process by force_triton (tests may set it directly)
 
 
-# Parsed once, at import (tests may set the attribute directly).
-FORCE_TRITON = _parse_force_triton(os.environ.get("MI_FORCE_TRITON", ""))
+def force_triton(enabled: bool) -> None:
+    """Run every dispatched op in triton, whatever the device (the worker's MI_FORCE_TRITON)."""
+    global FORCE_TRITON
+    FORCE_TRITON = enabled
 
 
 @cache
@@ -43,7 +41,7 @@ def kernels_for(t: torch.Tensor) -> ModuleType | None:
     if FORCE_TRITON:
         kernels = _triton_kernels()
         if kernels is None:
-            raise RuntimeError("MI_FORCE_TRITON=1 but triton cannot be imported")
+            raise RuntimeError("triton is forced (MI_FORCE_TRITON=1) but cannot be imported")
         return kernels
     return _triton_kernels() if t.is_cuda else None
 

@@ -6,45 +6,26 @@
             async for delta in stream:
                 print(delta.text, end="")
 
-Every call opens its own aiohttp session in the running loop (so a model works from any loop
-and needs no closing); every request carries `Authorization: Bearer SECRET` from the backend's
-cert file when that file exists. Abandoning a call (cancellation, `aclose()`, `abort()`) aborts
-the request in the backend.
+Every call opens its own session of the transport (mi/sdk/transport.py) in the running loop, so
+a model works from any loop and needs no closing; every request carries `Authorization: Bearer
+SECRET` from the backend's cert file when that file exists. Abandoning a call (cancellation,
+`aclose()`, `abort()`) aborts the request in the backend.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import errno
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import orjson
-
-from mi.api.backend import (
-    BackendStats,
-    GenerateRequest,
-    GenerateResult,
-    ModelInfo,
-)
+from mi.api.backend import BackendStats, GenerateRequest, GenerateResult, ModelInfo
 from mi.api.errors import ApiError, validation_error
 from mi.api.tokenizer_files import load_tokenizer_files
-from mi.auth import cert_path, read_secret
+from mi.config import cert_path
 from mi.sdk.stream import AsyncStream
-from mi.sdk.types import (
-    AuthenticationError,
-    BackendUnavailable,
-    GenerationOutput,
-    InvalidRequest,
-    MIError,
-    Overloaded,
-    RequestTimeout,
-    ServerError,
-    Usage,
-    to_logprobs,
-)
+from mi.sdk.transport import Backend
+from mi.sdk.types import GenerationOutput, InvalidRequest, ServerError, to_logprobs
 
 __all__ = ["AsyncModel", "make_request", "normalize_prompts", "run_sync"]
 
@@ -134,11 +115,10 @@ def _is_int(value: object) -> bool:
 
 
 def _output(result: GenerateResult) -> GenerationOutput:
-    u = result.usage
     return GenerationOutput(
         list(result.prompt_ids), list(result.ids), result.text, result.finish_reason,
-        to_logprobs(result.logprobs), to_logprobs(result.prompt_logprobs),
-        Usage(u.prompt_tokens, u.completion_tokens, u.cached_tokens), result.request_id,
+        to_logprobs(result.logprobs), to_logprobs(result.prompt_logprobs), result.usage,
+        result.request_id,
     )
 
 
@@ -158,7 +138,7 @@ class AsyncModel:
         if not timeout > 0 or not connect_timeout > 0:
             raise ValueError(f"timeouts must be positive, got {timeout!r} and {connect_timeout!r}")
         self.endpoint = endpoint.rstrip("/")
-        self.cert = cert_path(None if cert is None else str(cert))
+        self.cert = cert_path(cert)
         self.timeout = float(timeout)
         self.connect_timeout = float(connect_timeout)
         self._tokenizer = None
@@ -173,6 +153,11 @@ class AsyncModel:
     async def __aexit__(self, *exc) -> None:
         return None
 
+    def _backend(self, *, is_stream: bool = False) -> Backend:
+        """A transport session: a call may take `timeout` in all, a stream that long per delta."""
+        timeouts = {"read_timeout": self.timeout} if is_stream else {"timeout": self.timeout}
+        return Backend(self.endpoint, self.cert, connect_timeout=self.connect_timeout, **timeouts)
+
     # -- generation ----------------------------------------------------------------------------
 
     async def generate(self, prompts: Prompts, **sampling: Any) -> list[GenerationOutput]:
@@ -180,40 +165,35 @@ class AsyncModel:
         arguments are those of `make_request` (do_sample, max_new_tokens, temperature, top_p,
         top_k, min_p, penalties, logit_bias, stop, stop_token_ids, seed, logprobs, ...)."""
         reqs = [make_request(prompt, **sampling) for prompt in normalize_prompts(prompts)]
-        async with self._session(total=self.timeout) as session:
-            tasks = [asyncio.ensure_future(self._call(session, "POST", "/v1/generate", r.to_json())) for r in reqs]
+        async with self._backend() as backend:
+            tasks = [asyncio.ensure_future(backend.generate(req)) for req in reqs]
             try:
-                bodies = await asyncio.gather(*tasks)
+                results = await asyncio.gather(*tasks)
             finally:
                 for task in tasks:  # NOTE: a failed sibling closes the others' connections: aborted
                     task.cancel()
-        try:
-            return [_output(GenerateResult.from_json(body)) for body in bodies]
-        except ApiError as err:
-            raise ServerError(err.message) from None
+        return [_output(result) for result in results]
 
     def stream(self, prompt: str | list[int], **sampling: Any) -> AsyncStream:
         """Stream one prompt's deltas: `async for delta in model.stream(...)`. Close it (or use
         `async with`) when leaving early: that aborts the request in the backend."""
         if not isinstance(prompt, (str, list, tuple)) or len(normalize_prompts(prompt)) != 1:
             raise TypeError("stream takes one prompt: a str or a list of token ids")
-        return AsyncStream(self, make_request(normalize_prompts(prompt)[0], **sampling, stream=True))
+        req = make_request(normalize_prompts(prompt)[0], **sampling, stream=True)
+        return AsyncStream(self._backend(is_stream=True), req)
 
     async def abort(self, request_id: str) -> bool:
         """Abort a running request; False when it is unknown or already finished."""
-        async with self._session(total=self.timeout) as session:
-            body = await self._call(session, "POST", "/v1/abort", {"request_id": request_id})
-        return bool(isinstance(body, dict) and body.get("aborted"))
+        async with self._backend() as backend:
+            return await backend.abort_now(request_id)
 
     # -- model metadata ------------------------------------------------------------------------
 
     async def get_info(self) -> ModelInfo:
         """`GET /v1/model`: name, context length, vocabulary size, ... (fetched once)."""
         if self._info is None:
-            try:
-                self._info = ModelInfo.from_json(await self._get("/v1/model"))
-            except ApiError as err:
-                raise ServerError(err.message) from None
+            async with self._backend() as backend:
+                self._info = await backend.model_info()
         return self._info
 
     @property
@@ -225,115 +205,24 @@ class AsyncModel:
     async def get_tokenizer(self):
         """The served model's Hugging Face tokenizer, fetched from the backend on first use."""
         if self._tokenizer is None:
-            body = await self._get("/v1/tokenizer")
+            async with self._backend() as backend:
+                files = await backend.tokenizer_files()
             try:
-                self._tokenizer = await asyncio.to_thread(load_tokenizer_files, body)
+                self._tokenizer = await asyncio.to_thread(load_tokenizer_files, files)
             except ApiError as err:
                 raise ServerError(err.message) from None
         return self._tokenizer
 
     async def stats(self) -> BackendStats:
         """`GET /v1/stats`: running / waiting requests, KV blocks in use, counters."""
-        try:
-            return BackendStats.from_json(await self._get("/v1/stats"))
-        except ApiError as err:
-            raise ServerError(err.message) from None
+        async with self._backend() as backend:
+            return await backend.stats()
 
     async def health(self) -> bool:
         """True when the backend answers `/health` with 200."""
-        try:
-            await self._get("/health")
-        except MIError:
-            return False
-        return True
-
-    # -- HTTP ----------------------------------------------------------------------------------
-
-    def _session(self, total: float | None = None, sock_read: float | None = None) -> aiohttp.ClientSession:
-        headers = {}
-        secret = read_secret(self.cert)
-        if secret is not None:
-            headers["Authorization"] = f"Bearer {secret}"
-        return aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0),
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=total, sock_connect=self.connect_timeout, sock_read=sock_read),
-        )
-
-    async def _get(self, path: str) -> Any:
-        async with self._session(total=self.timeout) as session:
-            return await self._call(session, "GET", path, None)
-
-    async def _call(self, session: aiohttp.ClientSession, method: str, path: str, body: dict | None) -> Any:
-        resp = await self._open(session, method, path, body)
-        try:
-            raw = await resp.read()
-        except asyncio.TimeoutError:
-            raise self._timeout() from None
-        except aiohttp.ClientError as exc:
-            raise ServerError(f"The connection to {self.endpoint} broke ({type(exc).__name__}).") from None
-        finally:
-            resp.release()
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            raise ServerError(f"The backend at {self.endpoint} sent invalid JSON.") from None
-
-    async def _open(self, session: aiohttp.ClientSession, method: str, path: str, body: dict | None):
-        """Send a request; a non-200 answer raises its typed error."""
-        data = None if body is None else orjson.dumps(body)
-        headers = None if body is None else {"Content-Type": "application/json"}
-        try:
-            resp = await session.request(method, self.endpoint + path, data=data, headers=headers)
-        except asyncio.TimeoutError:
-            raise self._timeout() from None
-        except aiohttp.ClientConnectorError as exc:
-            raise self._unreachable(exc) from None
-        except aiohttp.ClientError as exc:
-            raise BackendUnavailable(f"Cannot reach the backend at {self.endpoint} ({type(exc).__name__}).") from None
-        if resp.status != 200:
-            try:
-                raw = await resp.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                raw = b""
-            finally:
-                resp.release()
-            raise self._error(resp.status, raw, resp.headers.get("Retry-After"))
-        return resp
-
-    def _timeout(self) -> RequestTimeout:
-        return RequestTimeout(f"No answer from {self.endpoint} within {self.timeout:g} s.")
-
-    def _unreachable(self, exc: aiohttp.ClientConnectorError) -> BackendUnavailable:
-        if getattr(exc, "os_error", None) is not None and exc.os_error.errno == errno.ECONNREFUSED:
-            return BackendUnavailable(
-                f"Cannot connect to the backend at {self.endpoint}: connection refused, so no mi-backend "
-                "is running on that port. Start one with `mi-backend --model DIR --port PORT`."
-            )
-        return BackendUnavailable(
-            f"Cannot connect to the backend at {self.endpoint} ({type(exc).__name__}). Check the "
-            "address and that mi-backend is running there."
-        )
-
-    def _error(self, status: int, raw: bytes, retry_after: str | None) -> MIError:
-        try:
-            obj = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            obj = None
-        err = ApiError.from_body(status, obj)
-        if status == 401:
-            return AuthenticationError(
-                f"The backend at {self.endpoint} refused the secret from {self.cert}: {err.message}",
-                status, err.param, err.code,
-            )
-        if status == 429 or (status == 503 and err.code == "overloaded"):
-            seconds = float(retry_after) if retry_after and retry_after.isdigit() else 1.0
-            return Overloaded(f"The backend at {self.endpoint} is overloaded: {err.message}", seconds)
-        if status == 503:
-            return BackendUnavailable(f"The backend at {self.endpoint} is not ready: {err.message}")
-        if 400 <= status < 500:
-            return InvalidRequest(err.message, status, err.param, err.code)
-        return ServerError(f"The backend failed (HTTP {status}): {err.message}")
+        async with self._backend() as backend:
+            status, _ = await backend.health()
+        return status == 200
 
 
 def run_sync(coro):

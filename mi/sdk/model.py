@@ -9,10 +9,10 @@
         for delta in stream:
             print(delta.text, end="")
 
-`Model` is the synchronous face of `AsyncModel` (mi/sdk_async.py): each call runs on a private
-event loop (in a helper thread when the calling thread already runs one, e.g. in Jupyter); a
-stream keeps one loop in one helper thread for its lifetime. Failures raise the typed errors of
-mi/sdk_types.py.
+`Model` is the synchronous face of `AsyncModel` (mi/sdk/async_model.py): each call runs on a
+private event loop (in a helper thread when the calling thread already runs one, e.g. in
+Jupyter); a stream keeps one loop in one helper thread for its lifetime. Failures raise the
+typed errors of mi/sdk/types.py.
 """
 
 from __future__ import annotations

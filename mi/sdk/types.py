@@ -9,11 +9,21 @@ Errors, by what a caller does about them:
     │   └── AuthenticationError   the backend refused the secret of the cert file
     ├── ServerError          a 5xx, a malformed answer, or a failure mid-stream
     └── RequestTimeout       no answer in time (also a builtin TimeoutError)
+
+Each carries `api_error`, the OpenAI-style error behind it (what the backend answered, or a 502
+for an answer that could not be read), None when the backend was not reached in time or at all.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from mi.api.backend_answers import Usage  # the backend's own: prompt, completion, cached tokens
+
+if TYPE_CHECKING:
+    from mi.api.backend_answers import Logprob
+    from mi.api.errors import ApiError
 
 __all__ = [
     "AuthenticationError",
@@ -33,6 +43,8 @@ __all__ = [
 
 class MIError(Exception):
     """Base class of every error the SDK raises."""
+
+    api_error: ApiError | None = None
 
 
 class BackendUnavailable(MIError):
@@ -76,21 +88,11 @@ class TokenLogprob:
     top: tuple[tuple[int, float | None], ...] = ()
 
 
-def to_logprobs(entries: list | None) -> list[TokenLogprob | None] | None:
-    """Backend logprob entries (checked JSON) -> TokenLogprob (None stays None)."""
+def to_logprobs(entries: tuple[Logprob | None, ...] | None) -> list[TokenLogprob | None] | None:
+    """The backend's logprob entries -> TokenLogprob (None stays None)."""
     if entries is None:
         return None
-    return [
-        None if e is None else TokenLogprob(e["token_id"], e["logprob"], tuple((i, lp) for i, lp in e["top"]))
-        for e in entries
-    ]
-
-
-@dataclass(frozen=True)
-class Usage:
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int = 0
+    return [None if e is None else TokenLogprob(e.token_id, e.logprob, e.top) for e in entries]
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,7 @@ def test_backend_requires_its_secret(backend, headers):
 
 
 def test_cert_file_is_created_private(backend):
-    from mi.auth import cert_path
+    from mi.config import cert_path
 
     path = cert_path()
     assert path.is_file()

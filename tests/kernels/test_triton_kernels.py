@@ -38,6 +38,7 @@ import triton  # noqa: E402 - a declared dependency on Linux: missing, the tier 
 import triton.language as tl  # noqa: E402
 
 import mi.ops.triton_kernels as K  # noqa: E402
+from mi.config import read_environment  # noqa: E402
 from mi.ops import activation, attention, dispatch, norm, rotary  # noqa: E402
 from mi.ops.attention import AttentionMetadata  # noqa: E402
 from mi.ops.triton_kernels import _guard  # noqa: E402
@@ -358,7 +359,7 @@ def test_dispatch_choice(monkeypatch):
     monkeypatch.setattr(dispatch, "FORCE_TRITON", True)
     assert dispatch.kernels_for(cpu) is K
     with pytest.raises(ValueError, match="MI_FORCE_TRITON"):
-        dispatch._parse_force_triton("yes")
+        read_environment({"MI_FORCE_TRITON": "yes"})
 
 
 @pytest.mark.parametrize("force_triton", [False, True])

@@ -10,14 +10,18 @@ from mi.api.backend import (
     BackendStats,
     GenerateRequest,
     GenerateResult,
-    LineBuffer,
+    Logprob,
     ModelInfo,
+    ReplicaStats,
+    StreamDecoder,
     StreamDelta,
     StreamStart,
+    TokenizerFiles,
     Usage,
     check_context_len,
+    decode_answer,
+    encode_answer,
     parse_generate_request,
-    parse_stream_line,
     socket_path,
 )
 from mi.api.chat import (
@@ -232,9 +236,18 @@ def test_socket_path_names_the_port():
 # -- backend answers ------------------------------------------------------------------------------
 
 
+def round_trip(answer):
+    return decode_answer(encode_answer(answer), type(answer))
+
+
 def test_generate_result_round_trip():
     result = GenerateResult("r", (1, 2), (3, 4), " hi", "stop", Usage(2, 2))
-    assert GenerateResult.from_json(orjson.loads(orjson.dumps(result.to_json()))) == result
+    assert round_trip(result) == result
+    assert orjson.loads(encode_answer(result)) == {
+        "request_id": "r", "prompt_ids": [1, 2], "ids": [3, 4], "text": " hi", "finish_reason": "stop",
+        "usage": {"prompt_tokens": 2, "completion_tokens": 2, "cached_tokens": 0},
+        "logprobs": None, "prompt_logprobs": None,
+    }
 
 
 @pytest.mark.parametrize(
@@ -248,37 +261,82 @@ def test_generate_result_round_trip():
     ],
 )
 def test_generate_result_rejects_malformed(mutate):
-    body = GenerateResult("r", (1,), (3,), "x", "length", Usage(1, 1)).to_json()
+    body = orjson.loads(encode_answer(GenerateResult("r", (1,), (3,), "x", "length", Usage(1, 1))))
     mutate(body)
     with pytest.raises(ApiError) as info:
-        GenerateResult.from_json(body)
-    assert info.value.status == 502
+        decode_answer(orjson.dumps(body), GenerateResult)
+    assert info.value.status == 502 and info.value.code == "bad_backend_response"
+
+
+def stream_of(*lines: dict) -> list:
+    decoder = StreamDecoder()
+    data = b"".join(orjson.dumps(line) + b"\n" for line in lines)
+    return decoder.feed(data) + decoder.end()
+
+
+START = {"request_id": "r", "prompt_ids": [1, 2]}
 
 
 def test_stream_lines():
-    assert parse_stream_line({"request_id": "r", "prompt_ids": [1, 2]}) == StreamStart("r", (1, 2))
-    assert parse_stream_line({"ids": [7], "text": "a", "finish_reason": None}) == StreamDelta((7,), "a")
     last = StreamDelta((8, 2), "b", "stop", Usage(2, 3))
-    assert parse_stream_line(orjson.loads(orjson.dumps(last.to_json()))) == last
+    assert stream_of(START, {"ids": [7], "text": "a", "finish_reason": None}, orjson.loads(encode_answer(last))) \
+        == [StreamStart("r", (1, 2)), StreamDelta((7,), "a"), last]
+    aborted = {"ids": [], "text": "", "finish_reason": "abort"}  # an abort may come without usage
+    assert stream_of(START, aborted)[-1] == StreamDelta((), "", "abort")
+
+
+def test_stream_error_line_is_the_error_it_carries():
+    error = {"error": {"message": "worker died", "type": "server_error", "param": None, "code": "backend_failed"}}
     with pytest.raises(ApiError) as info:
-        parse_stream_line({"error": {"message": "worker died", "type": "server_error", "param": None, "code": None}})
-    assert info.value.status == 500 and info.value.message == "worker died"
+        stream_of(START, error)
+    assert (info.value.status, info.value.message, info.value.code) == (500, "worker died", "backend_failed")
+    error["error"].update(type="invalid_request_error", param="prompt")
     with pytest.raises(ApiError) as info:
-        parse_stream_line({"ids": [8], "text": "b", "finish_reason": "stop"})  # usage missing
+        stream_of(START, error)
+    assert (info.value.status, info.value.param) == (400, "prompt")
+
+
+@pytest.mark.parametrize(
+    "lines",
+    [
+        [START, {"ids": [8], "text": "b", "finish_reason": "stop"}],  # usage missing
+        [{"ids": [8], "text": "b", "finish_reason": None}],  # no start
+        [START, START],
+        [START, {"ids": [8], "text": "b", "finish_reason": "abort"}, {"ids": [9], "text": "c"}],
+        [START, {"ids": [8], "text": "b"}],  # cut before the last line
+        [],
+    ],
+)
+def test_malformed_streams_are_502(lines):
+    with pytest.raises(ApiError) as info:
+        stream_of(*lines)
     assert info.value.status == 502
 
 
-LOGPROB = {"token_id": 3, "logprob": -0.5, "top": [[3, -0.5], [4, None]]}
+def test_stream_decoder_splits_whatever_the_chunking():
+    decoder = StreamDecoder()
+    assert decoder.feed(b'{"request_id": "r", "prompt_ids"') == []
+    assert decoder.feed(b": [1]}\n\n{") == [StreamStart("r", (1,))]
+    assert decoder.feed(b'"ids": [], "text": "", "finish_reason": "abort"}') == []
+    assert decoder.end() == [StreamDelta((), "", "abort")] and decoder.finished
+
+
+LOGPROB = Logprob(3, -0.5, ((3, -0.5), (4, None)))
 
 
 def test_answers_carry_logprobs_and_cached_tokens():
-    result = GenerateResult("r", (1, 2), (3,), "x", "stop", Usage(2, 1, 1), [LOGPROB], [None, LOGPROB])
-    assert GenerateResult.from_json(orjson.loads(orjson.dumps(result.to_json()))) == result
-    assert Usage.from_json({"prompt_tokens": 2, "completion_tokens": 1}) == Usage(2, 1, 0)
-    start = StreamStart("r", (1, 2), [None, LOGPROB])
-    assert parse_stream_line(orjson.loads(orjson.dumps(start.to_json()))) == start
-    delta = StreamDelta((3,), "x", None, None, [LOGPROB])
-    assert parse_stream_line(orjson.loads(orjson.dumps(delta.to_json()))) == delta
+    result = GenerateResult("r", (1, 2), (3,), "x", "stop", Usage(2, 1, 1), (LOGPROB,), (None, LOGPROB))
+    assert round_trip(result) == result
+    assert decode_answer(b'{"prompt_tokens": 2, "completion_tokens": 1}', Usage) == Usage(2, 1, 0)
+    start = StreamStart("r", (1, 2), (None, LOGPROB))
+    assert round_trip(start) == start
+    delta = StreamDelta((3,), "x", None, None, (LOGPROB,))
+    assert round_trip(delta) == delta
+
+
+def test_non_finite_logprobs_are_null():
+    entry = Logprob(3, float("-inf"), ((3, float("nan")),))
+    assert orjson.loads(encode_answer(entry)) == {"token_id": 3, "logprob": None, "top": [[3, None]]}
 
 
 @pytest.mark.parametrize(
@@ -288,40 +346,46 @@ def test_answers_carry_logprobs_and_cached_tokens():
         ([{"token_id": 3, "logprob": -1.0}], None),
         ([{"token_id": 3, "logprob": -1.0, "top": [[1]]}], None),
         ("no", None),
-        (None, [LOGPROB]),  # the first prompt token has no logprob
+        ([None], None),
+        (None, [orjson.loads(encode_answer(LOGPROB))]),  # the first prompt token has no logprob
         (None, [None, None]),
     ],
 )
 def test_malformed_logprobs_are_502(logprobs, prompt_logprobs):
-    body = GenerateResult("r", (1, 2), (3,), "x", "stop", Usage(2, 1)).to_json()
+    body = orjson.loads(encode_answer(GenerateResult("r", (1, 2), (3,), "x", "stop", Usage(2, 1))))
     body.update(logprobs=logprobs, prompt_logprobs=prompt_logprobs)
     with pytest.raises(ApiError) as info:
-        GenerateResult.from_json(body)
+        decode_answer(orjson.dumps(body), GenerateResult)
     assert info.value.status == 502
 
 
 def test_backend_stats():
-    stats = BackendStats.from_json({"num_requests_running": 2, "num_kv_blocks_used": 17,
-                                    "requests_finished_total": {"stop": 3}, "new": [1]})
+    stats = decode_answer(orjson.dumps({
+        "num_requests_running": 2, "num_kv_blocks_used": 17, "requests_finished_total": {"stop": 3},
+        "replicas": [{"index": 0, "requests_routed_total": 5, "num_requests_running": 2}], "new": [1],
+    }), BackendStats)
     assert stats.num_requests_running == 2 and stats.num_kv_blocks_used == 17 and stats.num_preemptions == 0
-    assert stats.requests_finished_total == (("stop", 3),)
+    assert stats.requests_finished_total == {"stop": 3}
+    assert stats.replicas == (ReplicaStats(num_requests_running=2, index=0, requests_routed_total=5),)
     for bad in ([], {"num_requests_running": -1}, {"requests_finished_total": {"stop": "3"}}):
         with pytest.raises(ApiError):
-            BackendStats.from_json(bad)
-
-
-def test_line_buffer_splits_whatever_the_chunking():
-    buf = LineBuffer()
-    assert buf.feed(b'{"a"') == [] and buf.feed(b":1}\n\n{") == [b'{"a":1}'] and buf.feed(b"}") == []
-    assert buf.rest() == b"{}" and buf.rest() is None
+            decode_answer(orjson.dumps(bad), BackendStats)
 
 
 def test_model_info_tolerates_extra_and_missing_optional_fields():
-    info = ModelInfo.from_json({"model_name": "m", "max_model_len": 2048, "vocab_size": 512, "new": 1})
+    info = decode_answer(b'{"model_name": "m", "max_model_len": 2048, "vocab_size": 512, "new": 1}', ModelInfo)
     assert (info.model_name, info.max_model_len, info.vocab_size, info.tp) == ("m", 2048, 512, 1)
-    assert ModelInfo.from_json(info.to_json()) == info
-    with pytest.raises(ApiError):
-        ModelInfo.from_json({"model_name": "m", "max_model_len": 2048})
+    assert round_trip(info) == info
+    for bad in ({"model_name": "m", "max_model_len": 2048}, {"model_name": "", "max_model_len": 1, "vocab_size": 1}):
+        with pytest.raises(ApiError):
+            decode_answer(orjson.dumps(bad), ModelInfo)
+
+
+def test_tokenizer_files_answer():
+    assert decode_answer(b'{"files": {"tokenizer.json": "{}"}}', TokenizerFiles).files == {"tokenizer.json": "{}"}
+    for bad in ({"files": {}}, {"files": {"a": 1}}, {}):
+        with pytest.raises(ApiError):
+            decode_answer(orjson.dumps(bad), TokenizerFiles)
 
 
 # -- OpenAI /v1/completions ---------------------------------------------------------------------
@@ -630,8 +694,7 @@ class FakeTexts:
 
 
 def test_completion_logprobs_add_the_chosen_token_and_keep_the_first_null():
-    positions = [(1, None), (3, {"token_id": 3, "logprob": -0.5, "top": [[4, -0.1]]}),
-                 (5, {"token_id": 5, "logprob": None, "top": []})]
+    positions = [(1, None), (3, Logprob(3, -0.5, ((4, -0.1),))), (5, Logprob(5, None, ()))]
     obj, end = completion_logprobs(positions, FakeTexts(), 10)
     assert obj == {
         "tokens": ["<1>", "<3>", "<5>"],
@@ -647,14 +710,13 @@ def test_completion_logprobs_keep_the_best_of_tokens_with_equal_text():
         def token_str(self, token_id: int) -> str:
             return "?" if token_id in (3, 4) else super().token_str(token_id)
 
-    entry = {"token_id": 3, "logprob": -0.5, "top": [[3, -0.5], [7, -0.7], [4, -0.9]]}
+    entry = Logprob(3, -0.5, ((3, -0.5), (7, -0.7), (4, -0.9)))
     obj, _ = completion_logprobs([(3, entry)], SameText(), 0)
     assert obj["top_logprobs"] == [{"?": -0.5, "<7>": -0.7}]
 
 
 def test_chat_logprobs_give_exactly_top_logprobs_alternatives():
-    positions = [(3, {"token_id": 3, "logprob": -0.5, "top": []}),
-                 (4, {"token_id": 4, "logprob": -1.0, "top": [[4, -1.0], [9, -2.0]]})]
+    positions = [(3, Logprob(3, -0.5, ())), (4, Logprob(4, -1.0, ((4, -1.0), (9, -2.0))))]
     obj = chat_logprobs(positions, FakeTexts())
     assert obj["content"][0] == {"token": "<3>", "logprob": -0.5, "bytes": list(b"<3>"), "top_logprobs": []}
     assert [t["token"] for t in obj["content"][1]["top_logprobs"]] == ["<4>", "<9>"]

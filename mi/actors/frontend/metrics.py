@@ -74,7 +74,7 @@ class _BackendCollector:
             yield counter
         finished = CounterMetricFamily("mi_backend_requests_finished", "Requests the backend finished",
                                        labels=["finished_reason"])
-        for reason, count in stats.requests_finished_total:
+        for reason, count in sorted(stats.requests_finished_total.items()):
             finished.add_metric([reason], count)
         yield finished
 

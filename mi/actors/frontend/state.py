@@ -1,27 +1,33 @@
 """The frontend's configuration and the one state object its handlers share.
 
-`FrontendState` is created once per app and owns: the backend client, the tokenizer store, the
-metrics registry and the `created` time of /v1/models. Handlers reach it as
-`request.app[STATE]`; nothing else is shared between requests.
+`FrontendState` is created once per app and owns: the backend client (the SDK's transport, its
+failures turned into the `ApiError` a client of the frontend sees, by `backend_error`), the
+tokenizer store, the metrics registry and the `created` time of /v1/models. Handlers reach it
+as `request.app[STATE]`; nothing else is shared between requests.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 import orjson
 from aiohttp import web
 
-from mi.sdk.transport import Backend, parse_backend
 from mi.actors.frontend.metrics import FrontendMetrics
 from mi.actors.frontend.tokenizer import TokenizerStore
 from mi.api.errors import ApiError
 from mi.api.openai_common import Limits
-from mi.auth import cert_path
+from mi.config import DEFAULT_CERT_PATH
+from mi.sdk.transport import Backend, address, parse_backend
+from mi.sdk.types import AuthenticationError, MIError
 
-__all__ = ["STATE", "FrontendConfig", "FrontendState", "json_response", "read_json"]
+__all__ = ["STATE", "FrontendConfig", "FrontendState", "backend_error", "json_response", "read_json"]
+
+log = logging.getLogger("mi.frontend")
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,7 @@ class FrontendConfig:
     served_model_names: tuple[str, ...] = ()  # aliases; empty: the backend's model name
     allowed_origins: tuple[str, ...] = ()  # CORS; "*" allows any origin
     chat_template: str | None = None  # Jinja text overriding the tokenizer's template
-    backend_cert: str | None = None  # the backend's secret file; None: $MI_CERT or ~/.mi/cert
+    backend_cert: Path = DEFAULT_CERT_PATH  # the backend's secret file (mi-frontend: or $MI_CERT)
     max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413
     limits: Limits = field(default_factory=Limits)
     # On SIGTERM in-flight requests get this long to finish, then (aiohttp) as long again to
@@ -52,10 +58,28 @@ class FrontendConfig:
             raise ValueError("served model names must have 1 to 256 characters")
 
 
+def backend_error(err: MIError) -> ApiError:
+    """What a client sees of a failed backend call: the backend's own error (its `prompt_ids`
+    being the client's `prompt`), or a 503 to retry when the backend cannot be reached or
+    refuses our secret. Messages never name the backend's address."""
+    if isinstance(err, AuthenticationError):
+        log.error("the backend refused our secret: check --backend-cert / MI_CERT")
+        return ApiError(503, "The frontend cannot authenticate to the backend.",
+                        code="backend_auth_failed", retry_after=1)
+    if err.api_error is None:
+        return ApiError(503, "The backend is not available. Please retry later.",
+                        code="backend_unavailable", retry_after=1)
+    if err.api_error.param == "prompt_ids":
+        err.api_error.param = "prompt"
+    return err.api_error
+
+
 class FrontendState:
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
-        self.backend = Backend(config.backend, cert_path(config.backend_cert))
+        url, unix_socket = address(config.backend)
+        self.backend = Backend(url, config.backend_cert.expanduser(), unix_socket=unix_socket,
+                               errors=backend_error)
         self.tokenizers = TokenizerStore(self.backend, config.chat_template)
         self.metrics = FrontendMetrics()
         self.created = int(time.time())

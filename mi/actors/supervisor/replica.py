@@ -86,7 +86,7 @@ class Replica:
                             kv_cache_bytes=cfg.kv_cache_bytes),
                 plan_ring=rings["plan"].describe(), result_ring=rings["result"].describe(),
                 dist_init_file=self._dist_init_file, num_threads=threads, cpu_ids=cpu_ids[rank],
-                profile=cfg.profile,
+                profile=cfg.profile, force_triton=cfg.force_triton,
                 collectives=self.collectives.describe() if self.collectives else None)
             self._spawn(f"worker {rank}", "mi.actors.worker", spec, ["plan", "result"],
                         self.collectives.fds() if self.collectives else [])

@@ -1,4 +1,8 @@
-"""The backend's HTTP face (docs/backend-api.md): routes over a Supervisor, and the serve loop."""
+"""The backend's HTTP face (docs/backend-api.md): routes over a Supervisor, and the serve loop.
+
+Every answer is one of the Structs of mi/api/backend_answers.py (or an error body), written with
+msgspec, so what the clients' decoder accepts is what this module sends.
+"""
 import asyncio
 import contextlib
 import logging
@@ -6,15 +10,23 @@ import os
 import signal
 from pathlib import Path
 
-import orjson
+import msgspec
 from aiohttp import web
 
 from mi.actors.supervisor.supervisor import Supervisor
-from mi.auth import is_authorized, load_or_create_secret
-from mi.api.backend import GenerateResult, ModelInfo, StreamStart, parse_generate_request, socket_path
+from mi.api.backend import (
+    BackendStats,
+    GenerateResult,
+    ModelInfo,
+    StreamStart,
+    TokenizerFiles,
+    encode_answer,
+    parse_generate_request,
+    socket_path,
+)
 from mi.api.errors import ApiError, invalid
+from mi.auth import is_authorized, load_or_create_secret
 from mi.config import BackendConfig
-
 
 log = logging.getLogger("mi.backend")
 
@@ -25,7 +37,7 @@ _MAX_BODY_BYTES = 64 << 20
 
 
 def _json(obj, status: int = 200, headers=None) -> web.Response:
-    return web.Response(body=orjson.dumps(obj), status=status, headers=headers,
+    return web.Response(body=encode_answer(obj), status=status, headers=headers,
                         content_type="application/json")
 
 
@@ -48,18 +60,18 @@ class BackendRoutes:
             vocab_size=model["vocab_size"], architecture=self.sup.mi_config["architecture"],
             bos_token_id=model.get("bos_token_id"), eos_token_ids=tuple(self.sup.eos_token_ids),
             tp=cfg.tp, num_replicas=cfg.num_replicas, block_size=cfg.block_size,
-            num_kv_blocks=self.sup.num_kv_blocks).to_json())
+            num_kv_blocks=self.sup.num_kv_blocks))
 
     async def tokenizer(self, request: web.Request) -> web.Response:
         model_dir = Path(self.sup.cfg.model_dir)
         files = {name: (model_dir / name).read_text() for name in _TOKENIZER_FILES
                  if (model_dir / name).is_file()}
-        return _json({"files": files})
+        return _json(TokenizerFiles(files))
 
     async def _body(self, request: web.Request) -> object:
         try:
-            return orjson.loads(await request.read())
-        except orjson.JSONDecodeError as exc:
+            return msgspec.json.decode(await request.read())
+        except msgspec.DecodeError as exc:
             raise invalid("body", f"The body is not valid JSON: {exc}.") from None
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
@@ -77,14 +89,14 @@ class BackendRoutes:
             first = await live.events.get() if live.num_prompt_logprobs >= 0 else None
             start = StreamStart(live.request_id, tuple(live.prompt_ids),
                                 live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None)
-            await response.write(orjson.dumps(start.to_json()) + b"\n")
+            await response.write(encode_answer(start) + b"\n")
             while True:
                 event = first if first is not None else await live.events.get()
                 first = None
                 if isinstance(event, ApiError):
-                    await response.write(orjson.dumps(event.body()) + b"\n")
+                    await response.write(encode_answer(event.body()) + b"\n")
                     break
-                await response.write(orjson.dumps(event.to_json()) + b"\n")
+                await response.write(encode_answer(event) + b"\n")
                 if event.finish_reason is not None:
                     break
             await response.write_eof()
@@ -107,7 +119,7 @@ class BackendRoutes:
                     event.finish_reason, event.usage or live.usage(),
                     logprobs=logprobs if live.num_logprobs >= 0 else None,
                     prompt_logprobs=live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None,
-                ).to_json())
+                ))
 
     async def abort(self, request: web.Request) -> web.Response:
         try:
@@ -119,7 +131,7 @@ class BackendRoutes:
         return _json({"aborted": self.sup.abort(body["request_id"])})
 
     async def stats(self, request: web.Request) -> web.Response:
-        return _json(self.sup.stats())
+        return _json(msgspec.convert(self.sup.stats(), BackendStats))
 
 
 def _auth_middleware(secret: str):

@@ -25,7 +25,7 @@ import numpy as np
 from mi.actors import messages as m
 from mi.actors.supervisor.detokenizer import TextStream
 from mi.actors.supervisor.replica import Replica, cpu_shares
-from mi.api.backend import GenerateRequest, StreamDelta, Usage, check_context_len
+from mi.api.backend import GenerateRequest, Logprob, StreamDelta, Usage, check_context_len
 from mi.api.errors import ApiError
 from mi.config import BackendConfig
 
@@ -52,9 +52,9 @@ class LiveRequest:
         return Usage(len(self.prompt_ids), len(self.ids), self.num_cached_tokens)
 
 
-def _logprob_entry(token_id: int, logprob: float, top_ids, top_logprobs, k: int) -> dict:
-    return {"token_id": token_id, "logprob": None if math.isnan(logprob) else logprob,
-            "top": [[int(i), float(lp)] for i, lp in zip(top_ids[:k], top_logprobs[:k])]}
+def _logprob_entry(token_id: int, logprob: float, top_ids, top_logprobs, k: int) -> Logprob:
+    return Logprob(token_id, None if math.isnan(logprob) else logprob,
+                   tuple((int(i), float(lp)) for i, lp in zip(top_ids[:k], top_logprobs[:k])))
 
 
 class Supervisor:

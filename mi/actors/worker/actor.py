@@ -20,6 +20,7 @@ from mi.actors.lifecycle import die_with_parent, ignore_interrupts
 from mi.actors.messages import CODEC, ActorFailed, Shutdown, StepPlan, WorkerReady
 from mi.actors.worker.model_runner import ModelRunner, RunnerConfig
 from mi.models.parallel import TensorParallel
+from mi.ops import dispatch
 from mi.shm import Receiver, Ring, Sender
 from mi.shm.allreduce import ShmCollectives
 
@@ -36,6 +37,7 @@ class WorkerSpec:
     num_threads: int
     cpu_ids: list[int]  # cores this rank is pinned to (CPU serving); [] = no pinning
     profile: bool  # time steps and collectives; print a summary to stderr on shutdown
+    force_triton: bool  # the triton kernels also on CPU (the backend's MI_FORCE_TRITON)
     collectives: dict | None  # ShmCollectives.describe() for CPU tensor parallelism, else None
 
     @classmethod
@@ -57,6 +59,7 @@ def _init_tensor_parallel(spec: WorkerSpec) -> TensorParallel:
 
 
 def run(spec: WorkerSpec) -> None:
+    dispatch.force_triton(spec.force_triton)
     if spec.cpu_ids:
         os.sched_setaffinity(0, spec.cpu_ids)
     torch.set_num_threads(spec.num_threads)
