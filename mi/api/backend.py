@@ -33,7 +33,7 @@ from mi.api.backend_answers import (
     decode_answer,
     encode_answer,
 )
-from mi.api.errors import ApiError, decode_body, invalid, wrong_type
+from mi.api.errors import ApiError, decode_body, invalid
 from mi.api.sampling import INT64_MAX, INT64_MIN, MAX_LOGPROBS, SamplingParams, TokenId
 
 __all__ = [
@@ -56,13 +56,10 @@ __all__ = [
     "encode_answer",
     "new_request_id",
     "parse_generate_request",
-    "read_logit_bias",
-    "read_stop",
     "socket_path",
 ]
 
 MAX_REQUEST_ID_LEN = 256
-MAX_LOGIT_BIAS = 1024  # entries in logit_bias
 
 
 def socket_path(port: int) -> str:
@@ -119,46 +116,6 @@ def parse_generate_request(body: object, *, vocab_size: int) -> GenerateRequest:
         if bad is not None:
             raise invalid("prompt_ids", f"Token id {bad} in 'prompt_ids' is out of range [0, {vocab_size}).")
     return req
-
-
-def read_stop(value: object, param: str, max_num: int) -> tuple[str, ...]:
-    """`null`, a string, or an array of at most `max_num` non-empty strings."""
-    if value is None:
-        return ()
-    stops = [value] if isinstance(value, str) else value
-    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
-        raise wrong_type(param, value, "a string or an array of strings")
-    if len(stops) > max_num:
-        raise invalid(param, f"'{param}' may hold at most {max_num} strings, got {len(stops)}.")
-    if any(not s for s in stops):
-        raise invalid(param, f"'{param}' must not contain an empty string.")
-    return tuple(stops)
-
-
-def read_logit_bias(value: object, param: str, vocab_size: int) -> tuple[tuple[int, float], ...]:
-    """`null` or `{token id: bias}`: ids as decimal strings (JSON keys) or ints, bias in [-100, 100]."""
-    if value is None:
-        return ()
-    if not isinstance(value, dict):
-        raise wrong_type(param, value, "an object mapping token ids to numbers")
-    if len(value) > MAX_LOGIT_BIAS:
-        raise invalid(param, f"'{param}' may hold at most {MAX_LOGIT_BIAS} entries, got {len(value)}.")
-    pairs: dict[int, float] = {}
-    for key, bias in value.items():
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit() and len(key) <= 20:
-            token_id = int(key)
-        elif isinstance(key, int) and not isinstance(key, bool):
-            token_id = key
-        else:
-            raise invalid(param, f"'{param}' keys must be token ids, got {str(key)[:40]!r}.")
-        if not 0 <= token_id < vocab_size:
-            raise invalid(param, f"Token id {token_id} in '{param}' is out of range [0, {vocab_size}).")
-        if not isinstance(bias, (int, float)) or isinstance(bias, bool):
-            raise wrong_type(param, bias, "an object mapping token ids to numbers")
-        if not -100.0 <= bias <= 100.0:  # NaN fails too
-            raise invalid(param, f"'{param}' values must be in [-100, 100], got {bias!r}.")
-        pairs[token_id] = float(bias)
-    return tuple(sorted(pairs.items()))
 
 
 def check_context_len(prompt_len: int, max_tokens: int, max_model_len: int) -> None:

@@ -120,28 +120,6 @@ class ApiError(Exception):
         return cls(status, err["message"], opt_str("param"), opt_str("type"), opt_str("code"))
 
 
-# -- hand checks still used by mi/api/backend.py and backend_answers.py (they go with those uses) --
-
-_JSON_TYPE_NAMES = {
-    bool: "boolean", int: "integer", float: "number", str: "string",
-    list: "array", dict: "object", type(None): "null",
-}
-
-
-def json_type_name(value: object) -> str:
-    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
-
-
-def wrong_type(param: str, value: object, expected: str) -> ApiError:
-    return ApiError(
-        400, f"'{param}' must be {expected}, got {json_type_name(value)}.", param, code="invalid_type"
-    )
-
-
-def is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def invalid(param: str, message: str) -> ApiError:
     """The 400 for a value of the right type that breaks a rule (a limit, the vocabulary)."""
     return ApiError(400, message, param, code="invalid_value")

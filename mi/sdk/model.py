@@ -59,9 +59,6 @@ __all__ = [
     "make_request",
 ]
 
-# kept for callers of the first SDK version
-_normalize_prompts = normalize_prompts
-
 
 class Model:
     """A served model, reached at `endpoint` (e.g. "http://localhost:12222").

@@ -17,7 +17,7 @@ import pytest
 
 import mi
 from mi import BackendUnavailable, GenerationOutput, InvalidRequest, Model
-from mi.sdk.model import _normalize_prompts
+from mi.sdk.async_model import normalize_prompts as _normalize_prompts
 
 # The product's quick-start (shared/seed), only the port differs.
 SEED_EXAMPLE = """\

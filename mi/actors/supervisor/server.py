@@ -86,9 +86,9 @@ class BackendRoutes:
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
             # Prompt logprobs ride on the first line, so it waits for the prompt to be computed.
-            first = await live.events.get() if live.num_prompt_logprobs >= 0 else None
+            first = await live.events.get() if live.num_prompt_logprobs is not None else None
             start = StreamStart(live.request_id, tuple(live.prompt_ids),
-                                live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None)
+                                live.prompt_logprobs if live.num_prompt_logprobs is not None else None)
             await response.write(encode_answer(start) + b"\n")
             while True:
                 event = first if first is not None else await live.events.get()
@@ -117,8 +117,8 @@ class BackendRoutes:
                 return _json(GenerateResult(
                     live.request_id, tuple(live.prompt_ids), tuple(live.ids), "".join(texts),
                     event.finish_reason, event.usage or live.usage(),
-                    logprobs=logprobs if live.num_logprobs >= 0 else None,
-                    prompt_logprobs=live.prompt_logprobs if live.num_prompt_logprobs >= 0 else None,
+                    logprobs=logprobs if live.num_logprobs is not None else None,
+                    prompt_logprobs=live.prompt_logprobs if live.num_prompt_logprobs is not None else None,
                 ))
 
     async def abort(self, request: web.Request) -> web.Response:

@@ -41,8 +41,8 @@ class LiveRequest:
     replica: Replica
     prompt_ids: list[int]
     text: TextStream
-    num_logprobs: int  # -1: not asked (server.py reads this convention; the rings carry None)
-    num_prompt_logprobs: int
+    num_logprobs: int | None  # None: not asked
+    num_prompt_logprobs: int | None
     ids: list[int] = field(default_factory=list)
     num_cached_tokens: int = 0
     prompt_logprobs: list = field(default_factory=list)  # entry per prompt token, first None
@@ -153,8 +153,7 @@ class Supervisor:
         text = TextStream(self.tokenizer, prompt_ids, req.stop, req.skip_special_tokens,
                           req.include_stop_str_in_output)
         live = LiveRequest(req.request_id, next(self._req_ids), replica, prompt_ids, text,
-                           -1 if req.logprobs is None else req.logprobs,
-                           -1 if req.prompt_logprobs is None else req.prompt_logprobs)
+                           req.logprobs, req.prompt_logprobs)
         params = req.sampling_params()
         if params.seed is None:
             params = msgspec.structs.replace(params, seed=secrets.randbits(63))
@@ -194,7 +193,7 @@ class Supervisor:
 
     @staticmethod
     def _no_logprobs(live: LiveRequest) -> list | None:
-        return [] if live.num_logprobs >= 0 else None
+        return [] if live.num_logprobs is not None else None
 
     def _on_outputs(self, msg: m.TokenOutputs) -> None:
         has_logprobs = len(msg.logprobs) > 0
@@ -210,7 +209,7 @@ class Supervisor:
                 live.ids.append(token_id)
                 live.text.add(list(new_ids))
                 self.num_generated_tokens += 1
-                if has_logprobs and live.num_logprobs >= 0:
+                if has_logprobs and live.num_logprobs is not None:
                     logprobs.append(_logprob_entry(token_id, float(msg.logprobs[i]), msg.top_ids[i],
                                                    msg.top_logprobs[i], live.num_logprobs))
             finish = m.FINISH_REASON_NAMES.get(code)
