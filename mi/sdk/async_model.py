@@ -32,59 +32,43 @@ __all__ = ["AsyncModel", "make_request", "normalize_prompts", "run_sync"]
 Prompts = str | list[str] | list[int] | list[list[int]]
 
 
+# Sampling keywords the SDK takes as they are: GenerateRequest's fields (mi/api/sampling.py
+# documents each) but the prompt and the two it names as Hugging Face `generate` does.
+_SAMPLING_KEYWORDS = frozenset(GenerateRequest.__struct_fields__) - {
+    "prompt", "prompt_ids", "max_tokens", "min_tokens"}
+
+
 def make_request(
     prompt: str | list[int],
     *,
     do_sample: bool = True,
     max_new_tokens: int = 16,
     min_new_tokens: int = 0,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    min_p: float = 0.0,
-    repetition_penalty: float = 1.0,
-    presence_penalty: float = 0.0,
-    frequency_penalty: float = 0.0,
-    logit_bias: dict[int, float] | None = None,
-    stop: str | list[str] | None = None,
-    stop_token_ids: list[int] | None = None,
-    include_stop_str_in_output: bool = False,
-    ignore_eos: bool = False,
-    seed: int | None = None,
-    logprobs: int | None = None,
-    prompt_logprobs: int | None = None,
-    skip_special_tokens: bool = True,
-    add_special_tokens: bool = True,
-    stream: bool = False,
+    **sampling: Any,
 ) -> GenerateRequest:
     """One backend request. A string prompt is tokenized by the backend (BOS added unless
     `add_special_tokens=False`); token ids are used as given. `do_sample=False` is greedy
-    decoding (temperature 0). The backend checks every value (`InvalidRequest` names it); the
-    rules between fields (max_new_tokens 0, min_new_tokens) are checked here already."""
+    decoding (temperature 0). Other keywords are the fields of `SamplingParams` (temperature,
+    top_p, top_k, min_p, the penalties, logit_bias, stop, stop_token_ids, seed, logprobs,
+    prompt_logprobs, ...) and add_special_tokens, stream; an unknown one is a TypeError. The
+    backend checks every value (`InvalidRequest` names it); the rules between fields
+    (max_new_tokens 0, min_new_tokens) are checked here already."""
+    unknown = sorted(set(sampling) - _SAMPLING_KEYWORDS)
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the sampling "
+                        f"keywords are do_sample, max_new_tokens, min_new_tokens, "
+                        f"{', '.join(sorted(_SAMPLING_KEYWORDS))}")
+    if not do_sample:
+        sampling["temperature"] = 0.0
+    if sampling.get("logit_bias"):
+        sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
     try:
         return GenerateRequest(
             prompt=prompt if isinstance(prompt, str) else None,
             prompt_ids=None if isinstance(prompt, str) else tuple(prompt),
-            add_special_tokens=add_special_tokens,
             max_tokens=max_new_tokens,
             min_tokens=min_new_tokens,
-            temperature=float(temperature) if do_sample else 0.0,
-            top_p=float(top_p),
-            top_k=top_k,
-            min_p=float(min_p),
-            repetition_penalty=float(repetition_penalty),
-            presence_penalty=float(presence_penalty),
-            frequency_penalty=float(frequency_penalty),
-            logit_bias={int(k): float(v) for k, v in (logit_bias or {}).items()},
-            stop=(stop,) if isinstance(stop, str) else tuple(stop or ()),
-            stop_token_ids=tuple(stop_token_ids or ()),
-            include_stop_str_in_output=include_stop_str_in_output,
-            ignore_eos=ignore_eos,
-            seed=seed,
-            logprobs=logprobs,
-            prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=skip_special_tokens,
-            stream=stream,
+            **{name: value for name, value in sampling.items() if value is not None},  # None: default
         )
     except ValueError as exc:  # a rule between fields (SamplingParams.__post_init__)
         err = validation_error(str(exc))

@@ -83,10 +83,11 @@ class Model:
         """Complete each prompt; one output per prompt, in order (a single prompt gives a list
         of one). A prompt is a string (tokenized by the backend, BOS added) or a list of token
         ids (used as given). Keyword arguments: `do_sample` (False: greedy), `max_new_tokens`,
-        `min_new_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `repetition_penalty`,
-        `presence_penalty`, `frequency_penalty`, `logit_bias`, `stop`, `stop_token_ids`,
+        `min_new_tokens`, and the fields of `mi.api.sampling.SamplingParams`: `temperature`,
+        `top_p`, `top_k`, `min_p`, `repetition_penalty`, `presence_penalty`,
+        `frequency_penalty`, `logit_bias`, `stop`, `stop_token_ids`,
         `include_stop_str_in_output`, `ignore_eos`, `seed`, `logprobs`, `prompt_logprobs`,
-        `skip_special_tokens`, `add_special_tokens`."""
+        `skip_special_tokens`; and `add_special_tokens`."""
         return run_sync(self._async.generate(prompts, **sampling))
 
     async def agenerate(self, prompts: Prompts, **sampling: Any) -> list[GenerationOutput]:

@@ -75,6 +75,14 @@ def test_bad_prompt_forms(prompts):
         _normalize_prompts(prompts)
 
 
+def test_a_misspelt_sampling_keyword_is_a_type_error_naming_it():
+    from mi.sdk.async_model import make_request
+
+    with pytest.raises(TypeError, match="tempreature"):
+        make_request("hi", tempreature=0.5)
+    assert make_request("hi", do_sample=False, stop="x", seed=None).stop == ("x",)
+
+
 @pytest.mark.parametrize("kw", [{"endpoint": "localhost:12222"}, {"endpoint": "http://x", "timeout": 0}])
 def test_bad_constructor_arguments(kw):
     with pytest.raises(ValueError):
