@@ -10,6 +10,7 @@ times greedy decoding of `--tokens` tokens (EOS ignored) at each batch size:
   - mi frontend: the same through the OpenAI /v1/completions SSE stream.
 Prints the median tokens/s of --repeats runs and the ratio mi / HF.
 """
+
 import argparse
 import asyncio
 import statistics
@@ -38,8 +39,14 @@ def hf_decode_rate(hf_dir: Path, batch: int, tokens: int) -> float:
     def run(n):
         start = time.perf_counter()
         with torch.no_grad():
-            model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                           max_new_tokens=n, min_new_tokens=n, pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=n,
+                min_new_tokens=n,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         return time.perf_counter() - start
 
     run(4)  # warm-up
@@ -50,8 +57,7 @@ def hf_decode_rate(hf_dir: Path, batch: int, tokens: int) -> float:
 
 async def _stream(session, url: str, tokens: int, is_token_line) -> tuple[float, float, int]:
     """(first token time, last token time, tokens) of one greedy streamed request."""
-    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True,
-            "stream": True}
+    body = {"prompt": PROMPT, "max_tokens": tokens, "temperature": 0, "ignore_eos": True, "stream": True}
     first = last = None
     count = 0
     async with session.post(url, json=body) as resp:
@@ -66,14 +72,14 @@ async def _stream(session, url: str, tokens: int, is_token_line) -> tuple[float,
 
 def _stream_backend(session, url, tokens):
     """The backend's NDJSON: each line lists its new token ids."""
-    return _stream(session, url + "/v1/generate", tokens,
-                   lambda line: len(orjson.loads(line).get("ids") or ()))
+    return _stream(
+        session, url + "/v1/generate", tokens, lambda line: len(orjson.loads(line).get("ids") or ())
+    )
 
 
 def _stream_frontend(session, url, tokens):
     """The frontend's SSE: one chunk per token (a held-back piece may merge two)."""
-    return _stream(session, url + "/v1/completions", tokens,
-                   lambda line: int(line.startswith(b"data: {")))
+    return _stream(session, url + "/v1/completions", tokens, lambda line: int(line.startswith(b"data: {")))
 
 
 async def server_decode_rate(stream, url: str, batch: int, tokens: int) -> float:
@@ -103,17 +109,25 @@ def main() -> None:
     backend, port = start_backend(mi_dir)
     frontend, url = start_frontend(port)
     try:
-        print(f"tiny {args.arch}, greedy, {args.tokens} tokens per request, EOS ignored, "
-              f"torch threads {torch.get_num_threads()}")
-        print(f"{'batch':>5} {'HF tok/s':>10} {'mi backend tok/s':>17} {'ratio':>6} "
-              f"{'mi frontend tok/s':>18} {'ratio':>6}")
+        print(
+            f"tiny {args.arch}, greedy, {args.tokens} tokens per request, EOS ignored, "
+            f"torch threads {torch.get_num_threads()}"
+        )
+        print(
+            f"{'batch':>5} {'HF tok/s':>10} {'mi backend tok/s':>17} {'ratio':>6} "
+            f"{'mi frontend tok/s':>18} {'ratio':>6}"
+        )
         median = lambda run: statistics.median(run() for _ in range(args.repeats))  # noqa: E731
         for batch in args.batch:
-            hf = median(lambda: hf_decode_rate(hf_dir, batch, args.tokens))
-            be = median(lambda: asyncio.run(server_decode_rate(
-                _stream_backend, f"http://127.0.0.1:{port}", batch, args.tokens)))
-            fe = median(lambda: asyncio.run(server_decode_rate(_stream_frontend, url, batch,
-                                                               args.tokens)))
+            hf = median(lambda batch=batch: hf_decode_rate(hf_dir, batch, args.tokens))
+            be = median(
+                lambda batch=batch: asyncio.run(
+                    server_decode_rate(_stream_backend, f"http://127.0.0.1:{port}", batch, args.tokens)
+                )
+            )
+            fe = median(
+                lambda batch=batch: asyncio.run(server_decode_rate(_stream_frontend, url, batch, args.tokens))
+            )
             print(f"{batch:>5} {hf:>10.0f} {be:>17.0f} {be / hf:>6.2f} {fe:>18.0f} {fe / hf:>6.2f}")
     finally:
         frontend.stop()

@@ -6,6 +6,7 @@ Serves the ~104M-parameter random Llama of bench_tp.py (tp=1) twice: with prefix
 default) and with --no-prefix-caching. Each time it sends the same long prompt three times, one
 after another, and prints each request's time to first token and the cached tokens it reports.
 """
+
 import argparse
 import asyncio
 import sys
@@ -19,6 +20,7 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from bench_tp import MODEL_100M  # noqa: E402
+
 from servers import backend_headers, start_backend  # noqa: E402
 
 

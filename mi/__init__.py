@@ -7,11 +7,24 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-_SDK_NAMES = frozenset({
-    "Model", "AsyncModel", "Stream", "AsyncStream", "GenerationOutput", "StreamOutput",
-    "TokenLogprob", "MIError", "BackendUnavailable", "Overloaded", "InvalidRequest",
-    "AuthenticationError", "ServerError", "RequestTimeout",
-})
+_SDK_NAMES = frozenset(
+    {
+        "Model",
+        "AsyncModel",
+        "Stream",
+        "AsyncStream",
+        "GenerationOutput",
+        "StreamOutput",
+        "TokenLogprob",
+        "MIError",
+        "BackendUnavailable",
+        "Overloaded",
+        "InvalidRequest",
+        "AuthenticationError",
+        "ServerError",
+        "RequestTimeout",
+    }
+)
 
 __all__ = ["__version__", *sorted(_SDK_NAMES)]
 

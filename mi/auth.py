@@ -3,6 +3,7 @@
 The backend creates it on first start (mode 0600, in a 0700 directory) and requires it as
 `Authorization: Bearer SECRET` on every request but /health; the frontend and the SDK read it.
 """
+
 import hmac
 import os
 import secrets
@@ -37,4 +38,4 @@ def is_authorized(header: str | None, secret: str) -> bool:
     """Constant-time check of an `Authorization: Bearer ...` header."""
     if not header or not header.startswith("Bearer "):
         return False
-    return hmac.compare_digest(header[len("Bearer "):].strip().encode(), secret.encode())
+    return hmac.compare_digest(header[len("Bearer ") :].strip().encode(), secret.encode())

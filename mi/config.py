@@ -5,6 +5,7 @@ No other module reads an `MI_*` variable: the entry points (`mi-backend`, `mi-fr
 SDK's `Model` / `AsyncModel`) call `read_environment` once and pass the values down, so
 libraries take parameters and a test sets the environment of the processes it starts.
 """
+
 import os
 import re
 from collections.abc import Mapping
@@ -13,8 +14,19 @@ from pathlib import Path
 
 DEFAULT_CERT_PATH = Path("~/.mi/cert")
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6,
-          "mib": 1 << 20, "g": 1 << 30, "gb": 10**9, "gib": 1 << 30}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "kb": 10**3,
+    "kib": 1 << 10,
+    "m": 1 << 20,
+    "mb": 10**6,
+    "mib": 1 << 20,
+    "g": 1 << 30,
+    "gb": 10**9,
+    "gib": 1 << 30,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -46,8 +58,12 @@ class Environment:
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
     """This process's `MI_*` variables (or those of `environ`)."""
     environ = os.environ if environ is None else environ
-    return Environment(cert=environ.get("MI_CERT") or None, api_key=environ.get("MI_API_KEY") or None,
-                       profile=_flag(environ, "MI_PROFILE"), force_triton=_flag(environ, "MI_FORCE_TRITON"))
+    return Environment(
+        cert=environ.get("MI_CERT") or None,
+        api_key=environ.get("MI_API_KEY") or None,
+        profile=_flag(environ, "MI_PROFILE"),
+        force_triton=_flag(environ, "MI_FORCE_TRITON"),
+    )
 
 
 def cert_path(explicit: str | Path | None = None, env: Environment | None = None) -> Path:
@@ -83,17 +99,25 @@ class BackendConfig:
 
     def __post_init__(self):
         checks = [
-            (self.num_devices >= 1 and self.num_devices % self.tp == 0,
-             f"--device {self.num_devices} is not a positive multiple of the checkpoint's tp={self.tp}"),
-            (self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
-             f"--block-size must be a power of two, got {self.block_size}"),
+            (
+                self.num_devices >= 1 and self.num_devices % self.tp == 0,
+                f"--device {self.num_devices} is not a positive multiple of the checkpoint's tp={self.tp}",
+            ),
+            (
+                self.block_size >= 1 and self.block_size & (self.block_size - 1) == 0,
+                f"--block-size must be a power of two, got {self.block_size}",
+            ),
             (self.max_num_seqs >= 1, f"--max-num-seqs must be >= 1, got {self.max_num_seqs}"),
-            (self.max_num_batched_tokens >= 1,
-             f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}"),
+            (
+                self.max_num_batched_tokens >= 1,
+                f"--max-num-batched-tokens must be >= 1, got {self.max_num_batched_tokens}",
+            ),
             (self.max_model_len >= 2, f"--max-model-len must be >= 2, got {self.max_model_len}"),
             (self.num_kv_blocks >= 0, f"--num-kv-blocks must be >= 0, got {self.num_kv_blocks}"),
-            (self.max_queued_requests >= 0,
-             f"--max-queued-requests must be >= 0, got {self.max_queued_requests}"),
+            (
+                self.max_queued_requests >= 0,
+                f"--max-queued-requests must be >= 0, got {self.max_queued_requests}",
+            ),
             (1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}"),
         ]
         for ok, message in checks:

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models (built once per session) and a served Llama model."""
+
 import os
 import tempfile
 
@@ -79,9 +80,19 @@ def secured_frontend(served_model):
 
     api_key, names = "sk-test-0123456789", ("tiny-llama", "gpt-3.5-turbo-instruct")
     proc, url = start_frontend(
-        served_model.backend_port, "--api-key", api_key, "--served-model-name", *names,
-        "--allowed-origins", "http://allowed.example", "--max-n", "4", "--max-tokens", "32",
-        "--max-body-bytes", "64KiB",
+        served_model.backend_port,
+        "--api-key",
+        api_key,
+        "--served-model-name",
+        *names,
+        "--allowed-origins",
+        "http://allowed.example",
+        "--max-n",
+        "4",
+        "--max-tokens",
+        "32",
+        "--max-body-bytes",
+        "64KiB",
     )
     yield Frontend(url, api_key, names, proc)
     proc.stop()

@@ -1,4 +1,5 @@
 """Start the real mi-backend / mi-frontend processes on free ports for tests."""
+
 import os
 import signal
 import socket
@@ -6,10 +7,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
-
-import urllib.request
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,9 +34,15 @@ class Process:
 
     def __init__(self, args: list[str], env: dict | None = None):
         self.args = args
-        self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, text=True, cwd=REPO,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -73,16 +79,38 @@ class Process:
 
 def start_backend(model_dir: Path, *extra: str, port: int | None = None) -> tuple[Process, int]:
     port = port or free_port()
-    proc = Process([sys.executable, "-m", "mi.backend.launch", "--model", str(model_dir),
-                    "--device", "all", "--port", str(port), *extra])
+    proc = Process(
+        [
+            sys.executable,
+            "-m",
+            "mi.backend.launch",
+            "--model",
+            str(model_dir),
+            "--device",
+            "all",
+            "--port",
+            str(port),
+            *extra,
+        ]
+    )
     proc.wait_for_output(f"service start at localhost:{port}", timeout=180)
     return proc, port
 
 
 def start_frontend(backend_port: int, *extra: str) -> tuple[Process, str]:
     port = free_port()
-    proc = Process([sys.executable, "-m", "mi.frontend.launch", "--backend", str(backend_port),
-                    "--server-port", str(port), *extra])
+    proc = Process(
+        [
+            sys.executable,
+            "-m",
+            "mi.frontend.launch",
+            "--backend",
+            str(backend_port),
+            "--server-port",
+            str(port),
+            *extra,
+        ]
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while True:

@@ -1,4 +1,5 @@
 """Process plumbing shared by the backend's child actors."""
+
 import ctypes
 import os
 import signal

@@ -16,6 +16,7 @@ tags of the codec before msgspec: a positive fixint is one msgpack byte, and the
 class name, is the wire identity. Array fields declare their dtype; the decoder rejects any
 other. `logprobs` and `prompt_logprobs` are `int | None` on every hop (None: not asked).
 """
+
 import msgspec
 import numpy as np
 import numpy.typing as npt
@@ -24,10 +25,27 @@ from mi.api.sampling import SamplingParams
 from mi.shm.codec import Codec
 
 __all__ = [
-    "CODEC", "FINISHED_ABORT", "FINISHED_LENGTH", "FINISHED_STOP", "FINISH_REASON_NAMES",
-    "NOT_FINISHED", "AbortRequest", "ActorFailed", "AddRequest", "Message", "NewSlot",
-    "PromptLogprobs", "RequestRejected", "SchedulerCounters", "SchedulerReady", "SchedulerStats",
-    "Shutdown", "StepPlan", "StepResult", "TokenOutputs", "WorkerReady",
+    "CODEC",
+    "FINISHED_ABORT",
+    "FINISHED_LENGTH",
+    "FINISHED_STOP",
+    "FINISH_REASON_NAMES",
+    "NOT_FINISHED",
+    "AbortRequest",
+    "ActorFailed",
+    "AddRequest",
+    "Message",
+    "NewSlot",
+    "PromptLogprobs",
+    "RequestRejected",
+    "SchedulerCounters",
+    "SchedulerReady",
+    "SchedulerStats",
+    "Shutdown",
+    "StepPlan",
+    "StepResult",
+    "TokenOutputs",
+    "WorkerReady",
 ]
 
 # TokenOutputs.finish_reasons codes.
@@ -156,7 +174,18 @@ class SchedulerStats(_Part, tag=12):
     stats: SchedulerCounters
 
 
-Message = (AddRequest | AbortRequest | Shutdown | WorkerReady | SchedulerReady | TokenOutputs
-           | RequestRejected | ActorFailed | StepPlan | StepResult | PromptLogprobs
-           | SchedulerStats)
+Message = (
+    AddRequest
+    | AbortRequest
+    | Shutdown
+    | WorkerReady
+    | SchedulerReady
+    | TokenOutputs
+    | RequestRejected
+    | ActorFailed
+    | StepPlan
+    | StepResult
+    | PromptLogprobs
+    | SchedulerStats
+)
 CODEC = Codec(Message)

@@ -78,17 +78,31 @@ class GenerateRequest(SamplingParams, frozen=True, forbid_unknown_fields=True, o
     their defaults, so a request that uses no new feature is also understood by an older backend.
     """
 
-    request_id: Annotated[str, Meta(
-        min_length=1, max_length=MAX_REQUEST_ID_LEN,
-        description="The name of this request in aborts and answers; default: a new unique one.",
-    )] = msgspec.field(default_factory=new_request_id)
+    request_id: Annotated[
+        str,
+        Meta(
+            min_length=1,
+            max_length=MAX_REQUEST_ID_LEN,
+            description="The name of this request in aborts and answers; default: a new unique one.",
+        ),
+    ] = msgspec.field(default_factory=new_request_id)
     prompt: Annotated[str, Meta(description="The prompt as text (tokenized by the backend).")] | None = None
-    prompt_ids: Annotated[tuple[TokenId, ...], Meta(
-        min_length=1, description="The prompt as token ids, used as given.",
-    )] | None = None
-    add_special_tokens: Annotated[bool, Meta(
-        description="Tokenizing `prompt` adds the model's special tokens (e.g. BOS).",
-    )] = True
+    prompt_ids: (
+        Annotated[
+            tuple[TokenId, ...],
+            Meta(
+                min_length=1,
+                description="The prompt as token ids, used as given.",
+            ),
+        ]
+        | None
+    ) = None
+    add_special_tokens: Annotated[
+        bool,
+        Meta(
+            description="Tokenizing `prompt` adds the model's special tokens (e.g. BOS).",
+        ),
+    ] = True
     stream: Annotated[bool, Meta(description="Answer with NDJSON lines as tokens arrive.")] = False
 
     def __post_init__(self) -> None:

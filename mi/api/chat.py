@@ -56,9 +56,13 @@ __all__ = [
 
 Role = Literal["system", "developer", "user", "assistant", "tool", "function"]
 Ignored = Meta(description="Accepted and ignored: it does not change what the model generates.")
-Unsupported = Meta(description="Not supported yet: any value but null is a 400.", extra_json_schema={"type": "null"})
+Unsupported = Meta(
+    description="Not supported yet: any value but null is a 400.", extra_json_schema={"type": "null"}
+)
 UnsupportedPart = Meta(description="Not read: a part of this type is a 400 (not supported yet).")
-NoneOrAuto = Meta(description='Only "none" and "auto" are supported.', extra_json_schema={"enum": ["none", "auto", None]})
+NoneOrAuto = Meta(
+    description='Only "none" and "auto" are supported.', extra_json_schema={"enum": ["none", "auto", None]}
+)
 MaxTokens = Annotated[int, Meta(ge=1, le=INT32_MAX)]
 
 
@@ -102,14 +106,20 @@ class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """One message of the conversation, as the chat template receives it (`template_messages`)."""
 
     role: Annotated[Role, Meta(description="Who speaks; the chat template decides what each role means.")]
-    content: Annotated[str | list[ContentPart] | None, Meta(
-        description="A string, or text parts joined with newlines; null only for an assistant "
-                    "or a function message.",
-    )] = None
+    content: Annotated[
+        str | list[ContentPart] | None,
+        Meta(
+            description="A string, or text parts joined with newlines; null only for an assistant "
+            "or a function message.",
+        ),
+    ] = None
     name: Annotated[str | None, Meta(description="The speaker's name, for the template.")] = None
-    tool_calls: Annotated[list[dict[str, Any]] | None, Meta(
-        description="An assistant's earlier tool calls, for the template.",
-    )] = None
+    tool_calls: Annotated[
+        list[dict[str, Any]] | None,
+        Meta(
+            description="An assistant's earlier tool calls, for the template.",
+        ),
+    ] = None
     tool_call_id: Annotated[str | None, Meta(description="The call a tool message answers.")] = None
     refusal: Annotated[str | None, Ignored] = None
     function_call: Annotated[dict[str, Any] | None, Ignored] = None
@@ -118,10 +128,15 @@ class ChatMessage(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
 # What `template_messages` checks, said in the document: only an assistant or a function message
 # may leave `content` out.
-Message = Annotated[ChatMessage, Meta(extra_json_schema={
-    "if": {"properties": {"role": {"enum": ["system", "developer", "user", "tool"]}}},
-    "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
-})]
+Message = Annotated[
+    ChatMessage,
+    Meta(
+        extra_json_schema={
+            "if": {"properties": {"role": {"enum": ["system", "developer", "user", "tool"]}}},
+            "then": {"required": ["content"], "properties": {"content": {"not": {"type": "null"}}}},
+        }
+    ),
+]
 
 
 def template_messages(messages: list[ChatMessage]) -> list[dict]:
@@ -165,41 +180,72 @@ class ResponseFormat(msgspec.Struct, frozen=True):
     type: Annotated[str, Meta(description='Only "text" is supported.', extra_json_schema={"enum": ["text"]})]
 
 
-class ChatCompletionRequest(sampling_base("ChatSampling"), frozen=True, forbid_unknown_fields=True, kw_only=True):
+class ChatCompletionRequest(
+    sampling_base("ChatSampling"), frozen=True, forbid_unknown_fields=True, kw_only=True
+):
     """A `POST /v1/chat/completions` body: the sampling fields plus these."""
 
     messages: Annotated[list[Message], Meta(min_length=1, description="The conversation so far.")]
     model: Annotated[str | None, Meta(description="A served model name; absent: the first one.")] = None
-    max_completion_tokens: Annotated[MaxTokens | None, Meta(
-        description="Tokens to generate per choice; absent: the rest of the context (capped by "
-                    "the server's --max-tokens).",
-    )] = None
+    max_completion_tokens: Annotated[
+        MaxTokens | None,
+        Meta(
+            description="Tokens to generate per choice; absent: the rest of the context (capped by "
+            "the server's --max-tokens).",
+        ),
+    ] = None
     max_tokens: Annotated[MaxTokens | None, Meta(description="The old name of max_completion_tokens.")] = None
     n: Annotated[int, Meta(ge=1, description="Choices.")] = 1
     stream: Annotated[bool, Meta(description="Answer with server-sent events as tokens arrive.")] = False
     stream_options: Annotated[StreamOptions | None, Meta(description="Only with stream.")] = None
     logprobs: Annotated[bool, Meta(description="Return the logprob of each generated token.")] = False
-    top_logprobs: Annotated[NumLogprobs | None, Meta(
-        description="With logprobs: this many alternatives per token (0 gives []).",
-    )] = None
+    top_logprobs: Annotated[
+        NumLogprobs | None,
+        Meta(
+            description="With logprobs: this many alternatives per token (0 gives []).",
+        ),
+    ] = None
     response_format: Annotated[ResponseFormat | None, Meta(description='Only {"type": "text"}.')] = None
-    tools: Annotated[list[dict[str, Any]], Meta(
-        description="Only an empty list is supported.", extra_json_schema={"maxItems": 0},
-    )] | None = None
+    tools: (
+        Annotated[
+            list[dict[str, Any]],
+            Meta(
+                description="Only an empty list is supported.",
+                extra_json_schema={"maxItems": 0},
+            ),
+        ]
+        | None
+    ) = None
     tool_choice: Annotated[str | dict[str, Any] | None, NoneOrAuto] = None
     function_call: Annotated[str | dict[str, Any] | None, NoneOrAuto] = None
-    modalities: Annotated[list[str], Meta(
-        description='Only ["text"] is supported.', extra_json_schema={"enum": [["text"]]},
-    )] | None = None
-    add_generation_prompt: Annotated[bool | None, Meta(
-        description="The template opens an assistant turn; default: not continue_final_message.",
-    )] = None
-    continue_final_message: Annotated[bool, Meta(
-        description="Continue the last (assistant) message instead of starting a new one.",
-    )] = False
-    chat_template_kwargs: Annotated[dict[str, Any], Meta(
-        description="More variables for the chat template.",
-    )] = msgspec.field(default_factory=dict)
+    modalities: (
+        Annotated[
+            list[str],
+            Meta(
+                description='Only ["text"] is supported.',
+                extra_json_schema={"enum": [["text"]]},
+            ),
+        ]
+        | None
+    ) = None
+    add_generation_prompt: Annotated[
+        bool | None,
+        Meta(
+            description="The template opens an assistant turn; default: not continue_final_message.",
+        ),
+    ] = None
+    continue_final_message: Annotated[
+        bool,
+        Meta(
+            description="Continue the last (assistant) message instead of starting a new one.",
+        ),
+    ] = False
+    chat_template_kwargs: Annotated[
+        dict[str, Any],
+        Meta(
+            description="More variables for the chat template.",
+        ),
+    ] = msgspec.field(default_factory=dict)
     user: Annotated[str | None, Ignored] = None
     safety_identifier: Annotated[str | None, Ignored] = None
     prompt_cache_key: Annotated[str | None, Ignored] = None
@@ -276,7 +322,11 @@ class ChatPlan:
     @property
     def add_generation_prompt(self) -> bool:
         req = self.request
-        return req.add_generation_prompt if req.add_generation_prompt is not None else not req.continue_final_message
+        return (
+            req.add_generation_prompt
+            if req.add_generation_prompt is not None
+            else not req.continue_final_message
+        )
 
     @property
     def continue_final_message(self) -> bool:
@@ -286,11 +336,16 @@ class ChatPlan:
     def chat_template_kwargs(self) -> dict:
         return self.request.chat_template_kwargs
 
-    def generate_requests(self, prompt_ids: list[int], chat_id: str, max_tokens: int) -> tuple[GenerateRequest, ...]:
+    def generate_requests(
+        self, prompt_ids: list[int], chat_id: str, max_tokens: int
+    ) -> tuple[GenerateRequest, ...]:
         """One backend request per choice; `max_tokens` is what the frontend resolved."""
         req = self.request
         template = to_generate_request(
-            req, prompt_ids=tuple(prompt_ids), max_tokens=max_tokens, stream=req.stream,
+            req,
+            prompt_ids=tuple(prompt_ids),
+            max_tokens=max_tokens,
+            stream=req.stream,
             logprobs=(req.top_logprobs or 0) if req.logprobs else None,
         )
         return tuple(
@@ -308,8 +363,15 @@ def parse_chat_request(
     req.check_supported()
     plan = ChatPlan(req, model, template_messages(req.messages))
     key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-    check_limits(limits, n=req.n, stop=req.stop, logprobs=req.top_logprobs, logprobs_param="top_logprobs",
-                 max_tokens=plan.max_tokens, max_tokens_param=key)
+    check_limits(
+        limits,
+        n=req.n,
+        stop=req.stop,
+        logprobs=req.top_logprobs,
+        logprobs_param="top_logprobs",
+        max_tokens=plan.max_tokens,
+        max_tokens_param=key,
+    )
     SamplingParams.check_vocab(req, vocab_size)  # the sampling fields are SamplingParams' own
     return plan
 
@@ -371,9 +433,12 @@ class ChatChunkChoice(msgspec.Struct, frozen=True):
     index: int
     delta: ChatDelta
     logprobs: ChatLogprobs | None
-    finish_reason: Annotated[Literal["stop", "length"] | None, Meta(
-        description="Null in every chunk but the last of its choice.",
-    )]
+    finish_reason: Annotated[
+        Literal["stop", "length"] | None,
+        Meta(
+            description="Null in every chunk but the last of its choice.",
+        ),
+    ]
 
 
 class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):

@@ -49,12 +49,18 @@ class ErrorInfo(msgspec.Struct, frozen=True):
     """What went wrong, for the client (never a path, an address or a traceback)."""
 
     message: Annotated[str, Meta(description="A sentence for the end user.")]
-    type: Annotated[str, Meta(description="invalid_request_error, authentication_error, "
-                                          "rate_limit_error, server_error, ...")]
-    param: Annotated[str | None, Meta(description="The request field at fault, e.g. "
-                                                  "'messages[0].role'; null when none is.")]
-    code: Annotated[str | None, Meta(description="A stable name of the failure, e.g. "
-                                                 "'invalid_value', 'context_length_exceeded'.")]
+    type: Annotated[
+        str,
+        Meta(description="invalid_request_error, authentication_error, rate_limit_error, server_error, ..."),
+    ]
+    param: Annotated[
+        str | None,
+        Meta(description="The request field at fault, e.g. 'messages[0].role'; null when none is."),
+    ]
+    code: Annotated[
+        str | None,
+        Meta(description="A stable name of the failure, e.g. 'invalid_value', 'context_length_exceeded'."),
+    ]
 
 
 class ErrorResponse(msgspec.Struct, frozen=True):
@@ -176,21 +182,37 @@ def validation_error(message: str, param_prefix: str = "", body_type: type | Non
         detail, param = match.group("key") + " as a key", _param(match.group("keypath"), body_type)
     if detail.startswith("Object contains unknown field `"):
         name = detail.split("`")[1][:64]
-        return ApiError(400, f"Unrecognized request argument supplied: {name}",
-                        _join(param, name, param_prefix), code="unknown_parameter")
+        return ApiError(
+            400,
+            f"Unrecognized request argument supplied: {name}",
+            _join(param, name, param_prefix),
+            code="unknown_parameter",
+        )
     if detail.startswith("Object missing required field `"):
         name = detail.split("`")[1]
-        return ApiError(400, f"'{_join(param, name, '')}' is required.", _join(param, name, param_prefix),
-                        code="missing_required_parameter")
+        return ApiError(
+            400,
+            f"'{_join(param, name, '')}' is required.",
+            _join(param, name, param_prefix),
+            code="missing_required_parameter",
+        )
     if param is None and (named := _LEADING_NAME.match(detail)):  # a __post_init__ rule
         return ApiError(400, detail, param_prefix + named.group("name"), code="invalid_value")
     if param is None:
-        return ApiError(400, f"The request body is invalid: {detail}.", param_prefix or "body",
-                        code="invalid_type" if detail.startswith("Expected `object`") else "invalid_value")
+        return ApiError(
+            400,
+            f"The request body is invalid: {detail}.",
+            param_prefix or "body",
+            code="invalid_type" if detail.startswith("Expected `object`") else "invalid_value",
+        )
     is_type = re.match(r"Expected `[^`]*`, got `", detail) is not None
     shown = param_prefix + param
-    return ApiError(400, f"Invalid '{shown}': {detail[0].lower()}{detail[1:]}.", shown,
-                    code="invalid_type" if is_type else "invalid_value")
+    return ApiError(
+        400,
+        f"Invalid '{shown}': {detail[0].lower()}{detail[1:]}.",
+        shown,
+        code="invalid_type" if is_type else "invalid_value",
+    )
 
 
 def _param(path: str, body_type: type | None) -> str | None:

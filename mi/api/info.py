@@ -30,21 +30,40 @@ class TokenizeRequest(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 
     model: Annotated[str | None, Meta(description="A served model name; absent: the first one.")] = None
     prompt: Annotated[str | None, Meta(description="A text to tokenize.")] = None
-    messages: Annotated[list[Message], Meta(
-        min_length=1, description="Chat messages, rendered with the chat template first.",
-    )] | None = None
-    add_special_tokens: Annotated[bool, Meta(
-        description="With `prompt`: add the model's special tokens (e.g. BOS).",
-    )] = True
-    add_generation_prompt: Annotated[bool | None, Meta(
-        description="With `messages`: open an assistant turn; default: not continue_final_message.",
-    )] = None
-    continue_final_message: Annotated[bool, Meta(
-        description="With `messages`: continue the last (assistant) message.",
-    )] = False
-    chat_template_kwargs: Annotated[dict[str, Any], Meta(
-        description="With `messages`: more variables for the chat template.",
-    )] = msgspec.field(default_factory=dict)
+    messages: (
+        Annotated[
+            list[Message],
+            Meta(
+                min_length=1,
+                description="Chat messages, rendered with the chat template first.",
+            ),
+        ]
+        | None
+    ) = None
+    add_special_tokens: Annotated[
+        bool,
+        Meta(
+            description="With `prompt`: add the model's special tokens (e.g. BOS).",
+        ),
+    ] = True
+    add_generation_prompt: Annotated[
+        bool | None,
+        Meta(
+            description="With `messages`: open an assistant turn; default: not continue_final_message.",
+        ),
+    ] = None
+    continue_final_message: Annotated[
+        bool,
+        Meta(
+            description="With `messages`: continue the last (assistant) message.",
+        ),
+    ] = False
+    chat_template_kwargs: Annotated[
+        dict[str, Any],
+        Meta(
+            description="With `messages`: more variables for the chat template.",
+        ),
+    ] = msgspec.field(default_factory=dict)
     return_token_strs: Annotated[bool, Meta(description="Also return each token's text.")] = False
 
 

@@ -55,8 +55,12 @@ def completion_logprobs(positions: list[Position], texts: TokenTexts, text_offse
             top.setdefault(texts.token_str(top_id), _lp(lp))
         top.setdefault(token, _lp(entry.logprob))
         top_logprobs.append(top)
-    obj = {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
-           "text_offset": offsets}
+    obj = {
+        "tokens": tokens,
+        "token_logprobs": token_logprobs,
+        "top_logprobs": top_logprobs,
+        "text_offset": offsets,
+    }
     return obj, text_offset
 
 

@@ -57,32 +57,60 @@ def not_supported(param: str, what: str) -> ApiError:
     return ApiError(400, f"{what} is not supported.", param, code="unsupported_parameter")
 
 
-class CompletionRequest(sampling_base("CompletionSampling", keep=frozenset({"logprobs"})),
-                        frozen=True, forbid_unknown_fields=True, kw_only=True):
+class CompletionRequest(
+    sampling_base("CompletionSampling", keep=frozenset({"logprobs"})),
+    frozen=True,
+    forbid_unknown_fields=True,
+    kw_only=True,
+):
     """A `POST /v1/completions` body: the sampling fields plus these."""
 
-    prompt: Annotated[Prompt, Meta(
-        description="A string, an array of strings, an array of token ids or an array of such "
-                    "arrays; each prompt gets `n` choices.",
-    )]
+    prompt: Annotated[
+        Prompt,
+        Meta(
+            description="A string, an array of strings, an array of token ids or an array of such "
+            "arrays; each prompt gets `n` choices.",
+        ),
+    ]
     model: Annotated[str | None, Meta(description="A served model name; absent: the first one.")] = None
-    max_tokens: Annotated[int, Meta(
-        ge=0, le=INT32_MAX,
-        description="Tokens to generate per choice; default 16 (or the server's --max-tokens if "
-                    "lower). 0 only with `echo`: the answer scores the prompt.",
-    )] | None = None
+    max_tokens: (
+        Annotated[
+            int,
+            Meta(
+                ge=0,
+                le=INT32_MAX,
+                description="Tokens to generate per choice; default 16 (or the server's --max-tokens if "
+                "lower). 0 only with `echo`: the answer scores the prompt.",
+            ),
+        ]
+        | None
+    ) = None
     n: Annotated[int, Meta(ge=1, description="Choices per prompt.")] = 1
     stream: Annotated[bool, Meta(description="Answer with server-sent events as tokens arrive.")] = False
     stream_options: Annotated[StreamOptions | None, Meta(description="Only with stream.")] = None
-    echo: Annotated[bool, Meta(description="Put the prompt (and its logprobs) before each choice's text.")] = False
-    best_of: Annotated[int, Meta(ge=1, description="Only 1 is supported.", extra_json_schema={"enum": [1]})] | None = None
-    suffix: Annotated[str, Meta(
-        description="Only an empty suffix is supported.", extra_json_schema={"maxLength": 0},
-    )] | None = None
+    echo: Annotated[
+        bool, Meta(description="Put the prompt (and its logprobs) before each choice's text.")
+    ] = False
+    best_of: (
+        Annotated[int, Meta(ge=1, description="Only 1 is supported.", extra_json_schema={"enum": [1]})] | None
+    ) = None
+    suffix: (
+        Annotated[
+            str,
+            Meta(
+                description="Only an empty suffix is supported.",
+                extra_json_schema={"maxLength": 0},
+            ),
+        ]
+        | None
+    ) = None
     user: Annotated[str, Meta(description="Accepted and ignored.")] | None = None
-    add_special_tokens: Annotated[bool, Meta(
-        description="Tokenizing a text prompt adds the model's special tokens (e.g. BOS).",
-    )] = True
+    add_special_tokens: Annotated[
+        bool,
+        Meta(
+            description="Tokenizing a text prompt adds the model's special tokens (e.g. BOS).",
+        ),
+    ] = True
 
     def __post_init__(self) -> None:
         # ValueError here becomes a 400 naming the quoted field (mi.api.errors.validation_error).
@@ -92,7 +120,11 @@ class CompletionRequest(sampling_base("CompletionSampling", keep=frozenset({"log
             raise ValueError("'stream_options' is only allowed when 'stream' is true.")
 
     def to_generate_requests(
-        self, completion_id: str, *, vocab_size: int, limits: Limits,
+        self,
+        completion_id: str,
+        *,
+        vocab_size: int,
+        limits: Limits,
     ) -> tuple[tuple[str | tuple[int, ...], ...], tuple[GenerateRequest, ...]]:
         """The prompts and one backend request per choice, ids `{completion_id}-{index}` (so an
         abort can name them); `ApiError` when this server's limits or vocabulary say no."""
@@ -100,13 +132,23 @@ class CompletionRequest(sampling_base("CompletionSampling", keep=frozenset({"log
             raise not_supported("best_of", "best_of other than 1")
         if self.suffix:
             raise not_supported("suffix", "suffix")
-        check_limits(limits, n=self.n, stop=self.stop, logprobs=self.logprobs, logprobs_param="logprobs",
-                     max_tokens=self.max_tokens, max_tokens_param="max_tokens")
+        check_limits(
+            limits,
+            n=self.n,
+            stop=self.stop,
+            logprobs=self.logprobs,
+            logprobs_param="logprobs",
+            max_tokens=self.max_tokens,
+            max_tokens_param="max_tokens",
+        )
         SamplingParams.check_vocab(self, vocab_size)  # the sampling fields are SamplingParams' own
         prompts = _prompts(self.prompt, vocab_size)
         if len(prompts) * self.n > limits.max_choices:
-            raise invalid("prompt", f"At most {limits.max_choices} choices (prompts x n) per request, "
-                                    f"got {len(prompts)} x {self.n}.")
+            raise invalid(
+                "prompt",
+                f"At most {limits.max_choices} choices (prompts x n) per request, "
+                f"got {len(prompts)} x {self.n}.",
+            )
         max_tokens = self.max_tokens if self.max_tokens is not None else min(16, limits.max_tokens or 16)
         # NOTE: echo with logprobs (or scoring with max_tokens 0) needs the prompt's logprobs.
         prompt_logprobs = None
@@ -115,20 +157,28 @@ class CompletionRequest(sampling_base("CompletionSampling", keep=frozenset({"log
         elif max_tokens == 0:
             prompt_logprobs = 0
         template = to_generate_request(
-            self, prompt=prompts[0] if isinstance(prompts[0], str) else None,
+            self,
+            prompt=prompts[0] if isinstance(prompts[0], str) else None,
             prompt_ids=None if isinstance(prompts[0], str) else prompts[0],
-            add_special_tokens=self.add_special_tokens, max_tokens=max_tokens, logprobs=self.logprobs,
-            prompt_logprobs=prompt_logprobs, stream=self.stream,
+            add_special_tokens=self.add_special_tokens,
+            max_tokens=max_tokens,
+            logprobs=self.logprobs,
+            prompt_logprobs=prompt_logprobs,
+            stream=self.stream,
         )
         reqs = []
         for prompt_index, prompt in enumerate(prompts):
             is_text = isinstance(prompt, str)
             for i in range(self.n):
-                reqs.append(msgspec.structs.replace(
-                    template, request_id=f"{completion_id}-{prompt_index * self.n + i}",
-                    prompt=prompt if is_text else None, prompt_ids=None if is_text else prompt,
-                    seed=seed_for_choice(self.seed, i),
-                ))
+                reqs.append(
+                    msgspec.structs.replace(
+                        template,
+                        request_id=f"{completion_id}-{prompt_index * self.n + i}",
+                        prompt=prompt if is_text else None,
+                        prompt_ids=None if is_text else prompt,
+                        seed=seed_for_choice(self.seed, i),
+                    )
+                )
         return tuple(prompts), tuple(reqs)
 
 
@@ -143,8 +193,13 @@ def _prompts(prompt: str | list, vocab_size: int) -> list[str | tuple[int, ...]]
     elif all(isinstance(p, list) for p in prompt):
         prompts = [tuple(p) for p in prompt]
     else:
-        raise ApiError(400, "'prompt' must be a string, an array of strings, an array of token ids or an "
-                            "array of token id arrays, not a mix.", "prompt", code="invalid_type")
+        raise ApiError(
+            400,
+            "'prompt' must be a string, an array of strings, an array of token ids or an "
+            "array of token id arrays, not a mix.",
+            "prompt",
+            code="invalid_type",
+        )
     bad = next((token_id for ids in prompts for token_id in ids if token_id >= vocab_size), None)
     if bad is not None:
         raise invalid("prompt", f"Token id {bad} in 'prompt' is out of range [0, {vocab_size}).")
@@ -215,9 +270,12 @@ class CompletionChoice(msgspec.Struct, frozen=True):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: Annotated[Literal["stop", "length"] | None, Meta(
-        description="Null in every streamed chunk but the last of its choice.",
-    )]
+    finish_reason: Annotated[
+        Literal["stop", "length"] | None,
+        Meta(
+            description="Null in every streamed chunk but the last of its choice.",
+        ),
+    ]
 
 
 class CompletionResponse(msgspec.Struct, frozen=True, kw_only=True):

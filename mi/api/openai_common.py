@@ -56,7 +56,11 @@ def sampling_base(name: str, *, keep: frozenset[str] = frozenset()) -> type[msgs
     for f in msgspec.structs.fields(SamplingParams):
         if f.name in _OWN_FIELDS - keep:
             continue
-        default = f.default if f.default is not msgspec.NODEFAULT else msgspec.field(default_factory=f.default_factory)
+        default = (
+            f.default
+            if f.default is not msgspec.NODEFAULT
+            else msgspec.field(default_factory=f.default_factory)
+        )
         fields.append((f.name, f.type, default))
     return msgspec.defstruct(name, fields, frozen=True, forbid_unknown_fields=True, module=__name__)
 
@@ -65,7 +69,9 @@ def to_generate_request(req: msgspec.Struct, **resolved) -> GenerateRequest:
     """A backend request from the sampling fields of `req` (an OpenAI request) and what the
     endpoint `resolved` (max_tokens, logprobs, prompt, ...); a rule between fields that only now
     holds (min_tokens > max_tokens) is a 400."""
-    fields = {name: getattr(req, name) for name in SamplingParams.__struct_fields__ if name not in _OWN_FIELDS}
+    fields = {
+        name: getattr(req, name) for name in SamplingParams.__struct_fields__ if name not in _OWN_FIELDS
+    }
     try:
         return GenerateRequest(**(fields | resolved))
     except ValueError as exc:  # SamplingParams.__post_init__
@@ -75,10 +81,13 @@ def to_generate_request(req: msgspec.Struct, **resolved) -> GenerateRequest:
 class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Options of a streamed answer (only with `stream: true`)."""
 
-    include_usage: Annotated[bool, Meta(
-        description="Send one more chunk before [DONE], with no choices and the usage of the "
-                    "whole request; every other chunk then has `usage: null`.",
-    )] = False
+    include_usage: Annotated[
+        bool,
+        Meta(
+            description="Send one more chunk before [DONE], with no choices and the usage of the "
+            "whole request; every other chunk then has `usage: null`.",
+        ),
+    ] = False
     include_obfuscation: Annotated[bool, Meta(description="Accepted and ignored.")] = False
 
 
@@ -102,21 +111,33 @@ class Limits:
 
 
 def check_limits(
-    limits: Limits, *, n: int, stop: str | tuple[str, ...], logprobs: int | None, logprobs_param: str,
-    max_tokens: int | None, max_tokens_param: str,
+    limits: Limits,
+    *,
+    n: int,
+    stop: str | tuple[str, ...],
+    logprobs: int | None,
+    logprobs_param: str,
+    max_tokens: int | None,
+    max_tokens_param: str,
 ) -> None:
     """The limits of this server on a decoded request (400 naming the field)."""
     if n > limits.max_n:
         raise invalid("n", f"'n' must be at most {limits.max_n} on this server, got {n}.")
     num_stop = 1 if isinstance(stop, str) else len(stop)
     if num_stop > limits.max_stop:
-        raise invalid("stop", f"'stop' may hold at most {limits.max_stop} strings on this server, got {num_stop}.")
+        raise invalid(
+            "stop", f"'stop' may hold at most {limits.max_stop} strings on this server, got {num_stop}."
+        )
     if logprobs is not None and logprobs > limits.max_logprobs:
-        raise invalid(logprobs_param, f"'{logprobs_param}' must be at most {limits.max_logprobs} on this "
-                                      f"server, got {logprobs}.")
+        raise invalid(
+            logprobs_param,
+            f"'{logprobs_param}' must be at most {limits.max_logprobs} on this server, got {logprobs}.",
+        )
     if max_tokens is not None and limits.max_tokens is not None and max_tokens > limits.max_tokens:
-        raise invalid(max_tokens_param, f"'{max_tokens_param}' must be at most {limits.max_tokens} on this "
-                                        f"server, got {max_tokens}.")
+        raise invalid(
+            max_tokens_param,
+            f"'{max_tokens_param}' must be at most {limits.max_tokens} on this server, got {max_tokens}.",
+        )
 
 
 def new_id(prefix: str) -> str:
@@ -158,8 +179,12 @@ class CompletionUsage(msgspec.Struct, frozen=True):
 
 
 def usage_info(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> CompletionUsage:
-    return CompletionUsage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens,
-                           PromptTokensDetails(cached_tokens))
+    return CompletionUsage(
+        prompt_tokens,
+        completion_tokens,
+        prompt_tokens + completion_tokens,
+        PromptTokensDetails(cached_tokens),
+    )
 
 
 class ModelCard(msgspec.Struct, frozen=True, kw_only=True):
@@ -178,5 +203,6 @@ class ModelList(msgspec.Struct, frozen=True, kw_only=True):
 
 
 def model_list(served_names: tuple[str, ...], created: int, max_model_len: int) -> ModelList:
-    return ModelList(data=[ModelCard(id=name, created=created, max_model_len=max_model_len)
-                           for name in served_names])
+    return ModelList(
+        data=[ModelCard(id=name, created=created, max_model_len=max_model_len) for name in served_names]
+    )

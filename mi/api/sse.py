@@ -29,5 +29,5 @@ def decode_events(raw: bytes) -> list[bytes]:
     for event in raw.split(b"\n\n")[:-1]:
         if not event.startswith(b"data: ") or b"\n" in event:
             raise ValueError(f"not a single 'data: ' line: {event[:80]!r}")
-        payloads.append(event[len(b"data: "):])
+        payloads.append(event[len(b"data: ") :])
     return payloads

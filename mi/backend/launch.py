@@ -5,6 +5,7 @@
 Prints `service start at localhost:PORT` once it accepts requests; SIGTERM or Ctrl-C stops it
 cleanly (exit 0).
 """
+
 import argparse
 import asyncio
 import logging
@@ -16,45 +17,85 @@ _DEFAULT_CPU_KV_BYTES = 1 << 30
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mi-backend", description=__doc__.split("\n\n")[0],
-                                allow_abbrev=False)
+    p = argparse.ArgumentParser(prog="mi-backend", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--model", required=True, help="a directory written by mi-convert")
-    p.add_argument("--device", default="all",
-                   help="'all' or a number of devices, a multiple of the checkpoint's tp. "
-                        "On a host without a GPU a device is a CPU worker with an equal share of "
-                        "the cores, and 'all' means one replica (tp workers).")
+    p.add_argument(
+        "--device",
+        default="all",
+        help="'all' or a number of devices, a multiple of the checkpoint's tp. "
+        "On a host without a GPU a device is a CPU worker with an equal share of "
+        "the cores, and 'all' means one replica (tp workers).",
+    )
     p.add_argument("--port", type=int, default=12222)
     p.add_argument("--host", default="127.0.0.1", help="TCP bind address (default: loopback only)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: float32 on CPU (bf16/fp16 matmuls are slow there), the "
-                        "checkpoint's dtype on GPU")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", "float32", "bfloat16", "float16"],
+        help="auto: float32 on CPU (bf16/fp16 matmuls are slow there), the checkpoint's dtype on GPU",
+    )
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
-    p.add_argument("--max-num-seqs", type=int, default=None,
-                   help="running requests per replica (default: 64 on CPU, 256 on GPU)")
-    p.add_argument("--max-num-batched-tokens", type=int, default=2048,
-                   help="tokens computed per step; longer prompts are prefilled in chunks")
-    p.add_argument("--max-model-len", type=int, default=None,
-                   help="prompt + completion tokens (default: the model's max positions)")
-    p.add_argument("--kv-cache-memory", default=None,
-                   help="KV-cache size per worker, e.g. 2GiB (default: 1GiB on CPU, "
-                        "90%% of free memory after the weights on GPU)")
-    p.add_argument("--num-kv-blocks", type=int, default=0,
-                   help="exact number of KV blocks per worker; overrides --kv-cache-memory")
-    p.add_argument("--no-prefix-caching", action="store_true",
-                   help="do not reuse the KV cache of identical prompt prefixes")
-    p.add_argument("--max-queued-requests", type=int, default=1024,
-                   help="requests waiting per replica beyond --max-num-seqs; more get HTTP 503")
-    p.add_argument("--cert", default=None,
-                   help="shared-secret file the frontend and SDK must present (default: $MI_CERT "
-                        "or ~/.mi/cert, created with mode 0600 if absent)")
-    p.add_argument("--gloo-collectives", action="store_true",
-                   help="CPU tensor parallelism: use gloo for all-reduce instead of the "
-                        "shared-memory collectives")
-    p.add_argument("--debug-invariants", action="store_true",
-                   help="check the KV block manager's invariants whenever a scheduler goes idle "
-                        "(a violation stops the backend with an error)")
-    p.add_argument("--ready-timeout", type=float, default=600.0,
-                   help="seconds to wait for the workers to load the model")
+    p.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=None,
+        help="running requests per replica (default: 64 on CPU, 256 on GPU)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        default=2048,
+        help="tokens computed per step; longer prompts are prefilled in chunks",
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="prompt + completion tokens (default: the model's max positions)",
+    )
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV-cache size per worker, e.g. 2GiB (default: 1GiB on CPU, "
+        "90%% of free memory after the weights on GPU)",
+    )
+    p.add_argument(
+        "--num-kv-blocks",
+        type=int,
+        default=0,
+        help="exact number of KV blocks per worker; overrides --kv-cache-memory",
+    )
+    p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="do not reuse the KV cache of identical prompt prefixes",
+    )
+    p.add_argument(
+        "--max-queued-requests",
+        type=int,
+        default=1024,
+        help="requests waiting per replica beyond --max-num-seqs; more get HTTP 503",
+    )
+    p.add_argument(
+        "--cert",
+        default=None,
+        help="shared-secret file the frontend and SDK must present (default: $MI_CERT "
+        "or ~/.mi/cert, created with mode 0600 if absent)",
+    )
+    p.add_argument(
+        "--gloo-collectives",
+        action="store_true",
+        help="CPU tensor parallelism: use gloo for all-reduce instead of the shared-memory collectives",
+    )
+    p.add_argument(
+        "--debug-invariants",
+        action="store_true",
+        help="check the KV block manager's invariants whenever a scheduler goes idle "
+        "(a violation stops the backend with an error)",
+    )
+    p.add_argument(
+        "--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers to load the model"
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -88,29 +129,45 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
         model_len = min(model_len, window)
     max_model_len = args.max_model_len or model_len
     if max_model_len > model_len:
-        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions"
-                         + (" (its sliding window)" if window else ""))
+        raise ValueError(
+            f"--max-model-len {max_model_len} exceeds the model's {model_len} positions"
+            + (" (its sliding window)" if window else "")
+        )
     if args.kv_cache_memory is not None:
         kv_bytes = parse_bytes(args.kv_cache_memory)
     else:
         kv_bytes = _DEFAULT_CPU_KV_BYTES if device_type == "cpu" else -1  # -1: GPU auto-size
     return BackendConfig(
-        model_dir=args.model, host=args.host, port=args.port, device_type=device_type,
-        num_devices=num_devices, tp=tp, dtype=dtype, block_size=args.block_size,
+        model_dir=args.model,
+        host=args.host,
+        port=args.port,
+        device_type=device_type,
+        num_devices=num_devices,
+        tp=tp,
+        dtype=dtype,
+        block_size=args.block_size,
         max_num_seqs=args.max_num_seqs or (64 if device_type == "cpu" else 256),
-        max_num_batched_tokens=args.max_num_batched_tokens, max_model_len=max_model_len,
-        kv_cache_bytes=kv_bytes, num_kv_blocks=args.num_kv_blocks,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=max_model_len,
+        kv_cache_bytes=kv_bytes,
+        num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=not args.no_prefix_caching,
-        max_queued_requests=args.max_queued_requests, cert_path=cert_path(args.cert, env),
-        ready_timeout=args.ready_timeout, shutdown_grace=5.0,
-        shm_collectives=not args.gloo_collectives, debug_invariants=args.debug_invariants,
-        profile=env.profile, force_triton=env.force_triton)
+        max_queued_requests=args.max_queued_requests,
+        cert_path=cert_path(args.cert, env),
+        ready_timeout=args.ready_timeout,
+        shutdown_grace=5.0,
+        shm_collectives=not args.gloo_collectives,
+        debug_invariants=args.debug_invariants,
+        profile=env.profile,
+        force_triton=env.force_triton,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
-                        format="mi-backend %(levelname)s %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), stream=sys.stderr, format="mi-backend %(levelname)s %(message)s"
+    )
     try:
         from mi.convert import load_mi_config
 
@@ -126,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         import uvloop
+
         run = uvloop.run
     except ImportError:
         run = asyncio.run

@@ -29,10 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Convert a Hugging Face checkpoint for mi-backend.")
     parser.add_argument("--path", required=True, help="Hugging Face model directory")
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
-    parser.add_argument("--tp", type=int, default=1,
-                        help=f"tensor-parallel degree, one of {', '.join(map(str, TP_CHOICES))}")
-    parser.add_argument("--dtype", default="auto", help=f"one of {', '.join(DTYPE_CHOICES)}; "
-                        "auto keeps the source dtype")
+    parser.add_argument(
+        "--tp", type=int, default=1, help=f"tensor-parallel degree, one of {', '.join(map(str, TP_CHOICES))}"
+    )
+    parser.add_argument(
+        "--dtype", default="auto", help=f"one of {', '.join(DTYPE_CHOICES)}; auto keeps the source dtype"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -41,8 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        out = convert(args.path, args.out, args.tp, force=args.force, dtype=args.dtype,
-                      progress=not args.quiet)
+        out = convert(
+            args.path, args.out, args.tp, force=args.force, dtype=args.dtype, progress=not args.quiet
+        )
     except (ConvertError, OSError) as e:
         _fail(str(e))
     except KeyboardInterrupt:

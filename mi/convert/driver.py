@@ -21,8 +21,7 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mi.convert.sharding import (
-    TP_CHOICES, ShardTensor, check_tp, padded_vocab_size, rank_plan, source_shapes)
+from mi.convert.sharding import TP_CHOICES, ShardTensor, check_tp, padded_vocab_size, rank_plan, source_shapes
 from mi.convert.source import WeightSource
 from mi.convert.spec import SUPPORTED_ARCHITECTURES, ConvertError, ModelSpec, read_json, read_spec
 from mi.convert.writer import write_safetensors
@@ -33,8 +32,16 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_CHOICES = ("auto", *DTYPES)
 # Copied verbatim from the source directory (tokenizer, chat template, generation defaults).
 AUX_FILE_PATTERNS = (
-    "tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.json", "vocab.txt",
-    "merges.txt", "*.tiktoken", "*.jinja", "chat_template.json", "generation_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "*.tiktoken",
+    "*.jinja",
+    "chat_template.json",
+    "generation_config.json",
 )
 
 
@@ -42,8 +49,9 @@ def rank_file(rank: int) -> str:
     return f"rank-{rank}.safetensors"
 
 
-def convert(path, out, tp: int, force: bool = False, dtype: str = "auto",
-            progress: bool = True) -> pathlib.Path:
+def convert(
+    path, out, tp: int, force: bool = False, dtype: str = "auto", progress: bool = True
+) -> pathlib.Path:
     """Convert the HF checkpoint in `path` into `out` for `tp` ranks; return `out`.
 
     Raises ConvertError (a ValueError) with a one-line message on anything it refuses.
@@ -73,8 +81,14 @@ def convert(path, out, tp: int, force: bool = False, dtype: str = "auto",
     tmp.mkdir()
     try:
         _write_ranks(spec, source, tp, target, tmp, progress)
-        with tqdm(total=source.num_bytes(), unit="B", unit_scale=True, desc="sha256",
-                  file=sys.stderr, disable=not progress) as bar:
+        with tqdm(
+            total=source.num_bytes(),
+            unit="B",
+            unit_scale=True,
+            desc="sha256",
+            file=sys.stderr,
+            disable=not progress,
+        ) as bar:
             checksum = source.sha256(bar.update)
         _copy_aux_files(src, tmp)
         config = _mi_config(spec, tp, target, checksum)
@@ -95,8 +109,10 @@ def load_mi_config(out) -> dict:
     config = read_json(path)
     version = config.get("format_version")
     if version != FORMAT_VERSION:
-        raise ConvertError(f"{path}: format_version {version!r} is not supported "
-                           f"(this mi reads {FORMAT_VERSION}); convert the model again")
+        raise ConvertError(
+            f"{path}: format_version {version!r} is not supported "
+            f"(this mi reads {FORMAT_VERSION}); convert the model again"
+        )
     if config.get("architecture") not in SUPPORTED_ARCHITECTURES.values():
         raise ConvertError(f"{path}: unknown architecture {config.get('architecture')!r}")
     tp = config.get("tp")
@@ -120,8 +136,9 @@ def _check_tensors(spec: ModelSpec, source: WeightSource) -> None:
         if name not in names:
             raise ConvertError(f"missing tensor {name} in the weight files")
         if source.shape(name) != shape:
-            raise ConvertError(f"tensor {name} has shape {list(source.shape(name))}, "
-                               f"config.json implies {list(shape)}")
+            raise ConvertError(
+                f"tensor {name} has shape {list(source.shape(name))}, config.json implies {list(shape)}"
+            )
 
 
 def _resolve_dtype(dtype: str, spec: ModelSpec, source: WeightSource) -> str:
@@ -131,8 +148,7 @@ def _resolve_dtype(dtype: str, spec: ModelSpec, source: WeightSource) -> str:
         return spec.source_dtype
     found = str(source.dtype("model.embed_tokens.weight")).removeprefix("torch.")
     if found not in DTYPES:
-        raise ConvertError(f"source dtype {found} is not supported; pass --dtype "
-                           f"({', '.join(DTYPES)})")
+        raise ConvertError(f"source dtype {found} is not supported; pass --dtype ({', '.join(DTYPES)})")
     return found
 
 
@@ -143,21 +159,25 @@ def _materialize(shard: ShardTensor, source: WeightSource, dtype: torch.dtype) -
     return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
-def _write_ranks(spec: ModelSpec, source: WeightSource, tp: int, dtype: torch.dtype,
-                 tmp: pathlib.Path, progress: bool) -> None:
+def _write_ranks(
+    spec: ModelSpec, source: WeightSource, tp: int, dtype: torch.dtype, tmp: pathlib.Path, progress: bool
+) -> None:
     plans = [rank_plan(spec, tp, rank) for rank in range(tp)]
     total = sum(len(plan) for plan in plans)
-    with tqdm(total=total, unit="tensor", desc="mi-convert", file=sys.stderr,
-              disable=not progress) as bar:
+    with tqdm(total=total, unit="tensor", desc="mi-convert", file=sys.stderr, disable=not progress) as bar:
         for rank, plan in enumerate(plans):
             by_name = {shard.name: shard for shard in plan}
             write_safetensors(
                 tmp / rank_file(rank),
                 [(shard.name, shard.shape) for shard in plan],
                 dtype,
-                lambda name: _materialize(by_name[name], source, dtype),
-                metadata={"format": "pt", "mi_format_version": str(FORMAT_VERSION),
-                          "rank": str(rank), "tp": str(tp)},
+                lambda name: _materialize(by_name[name], source, dtype),  # noqa: B023 - called before the next rank
+                metadata={
+                    "format": "pt",
+                    "mi_format_version": str(FORMAT_VERSION),
+                    "rank": str(rank),
+                    "tp": str(tp),
+                },
                 on_tensor=lambda: bar.update(1),
             )
 

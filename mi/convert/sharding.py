@@ -31,6 +31,7 @@ Span = tuple[int, int]  # [start, stop)
 @dataclasses.dataclass(frozen=True)
 class Piece:
     """Rows or columns of one source tensor (both None: the whole tensor)."""
+
     name: str
     rows: Span | None = None
     cols: Span | None = None
@@ -39,6 +40,7 @@ class Piece:
 @dataclasses.dataclass(frozen=True)
 class ShardTensor:
     """One tensor of a rank file: `pieces` concatenated on dim 0, then `pad_rows` zero rows."""
+
     name: str
     shape: tuple[int, ...]
     pieces: tuple[Piece, ...]
@@ -58,15 +60,16 @@ def kv_heads_of_rank(num_kv_heads: int, tp: int, rank: int) -> range:
     if tp % num_kv_heads == 0:
         head = rank * num_kv_heads // tp
         return range(head, head + 1)
-    raise ConvertError(f"tp={tp} does not fit num_key_value_heads={num_kv_heads}: "
-                       "one must divide the other")
+    raise ConvertError(f"tp={tp} does not fit num_key_value_heads={num_kv_heads}: one must divide the other")
 
 
 def check_tp(spec: ModelSpec, tp: int) -> None:
     if tp not in TP_CHOICES:
         raise ConvertError(f"--tp must be one of {', '.join(map(str, TP_CHOICES))} (got {tp})")
-    for what, count in (("num_attention_heads", spec.num_attention_heads),
-                        ("intermediate_size", spec.intermediate_size)):
+    for what, count in (
+        ("num_attention_heads", spec.num_attention_heads),
+        ("intermediate_size", spec.intermediate_size),
+    ):
         if count % tp:
             raise ConvertError(f"tp={tp} does not divide {what}={count}")
     kv_heads_of_rank(spec.num_key_value_heads, tp, 0)
@@ -81,23 +84,29 @@ def source_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (spec.vocab_size, E)
     for i in range(spec.num_hidden_layers):
         p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (E,),
-            p + "post_attention_layernorm.weight": (E,),
-            p + "self_attn.q_proj.weight": (q, E),
-            p + "self_attn.k_proj.weight": (kv, E),
-            p + "self_attn.v_proj.weight": (kv, E),
-            p + "self_attn.o_proj.weight": (E, q),
-            p + "mlp.gate_proj.weight": (I, E),
-            p + "mlp.up_proj.weight": (I, E),
-            p + "mlp.down_proj.weight": (E, I),
-        })
+        shapes.update(
+            {
+                p + "input_layernorm.weight": (E,),
+                p + "post_attention_layernorm.weight": (E,),
+                p + "self_attn.q_proj.weight": (q, E),
+                p + "self_attn.k_proj.weight": (kv, E),
+                p + "self_attn.v_proj.weight": (kv, E),
+                p + "self_attn.o_proj.weight": (E, q),
+                p + "mlp.gate_proj.weight": (I, E),
+                p + "mlp.up_proj.weight": (I, E),
+                p + "mlp.down_proj.weight": (E, I),
+            }
+        )
         if spec.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
+            shapes.update(
+                {
+                    p + "self_attn.q_proj.bias": (q,),
+                    p + "self_attn.k_proj.bias": (kv,),
+                    p + "self_attn.v_proj.bias": (kv,),
+                }
+            )
         if spec.qk_norm:
-            shapes.update({p + "self_attn.q_norm.weight": (D,),
-                           p + "self_attn.k_norm.weight": (D,)})
+            shapes.update({p + "self_attn.q_norm.weight": (D,), p + "self_attn.k_norm.weight": (D,)})
     return shapes
 
 
@@ -126,31 +135,58 @@ def rank_plan(spec: ModelSpec, tp: int, rank: int) -> list[ShardTensor]:
         src, dst = f"model.layers.{i}.", f"layers.{i}."
         attn = src + "self_attn."
         plan += [
-            ShardTensor(dst + "input_layernorm.weight", (E,),
-                        (Piece(src + "input_layernorm.weight"),)),
-            ShardTensor(dst + "self_attn.qkv_proj.weight", (qkv_len, E), (
-                Piece(attn + "q_proj.weight", rows=q_rows),
-                Piece(attn + "k_proj.weight", rows=kv_rows),
-                Piece(attn + "v_proj.weight", rows=kv_rows))),
+            ShardTensor(dst + "input_layernorm.weight", (E,), (Piece(src + "input_layernorm.weight"),)),
+            ShardTensor(
+                dst + "self_attn.qkv_proj.weight",
+                (qkv_len, E),
+                (
+                    Piece(attn + "q_proj.weight", rows=q_rows),
+                    Piece(attn + "k_proj.weight", rows=kv_rows),
+                    Piece(attn + "v_proj.weight", rows=kv_rows),
+                ),
+            ),
         ]
         if spec.attention_bias:
-            plan.append(ShardTensor(dst + "self_attn.qkv_proj.bias", (qkv_len,), (
-                Piece(attn + "q_proj.bias", rows=q_rows),
-                Piece(attn + "k_proj.bias", rows=kv_rows),
-                Piece(attn + "v_proj.bias", rows=kv_rows))))
+            plan.append(
+                ShardTensor(
+                    dst + "self_attn.qkv_proj.bias",
+                    (qkv_len,),
+                    (
+                        Piece(attn + "q_proj.bias", rows=q_rows),
+                        Piece(attn + "k_proj.bias", rows=kv_rows),
+                        Piece(attn + "v_proj.bias", rows=kv_rows),
+                    ),
+                )
+            )
         if spec.qk_norm:
-            plan += [ShardTensor(dst + f"self_attn.{n}.weight", (D,),
-                                 (Piece(attn + f"{n}.weight"),)) for n in ("q_norm", "k_norm")]
+            plan += [
+                ShardTensor(dst + f"self_attn.{n}.weight", (D,), (Piece(attn + f"{n}.weight"),))
+                for n in ("q_norm", "k_norm")
+            ]
         plan += [
-            ShardTensor(dst + "self_attn.o_proj.weight", (E, q_heads * D),
-                        (Piece(attn + "o_proj.weight", cols=q_rows),)),
-            ShardTensor(dst + "post_attention_layernorm.weight", (E,),
-                        (Piece(src + "post_attention_layernorm.weight"),)),
-            ShardTensor(dst + "mlp.gate_up_proj.weight", (2 * (inter[1] - inter[0]), E), (
-                Piece(src + "mlp.gate_proj.weight", rows=inter),
-                Piece(src + "mlp.up_proj.weight", rows=inter))),
-            ShardTensor(dst + "mlp.down_proj.weight", (E, inter[1] - inter[0]),
-                        (Piece(src + "mlp.down_proj.weight", cols=inter),)),
+            ShardTensor(
+                dst + "self_attn.o_proj.weight",
+                (E, q_heads * D),
+                (Piece(attn + "o_proj.weight", cols=q_rows),),
+            ),
+            ShardTensor(
+                dst + "post_attention_layernorm.weight",
+                (E,),
+                (Piece(src + "post_attention_layernorm.weight"),),
+            ),
+            ShardTensor(
+                dst + "mlp.gate_up_proj.weight",
+                (2 * (inter[1] - inter[0]), E),
+                (
+                    Piece(src + "mlp.gate_proj.weight", rows=inter),
+                    Piece(src + "mlp.up_proj.weight", rows=inter),
+                ),
+            ),
+            ShardTensor(
+                dst + "mlp.down_proj.weight",
+                (E, inter[1] - inter[0]),
+                (Piece(src + "mlp.down_proj.weight", cols=inter),),
+            ),
         ]
     plan.append(ShardTensor("norm.weight", (E,), (Piece("model.norm.weight"),)))
     if not spec.tie_word_embeddings:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from safetensors import safe_open
@@ -20,9 +20,16 @@ from safetensors import safe_open
 from mi.convert.spec import ConvertError, read_json
 
 _SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
 }
 
 Span = tuple[int, int]  # [start, stop)
@@ -48,12 +55,12 @@ class WeightSource:
     """Tensor name -> lazily read tensor, over all weight files of one checkpoint."""
 
     def __init__(self, path: pathlib.Path):
-        self.files = _weight_files(
-            path, "*.safetensors", "model.safetensors", "model.safetensors.index.json")
+        self.files = _weight_files(path, "*.safetensors", "model.safetensors", "model.safetensors.index.json")
         self._is_safetensors = bool(self.files)
         if not self.files:
             self.files = _weight_files(
-                path, "pytorch_model*.bin", "pytorch_model.bin", "pytorch_model.bin.index.json")
+                path, "pytorch_model*.bin", "pytorch_model.bin", "pytorch_model.bin.index.json"
+            )
         if not self.files:
             raise ConvertError(f"no weight files (*.safetensors or pytorch_model*.bin) in {path}")
         self._owner: dict[str, object] = {}  # name -> safe_open handle or state dict
@@ -72,8 +79,7 @@ class WeightSource:
                 state = torch.load(file, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - any parse failure means a corrupt file
             raise ConvertError(f"corrupt or truncated weight file {file.name}: {e}") from None
-        if not isinstance(state, dict) or not all(
-                isinstance(v, torch.Tensor) for v in state.values()):
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise ConvertError(f"{file.name} does not hold a flat dict of tensors")
         return state
 
@@ -100,9 +106,9 @@ class WeightSource:
         owner = self._owner[name]
         tensor = owner[name] if isinstance(owner, dict) else owner.get_slice(name)
         if rows is not None:
-            return tensor[rows[0]:rows[1]]
+            return tensor[rows[0] : rows[1]]
         if cols is not None:
-            return tensor[:, cols[0]:cols[1]]
+            return tensor[:, cols[0] : cols[1]]
         return tensor[:]
 
     def sha256(self, on_bytes: Callable[[int], None] = lambda n: None) -> str:

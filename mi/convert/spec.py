@@ -28,8 +28,8 @@ _MODEL_TYPES = {arch: hf for hf, arch in SUPPORTED_ARCHITECTURES.items()}  # con
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    architecture: str              # "llama" | "mistral" | "qwen2" | "qwen3"
-    hf_architecture: str           # e.g. "LlamaForCausalLM"
+    architecture: str  # "llama" | "mistral" | "qwen2" | "qwen3"
+    hf_architecture: str  # e.g. "LlamaForCausalLM"
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -39,15 +39,15 @@ class ModelSpec:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None      # HF rope scaling dict ("rope_type", "factor", ...), or None
+    rope_scaling: dict | None  # HF rope scaling dict ("rope_type", "factor", ...), or None
     max_position_embeddings: int
     tie_word_embeddings: bool
-    attention_bias: bool           # q/k/v projections have biases (qwen2)
-    qk_norm: bool                  # per-head RMSNorm on q and k (qwen3)
+    attention_bias: bool  # q/k/v projections have biases (qwen2)
+    qk_norm: bool  # per-head RMSNorm on q and k (qwen3)
     sliding_window: int | None
     bos_token_id: int | None
     eos_token_ids: list[int]
-    source_dtype: str | None       # from config.json, None when it does not say
+    source_dtype: str | None  # from config.json, None when it does not say
     model_name: str
 
 
@@ -70,8 +70,7 @@ def _hf_architecture(config: dict) -> str:
     if not names and model_type in _MODEL_TYPES:
         return _MODEL_TYPES[model_type]
     found = ", ".join(names) or f"model_type={model_type!r}"
-    raise ConvertError(
-        f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    raise ConvertError(f"unsupported architecture {found}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
 
 
 def _int(config: dict, key: str, default: int | None = None) -> int:
@@ -137,8 +136,9 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
     num_heads = _int(config, "num_attention_heads")
     num_kv_heads = _int(config, "num_key_value_heads", num_heads)
     if num_heads % num_kv_heads:
-        raise ConvertError(f"num_attention_heads={num_heads} is not a multiple of "
-                           f"num_key_value_heads={num_kv_heads}")
+        raise ConvertError(
+            f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
+        )
     rope_theta, rope_scaling = _rope(config)
     dtype = config.get("torch_dtype", config.get("dtype"))
     window = config.get("sliding_window") if architecture == "mistral" else None
@@ -157,8 +157,10 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
         rope_scaling=rope_scaling,
         max_position_embeddings=_int(config, "max_position_embeddings", 2048),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-        attention_bias=(bool(config.get("attention_bias", architecture == "qwen2"))
-                        or "model.layers.0.self_attn.q_proj.bias" in tensor_names),
+        attention_bias=(
+            bool(config.get("attention_bias", architecture == "qwen2"))
+            or "model.layers.0.self_attn.q_proj.bias" in tensor_names
+        ),
         qk_norm=architecture == "qwen3",
         sliding_window=window if isinstance(window, int) else None,
         bos_token_id=(_token_ids(_first(gen, config, "bos_token_id")) or [None])[0],

@@ -13,7 +13,7 @@ import json
 import pathlib
 import struct
 import sys
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -37,8 +37,11 @@ def write_safetensors(
     offset = 0
     for name, shape in entries:
         num_bytes = item_size * _numel(shape)
-        header[name] = {"dtype": _DTYPE_CODES[dtype], "shape": list(shape),
-                        "data_offsets": [offset, offset + num_bytes]}
+        header[name] = {
+            "dtype": _DTYPE_CODES[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + num_bytes],
+        }
         offset += num_bytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -49,8 +52,9 @@ def write_safetensors(
         for name, shape in entries:
             tensor = produce(name)
             if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
-                raise RuntimeError(f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, "
-                                   f"declared {tuple(shape)} {dtype}")
+                raise RuntimeError(
+                    f"{name}: produced {tuple(tensor.shape)} {tensor.dtype}, declared {tuple(shape)} {dtype}"
+                )
             f.write(tensor.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             on_tensor()
 

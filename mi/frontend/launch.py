@@ -40,33 +40,75 @@ def build_parser(env: Environment) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="mi-frontend", description="OpenAI-compatible HTTP frontend for an mi backend."
     )
-    p.add_argument("--backend", required=True,
-                   help="backend PORT (local: its unix socket when present, else 127.0.0.1:PORT) or HOST:PORT")
+    p.add_argument(
+        "--backend",
+        required=True,
+        help="backend PORT (local: its unix socket when present, else 127.0.0.1:PORT) or HOST:PORT",
+    )
     p.add_argument("--server-port", type=int, default=13000, help="port to serve on (13000)")
-    p.add_argument("--host", default="127.0.0.1",
-                   help="address to bind (127.0.0.1; a public address must be given explicitly)")
-    p.add_argument("--api-key", default=env.api_key,
-                   help="require 'Authorization: Bearer KEY' on every route but /health (default: $MI_API_KEY)")
-    p.add_argument("--served-model-name", nargs="+", default=[], metavar="NAME",
-                   help="model names clients may use (aliases; the first is reported by default); "
-                        "default: the backend's model name")
-    p.add_argument("--allowed-origins", nargs="+", default=[], metavar="ORIGIN",
-                   help="CORS: origins allowed to call the API from a browser ('*' for any; comma lists ok)")
-    p.add_argument("--chat-template", default=None,
-                   help="Jinja chat template (a file, or the template text) replacing the tokenizer's")
-    p.add_argument("--backend-cert", default=None,
-                   help="the backend's shared-secret file (default: $MI_CERT or ~/.mi/cert)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to bind (127.0.0.1; a public address must be given explicitly)",
+    )
+    p.add_argument(
+        "--api-key",
+        default=env.api_key,
+        help="require 'Authorization: Bearer KEY' on every route but /health (default: $MI_API_KEY)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="model names clients may use (aliases; the first is reported by default); "
+        "default: the backend's model name",
+    )
+    p.add_argument(
+        "--allowed-origins",
+        nargs="+",
+        default=[],
+        metavar="ORIGIN",
+        help="CORS: origins allowed to call the API from a browser ('*' for any; comma lists ok)",
+    )
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="Jinja chat template (a file, or the template text) replacing the tokenizer's",
+    )
+    p.add_argument(
+        "--backend-cert",
+        default=None,
+        help="the backend's shared-secret file (default: $MI_CERT or ~/.mi/cert)",
+    )
     p.add_argument("--max-body-bytes", default="2MiB", help="largest accepted request body (2MiB)")
     p.add_argument("--max-n", type=int, default=Limits.max_n, help="most choices per prompt (n)")
-    p.add_argument("--max-choices", "--max-prompts", type=int, default=Limits.max_choices,
-                   help="most choices (prompts x n) in one request")
+    p.add_argument(
+        "--max-choices",
+        "--max-prompts",
+        type=int,
+        default=Limits.max_choices,
+        help="most choices (prompts x n) in one request",
+    )
     p.add_argument("--max-stop", type=int, default=Limits.max_stop, help="most stop strings per request")
-    p.add_argument("--max-logprobs", type=int, default=Limits.max_logprobs,
-                   help="most logprobs / top_logprobs per position (at most 20)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="most tokens one choice may generate (default: what the context leaves)")
-    p.add_argument("--shutdown-timeout", type=float, default=FrontendConfig.shutdown_timeout,
-                   help="seconds in-flight requests may run on after SIGTERM before they are aborted")
+    p.add_argument(
+        "--max-logprobs",
+        type=int,
+        default=Limits.max_logprobs,
+        help="most logprobs / top_logprobs per position (at most 20)",
+    )
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None,
+        help="most tokens one choice may generate (default: what the context leaves)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=FrontendConfig.shutdown_timeout,
+        help="seconds in-flight requests may run on after SIGTERM before they are aborted",
+    )
     return p
 
 
@@ -89,8 +131,13 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
             chat_template=_chat_template(args.chat_template),
             backend_cert=cert_path(args.backend_cert, env),
             max_body_bytes=parse_bytes(args.max_body_bytes),
-            limits=Limits(max_n=args.max_n, max_choices=args.max_choices, max_stop=args.max_stop,
-                          max_logprobs=args.max_logprobs, max_tokens=args.max_tokens),
+            limits=Limits(
+                max_n=args.max_n,
+                max_choices=args.max_choices,
+                max_stop=args.max_stop,
+                max_logprobs=args.max_logprobs,
+                max_tokens=args.max_tokens,
+            ),
             shutdown_timeout=args.shutdown_timeout,
         )
     except (ValueError, OSError) as exc:
@@ -110,8 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             asyncio.run(serve(config))
     except OSError as exc:  # e.g. the port is taken
-        print(f"mi-frontend: cannot serve on {config.host}:{config.port}: {exc.strerror or exc}",
-              file=sys.stderr)
+        print(
+            f"mi-frontend: cannot serve on {config.host}:{config.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

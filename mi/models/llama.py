@@ -8,6 +8,7 @@ fused into `qkv_proj` and gate/up into `gate_up_proj`.
 Shapes: N = tokens in the step (all sequences packed), E = hidden, H/K = this rank's query/KV
 heads, D = head dim, I = this rank's intermediate size, V' = this rank's vocab shard.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mi.models.parallel import TensorParallel
-from mi.ops import (AttentionMetadata, apply_rotary, paged_attention, rms_norm, silu_and_mul,
-                    write_kv_cache)
+from mi.ops import AttentionMetadata, apply_rotary, paged_attention, rms_norm, silu_and_mul, write_kv_cache
 
 
 @dataclass(frozen=True)
@@ -70,10 +70,15 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
             self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.qk_norm = cfg.qk_norm
-        self.scale = cfg.head_dim ** -0.5
+        self.scale = cfg.head_dim**-0.5
 
-    def forward(self, x: torch.Tensor, kv_cache: tuple[torch.Tensor, torch.Tensor],
-                meta: AttentionMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
         num_tokens = x.shape[0]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = self.qkv_proj(x).split([q_size, kv_size, kv_size], dim=-1)
@@ -143,8 +148,13 @@ class CausalLM(nn.Module):
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size // tp.size, bias=False)
 
-    def forward(self, input_ids: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, cos_sin: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: AttentionMetadata,
+        cos_sin: torch.Tensor,
+    ) -> torch.Tensor:
         """input_ids [N] -> final hidden states [N, E]."""
         x = self.embed_tokens(input_ids)
         for layer, kv_cache in zip(self.layers, kv_caches):

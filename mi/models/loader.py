@@ -1,4 +1,5 @@
 """Build a CausalLM for one rank from a converted checkpoint (docs/format.md)."""
+
 from pathlib import Path
 
 import torch
@@ -9,8 +10,9 @@ from mi.models.llama import CausalLM, ModelConfig
 from mi.models.parallel import TensorParallel
 
 
-def load_model(model_dir: str | Path, tp: TensorParallel, device: torch.device,
-               dtype: torch.dtype) -> CausalLM:
+def load_model(
+    model_dir: str | Path, tp: TensorParallel, device: torch.device, dtype: torch.dtype
+) -> CausalLM:
     """Loads only this rank's file; weights are assigned (not copied) into the modules."""
     config = load_mi_config(model_dir)
     if config["tp"] != tp.size:

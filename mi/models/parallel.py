@@ -5,6 +5,7 @@ the single-rank path never touches torch.distributed. On CPU, collectives go thr
 memory segment (`mi.shm.allreduce`) when the tensor fits its slots, and through torch.distributed
 (gloo) otherwise; the choice depends only on shape and dtype, so every rank makes the same one.
 """
+
 import time
 from dataclasses import dataclass
 
@@ -26,8 +27,13 @@ class TensorParallel:
     collective_seconds: float = 0.0
 
     def _use_shm(self, x: torch.Tensor) -> bool:
-        return (self.shm is not None and x.device.type == "cpu" and x.dtype in _SHM_DTYPES
-                and x.is_contiguous() and x.numel() * x.element_size() <= self.shm.slot_bytes)
+        return (
+            self.shm is not None
+            and x.device.type == "cpu"
+            and x.dtype in _SHM_DTYPES
+            and x.is_contiguous()
+            and x.numel() * x.element_size() <= self.shm.slot_bytes
+        )
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         if self.size > 1:

@@ -22,8 +22,7 @@ import importlib.util
 import pathlib
 
 import torch
-from tokenizers import (
-    Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers)
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 from transformers import (
     GenerationConfig,
     LlamaConfig,
@@ -64,27 +63,78 @@ _SPLIT_REGEX = (
 
 # Stdlib modules whose source trains the BPE (fixed order; read by file, never imported).
 _CORPUS_MODULES = [
-    "argparse", "textwrap", "difflib", "string", "json.decoder", "json.encoder",
-    "csv", "enum", "functools", "dataclasses", "calendar", "shlex",
+    "argparse",
+    "textwrap",
+    "difflib",
+    "string",
+    "json.decoder",
+    "json.encoder",
+    "csv",
+    "enum",
+    "functools",
+    "dataclasses",
+    "calendar",
+    "shlex",
 ]
 _EXTRA_TEXT = "Héllo wörld, naïve café. 日本語のテキスト。Ελληνικά. Привет, мир! 🙂 ✓ — “quotes”.\n"
 
 _ARCHS = {
     # arch: (config class, model class, dims and arch-specific config fields)
-    "llama": (LlamaConfig, LlamaForCausalLM, dict(
-        hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=2,
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)),
-    "mistral": (MistralConfig, MistralForCausalLM, dict(
-        hidden_size=128, intermediate_size=192, num_attention_heads=8, num_key_value_heads=4,
-        rms_norm_eps=1e-5, rope_theta=1000000.0, sliding_window=None,
-        tie_word_embeddings=False)),
-    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(
-        hidden_size=128, intermediate_size=320, num_attention_heads=8, num_key_value_heads=2,
-        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "llama": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            hidden_size=128,
+            intermediate_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-5,
+            rope_theta=10000.0,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        dict(
+            hidden_size=128,
+            intermediate_size=192,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            rms_norm_eps=1e-5,
+            rope_theta=1000000.0,
+            sliding_window=None,
+            tie_word_embeddings=False,
+        ),
+    ),
+    "qwen2": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(
+            hidden_size=128,
+            intermediate_size=320,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
     # head_dim 16 != 256 / 8. (With tied embeddings a narrower qwen3 greedily repeats one token.)
-    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(
-        hidden_size=256, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4,
-        head_dim=16, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True)),
+    "qwen3": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        dict(
+            hidden_size=256,
+            intermediate_size=256,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=16,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            tie_word_embeddings=True,
+        ),
+    ),
 }
 ARCHS = tuple(_ARCHS)
 
@@ -104,10 +154,12 @@ def _trained_tokenizer_json() -> str:
     """Train the BPE once per process; return it serialized (callers rebuild a fresh copy)."""
     tok = Tokenizer(models.BPE())
     tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(_SPLIT_REGEX), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=VOCAB_SIZE,
@@ -119,7 +171,8 @@ def _trained_tokenizer_json() -> str:
     tok.train_from_iterator(_corpus(), trainer=trainer)
     bos_id = tok.token_to_id(BOS)
     tok.post_processor = processors.TemplateProcessing(
-        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)])
+        single=f"{BOS} $A", pair=f"{BOS} $A $B:1", special_tokens=[(BOS, bos_id)]
+    )
     return tok.to_str()
 
 
@@ -149,8 +202,9 @@ def _randomize(model: torch.nn.Module, std: float) -> None:
                 param.normal_(1.0, std)
 
 
-def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0,
-                     overrides: dict | None = None) -> pathlib.Path:
+def build_tiny_model(
+    out_dir, arch: str = "llama", seed: int = 0, overrides: dict | None = None
+) -> pathlib.Path:
     """Write a tiny random `arch` model with its tokenizer to `out_dir`; return the path.
     `overrides` replaces config fields (e.g. hidden_size, num_hidden_layers) for bigger models."""
     if arch not in _ARCHS:
@@ -177,7 +231,8 @@ def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0,
         model = model_cls(config).to(torch.float32).eval()
         _randomize(model, config.initializer_range)
     model.generation_config = GenerationConfig(
-        bos_token_id=bos_id, eos_token_id=[eos_id, end_id], pad_token_id=pad_id)
+        bos_token_id=bos_id, eos_token_id=[eos_id, end_id], pad_token_id=pad_id
+    )
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -192,8 +247,7 @@ def build_tiny_model(out_dir, arch: str = "llama", seed: int = 0,
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m mi.models.tiny",
-                                     description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m mi.models.tiny", description=__doc__.split("\n")[0])
     parser.add_argument("--arch", choices=ARCHS, default="llama")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)

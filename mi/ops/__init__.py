@@ -4,12 +4,19 @@ Each op has a plain-torch reference (attention.py, norm.py, rotary.py, activatio
 dispatching versions exported here run the triton kernels (mi/ops/triton_kernels/) on CUDA and
 the references elsewhere.
 """
+
 from mi.ops.attention import AttentionMetadata
 from mi.ops.dispatch import apply_rotary, paged_attention, rms_norm, silu_and_mul, write_kv_cache
 from mi.ops.rotary import rotary_cos_sin
 from mi.ops.sampling import sample
 
 __all__ = [
-    "AttentionMetadata", "apply_rotary", "paged_attention", "rms_norm", "rotary_cos_sin",
-    "sample", "silu_and_mul", "write_kv_cache",
+    "AttentionMetadata",
+    "apply_rotary",
+    "paged_attention",
+    "rms_norm",
+    "rotary_cos_sin",
+    "sample",
+    "silu_and_mul",
+    "write_kv_cache",
 ]

@@ -12,6 +12,7 @@ The batch is "varlen": the new tokens of all sequences are packed into one [N, .
 sequence order; sequence b contributes `query_lens[b]` tokens whose positions end at
 `seq_lens[b] - 1`. One code path covers prefill, chunked prefill with a cached prefix, and decode.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -32,16 +33,18 @@ class AttentionMetadata:
     max_seq_len: int
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Store k, v [N, K, D] at their slots (in place)."""
     num_kv_heads, head_dim = k_cache.shape[-2:]
     k_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = k
     v_cache.view(-1, num_kv_heads, head_dim)[slot_mapping] = v
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     """Causal attention of the new tokens q [N, H, D] over each sequence's cached K/V (which
     already holds this step's keys). Returns [N, H, D].
 
@@ -66,8 +69,9 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     query_pos[meta.token_seq_idx, meta.token_query_idx] = meta.positions
 
     key_pos = torch.arange(key_len, device=q.device)
-    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & \
-        (key_pos[None, None, :] < meta.seq_lens[:, None, None])  # [B, max_q, L]
+    mask = (key_pos[None, None, :] <= query_pos[:, :, None]) & (
+        key_pos[None, None, :] < meta.seq_lens[:, None, None]
+    )  # [B, max_q, L]
 
     out = F.scaled_dot_product_attention(
         padded_q.transpose(1, 2),  # [B, H, max_q, D]

@@ -8,6 +8,7 @@ the first triton call, so a CPU-only process never imports triton. A triton call
 arguments the kernel does not take (dtype, strides) raises the guard's ValueError rather than
 falling back silently.
 """
+
 from functools import cache
 from types import ModuleType
 
@@ -51,8 +52,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return kernels.rms_norm(x, weight, eps) if kernels else norm.rms_norm(x, weight, eps)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     kernels = kernels_for(q)
     impl = kernels.apply_rotary if kernels else rotary.apply_rotary
     return impl(q, k, positions, cos_sin)
@@ -63,15 +65,17 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return kernels.silu_and_mul(gate_up) if kernels else activation.silu_and_mul(gate_up)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
     kernels = kernels_for(q)
     impl = kernels.paged_attention if kernels else attention.paged_attention
     return impl(q, k_cache, v_cache, meta, scale)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     kernels = kernels_for(k)
     impl = kernels.write_kv_cache if kernels else attention.write_kv_cache
     impl(k, v, k_cache, v_cache, slot_mapping)

@@ -5,13 +5,15 @@ Nothing here materialises a [N, V] log_softmax: a logprob is `logit - logsumexp(
 top-k alternatives are the top-k logits (the same order). The float32 logsumexp runs over bounded
 chunks of rows, so scoring a long prompt needs O(N) extra memory, not another [N, V] copy.
 """
+
 import torch
 
 _CHUNK_ELEMENTS = 1 << 24  # rows per logsumexp chunk = this // V (64 MiB of float32 temporaries)
 
 
-def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
-                   k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_logprobs(
+    logits: torch.Tensor, token_ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] any float dtype, token_ids [N] int64 in [0, V), k >= 0 ->
     (logprob [N] float32, top_ids [N, k] int64 best first, top_logprobs [N, k] float32)."""
     if not 0 <= k <= logits.shape[-1]:
@@ -22,8 +24,9 @@ def token_logprobs(logits: torch.Tensor, token_ids: torch.Tensor,
     return chosen, top_ids, top_values.float() - lse[:, None]
 
 
-def prompt_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                    k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def prompt_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logits [N, V] (row i predicts token i + 1), targets [N] int64 with -1 = none ->
     (target_logprob [N] float32, nan where the target is -1; top_ids [N, k] int64 best first;
     top_logprobs [N, k] float32)."""
@@ -38,5 +41,4 @@ def _logsumexp_rows(logits: torch.Tensor) -> torch.Tensor:
     rows_per_chunk = max(1, _CHUNK_ELEMENTS // max(vocab_size, 1))
     if num_rows <= rows_per_chunk:
         return torch.logsumexp(logits.float(), dim=-1)
-    return torch.cat([torch.logsumexp(chunk.float(), dim=-1)
-                      for chunk in logits.split(rows_per_chunk)])
+    return torch.cat([torch.logsumexp(chunk.float(), dim=-1) for chunk in logits.split(rows_per_chunk)])

@@ -5,6 +5,7 @@ Invariants: the input logits are never modified; a penalty whose tensor is None 
 a row whose parameters are neutral (penalty 1, frequency 0, presence 0, no bias entry) gets its
 logits back bit for bit.
 """
+
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
@@ -22,8 +23,12 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     the result in place.
     """
     out = logits.float()
-    has_work = (st.logit_bias is not None or st.repetition_penalty is not None
-                or st.frequency_penalty is not None or st.presence_penalty is not None)
+    has_work = (
+        st.logit_bias is not None
+        or st.repetition_penalty is not None
+        or st.frequency_penalty is not None
+        or st.presence_penalty is not None
+    )
     if not has_work:
         return out
     if out is logits:

@@ -1,4 +1,5 @@
 """Rotary position embedding (the half-split "rotate_half" form used by Llama-family checkpoints)."""
+
 import math
 
 import torch
@@ -28,8 +29,9 @@ def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor
     raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
 
 
-def rotary_cos_sin(head_dim: int, max_len: int, theta: float, scaling: dict | None = None,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
+def rotary_cos_sin(
+    head_dim: int, max_len: int, theta: float, scaling: dict | None = None, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Table [max_len, 2, head_dim]: cos and sin for every position, in float32."""
     inv_freq = _inv_freq(head_dim, theta, scaling)
     positions = torch.arange(max_len, dtype=torch.float32)
@@ -43,8 +45,9 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor,
-                 cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, H, D], k [N, K, D], positions [N] -> rotated q, k (same shapes and dtypes)."""
     table = cos_sin[positions]  # [N, 2, D]
     cos = table[:, 0, None, :].to(q.dtype)  # [N, 1, D]

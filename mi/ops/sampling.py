@@ -14,6 +14,7 @@ Invariants:
   a second, to choose between a top-k window and a full sort).
 - Filters cut at a threshold, so a token tied with the last kept one is kept too.
 """
+
 from dataclasses import dataclass
 
 import torch
@@ -67,6 +68,7 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
 @dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling parameters for one step; every tensor on the logits' device, B rows."""
+
     temperature: torch.Tensor  # [B] float32, 0 = greedy
     top_p: torch.Tensor  # [B] float32 in (0, 1], 1 = off
     top_k: torch.Tensor  # [B] int64, <= 0 (or >= V) = off
@@ -84,16 +86,24 @@ class SamplingTensors:
 
     def __post_init__(self):
         num_rows = self.temperature.shape[0]
-        for name in ("temperature", "top_p", "top_k", "min_p", "seeds", "positions",
-                     "repetition_penalty", "presence_penalty", "frequency_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "top_k",
+            "min_p",
+            "seeds",
+            "positions",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        ):
             value = getattr(self, name)
             if value is not None and tuple(value.shape) != (num_rows,):
                 raise ValueError(f"{name} has shape {tuple(value.shape)}, expected ({num_rows},)")
         uses_counts = self.presence_penalty is not None or self.frequency_penalty is not None
         if uses_counts and self.output_counts is None:
             raise ValueError("presence/frequency penalties need output_counts")
-        if (self.repetition_penalty is not None and self.output_counts is None
-                and self.prompt_mask is None):
+        if self.repetition_penalty is not None and self.output_counts is None and self.prompt_mask is None:
             raise ValueError("repetition_penalty needs prompt_mask and/or output_counts")
         if self.logit_bias is not None and len(self.logit_bias) != 3:
             raise ValueError("logit_bias is (row_ids, token_ids, bias)")
@@ -122,8 +132,13 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     use_min_p = do_sample & (st.min_p > 0)
     # NOTE: one device-to-host sync for every decision below: which rows sample, the largest
     # active top_k (0: none) and whether any row uses top_p / min_p.
-    flags = torch.cat([do_sample.long(), torch.where(use_top_k, st.top_k, 0).amax(0, keepdim=True),
-                       torch.stack([use_top_p.any(), use_min_p.any()]).long()]).cpu()
+    flags = torch.cat(
+        [
+            do_sample.long(),
+            torch.where(use_top_k, st.top_k, 0).amax(0, keepdim=True),
+            torch.stack([use_top_p.any(), use_min_p.any()]).long(),
+        ]
+    ).cpu()
     is_sampled = flags[:num_rows].bool()
     max_k, any_top_p, any_min_p = flags[num_rows:].tolist()
     num_sampled = int(is_sampled.sum())
@@ -160,9 +175,12 @@ def _empty_output(logits: torch.Tensor, k: int) -> SamplerOutput:
     token_ids = torch.zeros(0, dtype=torch.int64, device=logits.device)
     if k < 0:
         return SamplerOutput(token_ids, None, None, None)
-    return SamplerOutput(token_ids, torch.zeros(0, device=logits.device),
-                         torch.zeros(0, k, dtype=torch.int64, device=logits.device),
-                         torch.zeros(0, k, device=logits.device))
+    return SamplerOutput(
+        token_ids,
+        torch.zeros(0, device=logits.device),
+        torch.zeros(0, k, dtype=torch.int64, device=logits.device),
+        torch.zeros(0, k, device=logits.device),
+    )
 
 
 class _RowSubset:
@@ -175,8 +193,9 @@ class _RowSubset:
         return value if self.rows is None else value.index_select(0, self.rows)
 
 
-def _apply_top_k(scaled: torch.Tensor, top_k: torch.Tensor, use_top_k: torch.Tensor,
-                 max_k: int) -> torch.Tensor:
+def _apply_top_k(
+    scaled: torch.Tensor, top_k: torch.Tensor, use_top_k: torch.Tensor, max_k: int
+) -> torch.Tensor:
     """Masks to -inf every logit below the row's k-th largest; max_k is the largest active k."""
     top_values = scaled.topk(max_k, dim=-1).values  # [S, max_k], best first
     kth = top_values.gather(1, (top_k.clamp(1, max_k) - 1)[:, None])  # [S, 1]
@@ -197,7 +216,7 @@ def _top_p_cut(probs: torch.Tensor, top_p: torch.Tensor, use_top_p: torch.Tensor
     sorted_probs, mass = head, head_mass
     # NOTE: a second sync, only for top_p: does every nucleus end inside the window?
     if head.shape[-1] < vocab_size and not bool((~use_top_p | (head_mass[:, -1] >= top_p)).all()):
-        tail = probs.sort(dim=-1, descending=True).values[:, head.shape[-1]:]  # [S, V - W]
+        tail = probs.sort(dim=-1, descending=True).values[:, head.shape[-1] :]  # [S, V - W]
         sorted_probs = torch.cat([head, tail], dim=-1)
         mass = torch.cat([head_mass, head_mass[:, -1:] + tail.cumsum(dim=-1)], dim=-1)
     mass_before = torch.cat([torch.zeros_like(mass[:, :1]), mass[:, :-1]], dim=-1)

@@ -35,7 +35,11 @@ Prompts = str | list[str] | list[int] | list[list[int]]
 # Sampling keywords the SDK takes as they are: GenerateRequest's fields (mi/api/sampling.py
 # documents each) but the prompt and the two it names as Hugging Face `generate` does.
 _SAMPLING_KEYWORDS = frozenset(GenerateRequest.__struct_fields__) - {
-    "prompt", "prompt_ids", "max_tokens", "min_tokens"}
+    "prompt",
+    "prompt_ids",
+    "max_tokens",
+    "min_tokens",
+}
 
 
 def make_request(
@@ -55,9 +59,11 @@ def make_request(
     (max_new_tokens 0, min_new_tokens) are checked here already."""
     unknown = sorted(set(sampling) - _SAMPLING_KEYWORDS)
     if unknown:
-        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}; the sampling "
-                        f"keywords are do_sample, max_new_tokens, min_new_tokens, "
-                        f"{', '.join(sorted(_SAMPLING_KEYWORDS))}")
+        raise TypeError(
+            f"unexpected keyword argument(s) {', '.join(unknown)}; the sampling "
+            f"keywords are do_sample, max_new_tokens, min_new_tokens, "
+            f"{', '.join(sorted(_SAMPLING_KEYWORDS))}"
+        )
     if not do_sample:
         sampling["temperature"] = 0.0
     if sampling.get("logit_bias"):
@@ -100,8 +106,13 @@ def _is_int(value: object) -> bool:
 
 def _output(result: GenerateResult) -> GenerationOutput:
     return GenerationOutput(
-        list(result.prompt_ids), list(result.ids), result.text, result.finish_reason,
-        to_logprobs(result.logprobs), to_logprobs(result.prompt_logprobs), result.usage,
+        list(result.prompt_ids),
+        list(result.ids),
+        result.text,
+        result.finish_reason,
+        to_logprobs(result.logprobs),
+        to_logprobs(result.prompt_logprobs),
+        result.usage,
         result.request_id,
     )
 
@@ -115,8 +126,14 @@ class AsyncModel:
     Nothing is contacted until first use.
     """
 
-    def __init__(self, endpoint: str, *, cert: str | Path | None = None, timeout: float = 600,
-                 connect_timeout: float = 10) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        cert: str | Path | None = None,
+        timeout: float = 600,
+        connect_timeout: float = 10,
+    ) -> None:
         if not isinstance(endpoint, str) or not endpoint.startswith(("http://", "https://")):
             raise ValueError(f"endpoint must be an http:// URL, got {endpoint!r}")
         if not timeout > 0 or not connect_timeout > 0:
@@ -131,7 +148,7 @@ class AsyncModel:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(endpoint={self.endpoint!r})"
 
-    async def __aenter__(self) -> "AsyncModel":
+    async def __aenter__(self) -> AsyncModel:
         return self
 
     async def __aexit__(self, *exc) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from mi.api.backend import BackendStats, ModelInfo
-from mi.sdk.async_model import AsyncModel, Prompts, make_request, normalize_prompts, run_sync
+from mi.sdk.async_model import AsyncModel, Prompts, make_request, run_sync
 from mi.sdk.stream import AsyncStream
 from mi.sdk.types import (
     AuthenticationError,
@@ -68,8 +68,14 @@ class Model:
     delta), `connect_timeout`. Nothing is contacted until first use.
     """
 
-    def __init__(self, endpoint: str, *, cert: str | Path | None = None, timeout: float = 600,
-                 connect_timeout: float = 10) -> None:
+    def __init__(
+        self,
+        endpoint: str,
+        *,
+        cert: str | Path | None = None,
+        timeout: float = 600,
+        connect_timeout: float = 10,
+    ) -> None:
         self._async = AsyncModel(endpoint, cert=cert, timeout=timeout, connect_timeout=connect_timeout)
         self._lock = threading.Lock()
 
@@ -94,7 +100,7 @@ class Model:
         """`generate` for code that already runs an event loop."""
         return await self._async.generate(prompts, **sampling)
 
-    def stream(self, prompt: str | list[int], **sampling: Any) -> "Stream":
+    def stream(self, prompt: str | list[int], **sampling: Any) -> Stream:
         """Iterate over one prompt's deltas (`StreamOutput`). Leaving early: `close()` the
         stream or use `with`, which aborts the request; `abort()` stops it and the stream ends
         with finish_reason "abort"."""
@@ -146,7 +152,7 @@ class Stream:
             raise MIError("The stream is closed.")
         return self._pool.submit(self._loop.run_until_complete, coro).result()
 
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> StreamOutput:
@@ -161,7 +167,7 @@ class Stream:
             self.close()
             raise
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc) -> None:

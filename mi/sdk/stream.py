@@ -34,10 +34,10 @@ class AsyncStream:
         self._started = False
         self._closed = False
 
-    def __aiter__(self) -> "AsyncStream":
+    def __aiter__(self) -> AsyncStream:
         return self
 
-    async def __aenter__(self) -> "AsyncStream":
+    async def __aenter__(self) -> AsyncStream:
         return self
 
     async def __aexit__(self, *exc) -> None:

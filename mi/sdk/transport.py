@@ -90,15 +90,23 @@ class Backend:
     bytes (a stream's next line); `connect_timeout`: to open a connection. None: no limit.
     """
 
-    def __init__(self, url: str, cert_path: Path, *, unix_socket: str | None = None,
-                 connect_timeout: float = 10.0, timeout: float | None = None,
-                 read_timeout: float | None = None,
-                 errors: Callable[[MIError], Exception] | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        cert_path: Path,
+        *,
+        unix_socket: str | None = None,
+        connect_timeout: float = 10.0,
+        timeout: float | None = None,
+        read_timeout: float | None = None,
+        errors: Callable[[MIError], Exception] | None = None,
+    ) -> None:
         self.url = url.rstrip("/")
         self.cert_path = cert_path
         self._unix_socket = unix_socket
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout,
-                                              sock_read=read_timeout)
+        self._timeout = aiohttp.ClientTimeout(
+            total=timeout, sock_connect=connect_timeout, sock_read=read_timeout
+        )
         self._seconds = timeout or read_timeout  # named in a RequestTimeout
         self._errors_as = errors
         self._secret: str | None = None
@@ -108,7 +116,7 @@ class Backend:
         self._model_info_lock = asyncio.Lock()
         self._aborts: set[asyncio.Task] = set()
 
-    async def __aenter__(self) -> "Backend":
+    async def __aenter__(self) -> Backend:
         await self.start()
         return self
 
@@ -246,8 +254,7 @@ class Backend:
         delay = 0.005
         for _ in range(_CONNECT_RETRIES):
             try:
-                return await self._session.request(method, self._base_url + path, data=data,
-                                                   headers=headers)
+                return await self._session.request(method, self._base_url + path, data=data, headers=headers)
             except asyncio.TimeoutError:
                 raise self._timed_out() from None
             except aiohttp.ClientConnectorError as exc:
@@ -255,7 +262,8 @@ class Backend:
                     raise self._unreachable(exc) from None
             except (aiohttp.ClientError, OSError) as exc:
                 raise BackendUnavailable(
-                    f"Cannot reach the backend at {self.url} ({type(exc).__name__}).") from None
+                    f"Cannot reach the backend at {self.url} ({type(exc).__name__})."
+                ) from None
             await asyncio.sleep(delay)
             delay = min(2 * delay, 0.2)
         raise BackendUnavailable(f"The backend at {self.url} accepts no connection (its backlog is full).")
@@ -289,10 +297,14 @@ class Backend:
         if status == 401:
             typed: MIError = AuthenticationError(
                 f"The backend at {self.url} refused the secret from {self.cert_path}: {message}",
-                status, err.param, err.code)
+                status,
+                err.param,
+                err.code,
+            )
         elif status == 429 or (status == 503 and err.code == "overloaded"):
-            typed = Overloaded(f"The backend at {self.url} is overloaded: {message}",
-                               float(err.retry_after or 1))
+            typed = Overloaded(
+                f"The backend at {self.url} is overloaded: {message}", float(err.retry_after or 1)
+            )
         elif status == 503:
             typed = BackendUnavailable(f"The backend at {self.url} is not ready: {message}")
         elif 400 <= status < 500:

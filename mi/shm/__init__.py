@@ -8,6 +8,14 @@ from mi.shm.codec import Codec, CodecError
 from mi.shm.ring import Ring, RingCorrupt, RingError, RingReader, RingTimeout, RingWriter
 
 __all__ = [
-    "Codec", "CodecError", "Receiver", "Ring", "RingCorrupt", "RingError", "RingReader",
-    "RingTimeout", "RingWriter", "Sender",
+    "Codec",
+    "CodecError",
+    "Receiver",
+    "Ring",
+    "RingCorrupt",
+    "RingError",
+    "RingReader",
+    "RingTimeout",
+    "RingWriter",
+    "Sender",
 ]

@@ -17,6 +17,7 @@ identical results (tensor-parallel ranks must never drift apart).
 
 Publishing relies on x86 store order (data before the generation word), like the rings.
 """
+
 import fcntl
 import mmap
 import os
@@ -36,9 +37,10 @@ class ShmCollectives:
         self._mem_fd = mem_fd
         header = _LINE * num_ranks
         self._mmap = mmap.mmap(mem_fd, header + 2 * num_ranks * slot_bytes)
-        self._gens = np.frombuffer(self._mmap, dtype=np.uint64, count=num_ranks * _LINE // 8)[::_LINE // 8]
+        self._gens = np.frombuffer(self._mmap, dtype=np.uint64, count=num_ranks * _LINE // 8)[:: _LINE // 8]
         self._buffers = np.frombuffer(self._mmap, dtype=np.uint8, offset=header).reshape(
-            2, num_ranks, slot_bytes)
+            2, num_ranks, slot_bytes
+        )
         self._gen = 0
 
     @classmethod
@@ -82,7 +84,7 @@ class ShmCollectives:
         self._gen += 1
         buffer = self._buffers[self._gen % 2]
         flat = array.reshape(-1)
-        mine = buffer[self.rank, :array.nbytes].view(array.dtype)
+        mine = buffer[self.rank, : array.nbytes].view(array.dtype)
         mine[:] = flat
         self._gens[self.rank] = self._gen  # NOTE: after the data (x86 keeps store order)
         spins = 0
@@ -90,7 +92,7 @@ class ShmCollectives:
             spins += 1
             if spins > _SPINS_BEFORE_YIELD:
                 os.sched_yield()
-        return buffer[:, :array.nbytes].view(array.dtype)
+        return buffer[:, : array.nbytes].view(array.dtype)
 
     def all_reduce(self, array: np.ndarray) -> None:
         """In-place sum over ranks of a C-contiguous array."""

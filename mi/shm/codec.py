@@ -36,8 +36,7 @@ import numpy as np
 ARRAY_EXT = 1
 MAX_NDIM = 32
 
-_DTYPES = {1: np.dtype("<i4"), 2: np.dtype("<i8"), 3: np.dtype("<f4"), 4: np.dtype("u1"),
-           5: np.dtype("?")}
+_DTYPES = {1: np.dtype("<i4"), 2: np.dtype("<i8"), 3: np.dtype("<f4"), 4: np.dtype("u1"), 5: np.dtype("?")}
 _DTYPE_CODES = {dtype: code for code, dtype in _DTYPES.items()}  # dtype == keeps the byte order
 _HEADS = [struct.Struct(f"<BB{ndim}Q") for ndim in range(MAX_NDIM + 1)]
 _HEAD_1D = _HEADS[1]
@@ -78,8 +77,9 @@ def _ext_hook(code: int, data: memoryview) -> np.ndarray:
     shape = head.unpack_from(data)[2:]
     count = shape[0] if ndim == 1 else math.prod(shape)
     if count * dtype.itemsize != size - head.size:
-        raise CodecError(f"array of shape {shape} and dtype {dtype} does not fill its "
-                         f"{size - head.size} bytes")
+        raise CodecError(
+            f"array of shape {shape} and dtype {dtype} does not fill its {size - head.size} bytes"
+        )
     array = np.frombuffer(data, dtype, count, head.size)
     if ndim == 1:
         return array

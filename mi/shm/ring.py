@@ -110,8 +110,7 @@ def _poll_ms(deadline: float | None) -> int:
 class Ring:
     """Owns the mapping and the fds of one ring; hands out its writer and readers."""
 
-    def __init__(self, mem_fd: int, data_fds: list[int], space_fd: int, capacity: int,
-                 num_readers: int):
+    def __init__(self, mem_fd: int, data_fds: list[int], space_fd: int, capacity: int, num_readers: int):
         self.capacity = capacity
         self.num_readers = num_readers
         self.max_frame_len = (capacity // 2) - _FRAME_LEN
@@ -121,8 +120,8 @@ class Ring:
         self._data_off = _READ_POS_OFF + _LINE * num_readers
         self._mmap = mmap.mmap(mem_fd, self._data_off + capacity)
         self._whole = memoryview(self._mmap)
-        self._words = self._whole[:self._data_off].cast("Q")  # header as u64 words
-        self._data = self._whole[self._data_off:]
+        self._words = self._whole[: self._data_off].cast("Q")  # header as u64 words
+        self._data = self._whole[self._data_off :]
         self._is_closed = False
 
     @classmethod
@@ -151,9 +150,14 @@ class Ring:
 
     def describe(self) -> dict:
         """JSON-able description for attach() in a process that inherited fds()."""
-        return {"version": VERSION, "mem_fd": self._mem_fd, "data_fds": list(self._data_fds),
-                "space_fd": self._space_fd, "capacity": self.capacity,
-                "num_readers": self.num_readers}
+        return {
+            "version": VERSION,
+            "mem_fd": self._mem_fd,
+            "data_fds": list(self._data_fds),
+            "space_fd": self._space_fd,
+            "capacity": self.capacity,
+            "num_readers": self.num_readers,
+        }
 
     def fds(self) -> list[int]:
         """The fds a child needs, for Popen(pass_fds=...)."""
@@ -170,9 +174,14 @@ class Ring:
         except (KeyError, TypeError) as e:
             raise ValueError(f"bad ring description: {desc!r}") from e
         ints = [mem_fd, space_fd, capacity, num_readers]
-        if (version != VERSION or not isinstance(data_fds, list)
-                or not all(type(x) is int and x >= 0 for x in ints + data_fds)
-                or len(data_fds) != num_readers or capacity < _MIN_CAPACITY or capacity % _LINE):
+        if (
+            version != VERSION
+            or not isinstance(data_fds, list)
+            or not all(type(x) is int and x >= 0 for x in ints + data_fds)
+            or len(data_fds) != num_readers
+            or capacity < _MIN_CAPACITY
+            or capacity % _LINE
+        ):
             raise ValueError(f"bad ring description: {desc!r}")
         size = _READ_POS_OFF + _LINE * num_readers + capacity
         if os.fstat(mem_fd).st_size != size:
@@ -260,7 +269,7 @@ class RingWriter:
             start = 0
             while start < len(v):
                 take = min(len(v) - start, max_len - frame_len)
-                pieces.append(v[start:start + take])
+                pieces.append(v[start : start + take])
                 start += take
                 frame_len += take
                 left -= take
@@ -269,8 +278,7 @@ class RingWriter:
                     pieces, frame_len, flags = [], 0, 0
         yield pieces, frame_len, flags | _LAST
 
-    def _write_frame(self, pieces: Sequence, frame_len: int, flags: int,
-                     deadline: float | None) -> None:
+    def _write_frame(self, pieces: Sequence, frame_len: int, flags: int, deadline: float | None) -> None:
         need = _FRAME_LEN + _pad8(frame_len)
         if self._cap - (self._pos - self._min_read) < need:
             self._wait_space(need, deadline)
@@ -288,7 +296,7 @@ class RingWriter:
             else:
                 k = cap - p
                 data[p:cap] = piece[:k]
-                data[0:n - k] = piece[k:]
+                data[0 : n - k] = piece[k:]
                 p = n - k
         _FRAME.pack_into(data, off, frame_len, _MARKER | flags)
         # NOTE: payload and frame header are stored before write_pos is advanced (x86 TSO keeps
@@ -391,7 +399,7 @@ class RingReader:
         if end <= cap:
             payload = bytes(data[p:end])
         else:
-            payload = b"".join((data[p:cap], data[0:end - cap]))
+            payload = b"".join((data[p:cap], data[0 : end - cap]))
         # NOTE: the payload is copied out before read_pos releases its space to the writer.
         self._pos = pos + need
         self._words[self._read_idx] = self._pos

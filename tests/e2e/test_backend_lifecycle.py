@@ -1,4 +1,5 @@
 """The backend process as an operator sees it: start, idle, bad input, SIGTERM, a dead child."""
+
 import json
 import os
 import signal
@@ -15,8 +16,9 @@ from servers import backend_headers, free_port, start_backend
 
 
 def _post(url: str, body: bytes) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body,
-                                 headers={"Content-Type": "application/json", **backend_headers()})
+    req = urllib.request.Request(
+        url, data=body, headers={"Content-Type": "application/json", **backend_headers()}
+    )
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
             return resp.status, json.loads(resp.read())
@@ -59,30 +61,37 @@ def test_idle_backend_uses_almost_no_cpu(backend):
     assert used / 3.0 < 0.02, f"idle backend used {used / 3.0:.1%} of a core"
 
 
-@pytest.mark.parametrize("body, param", [
-    (b"{not json", "body"),
-    (b"[1, 2]", "body"),
-    (json.dumps({"prompt": "hi", "max_tokens": "7"}).encode(), "max_tokens"),
-    (json.dumps({"prompt": "hi", "temperature": -1}).encode(), "temperature"),
-    (json.dumps({"prompt_ids": [10**9]}).encode(), "prompt_ids"),
-    (json.dumps({"prompt": "hi", "max_tokens": 100000}).encode(), "prompt"),
-    (json.dumps({"prompt": "hi", "bogus": 1}).encode(), "bogus"),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", "body"),
+        (b"[1, 2]", "body"),
+        (json.dumps({"prompt": "hi", "max_tokens": "7"}).encode(), "max_tokens"),
+        (json.dumps({"prompt": "hi", "temperature": -1}).encode(), "temperature"),
+        (json.dumps({"prompt_ids": [10**9]}).encode(), "prompt_ids"),
+        (json.dumps({"prompt": "hi", "max_tokens": 100000}).encode(), "prompt"),
+        (json.dumps({"prompt": "hi", "bogus": 1}).encode(), "bogus"),
+    ],
+)
 def test_bad_request_gets_400_and_backend_keeps_serving(backend, body, param):
     _, port = backend
     status, error = _post(f"http://127.0.0.1:{port}/v1/generate", body)
     assert status == 400
     assert set(error["error"]) == {"message", "type", "param", "code"}
     assert error["error"]["param"] == param
-    status, ok = _post(f"http://127.0.0.1:{port}/v1/generate",
-                       json.dumps({"prompt": "hello", "max_tokens": 3, "temperature": 0}).encode())
+    status, ok = _post(
+        f"http://127.0.0.1:{port}/v1/generate",
+        json.dumps({"prompt": "hello", "max_tokens": 3, "temperature": 0}).encode(),
+    )
     assert status == 200 and len(ok["ids"]) == 3
 
 
 def test_prompt_too_long_names_the_limit(backend):
     _, port = backend
-    status, error = _post(f"http://127.0.0.1:{port}/v1/generate",
-                          json.dumps({"prompt_ids": [5] * 2040, "max_tokens": 20}).encode())
+    status, error = _post(
+        f"http://127.0.0.1:{port}/v1/generate",
+        json.dumps({"prompt_ids": [5] * 2040, "max_tokens": 20}).encode(),
+    )
     assert status == 400
     assert "maximum context length is 2048 tokens" in error["error"]["message"]
 
@@ -97,8 +106,9 @@ def test_sigterm_exits_zero_and_leaves_nothing_behind(converted):
     assert proc.proc.wait(timeout=10) == 0, proc.output
     assert time.monotonic() - started < 10
     time.sleep(0.2)
-    assert not [pid for pid in pids if psutil.pid_exists(pid) and
-                psutil.Process(pid).status() != psutil.STATUS_ZOMBIE]
+    assert not [
+        pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
     assert set(os.listdir("/dev/shm")) <= shm_before
     assert not os.path.exists(f"/tmp/mi-backend-{port}.sock")
 
@@ -107,8 +117,11 @@ def test_sigterm_during_generation_ends_the_stream(converted):
     proc, port = start_backend(converted("llama", 1))
     body = json.dumps({"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True})
     auth = f"Authorization: {backend_headers()['Authorization']}"
-    curl = subprocess.Popen(["curl", "-sN", "-H", auth, f"http://127.0.0.1:{port}/v1/generate", "-d", body],
-                            stdout=subprocess.PIPE, text=True)
+    curl = subprocess.Popen(
+        ["curl", "-sN", "-H", auth, f"http://127.0.0.1:{port}/v1/generate", "-d", body],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(1.0)
     proc.proc.send_signal(signal.SIGTERM)
     assert proc.proc.wait(timeout=10) == 0, proc.output
@@ -127,17 +140,34 @@ def test_killed_worker_fails_requests_and_stops_backend(converted):
 
 
 def test_refuses_device_count_not_multiple_of_tp(converted):
-    result = subprocess.run([sys.executable, "-m", "mi.backend.launch", "--model",
-                             str(converted("llama", 2)), "--device", "3",
-                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mi.backend.launch",
+            "--model",
+            str(converted("llama", 2)),
+            "--device",
+            "3",
+            "--port",
+            str(free_port()),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "--device 3 is not a positive multiple of the checkpoint's tp=2" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_not_a_converted_model(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "mi.backend.launch", "--model", str(tmp_path),
-                             "--port", str(free_port())], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mi.backend.launch", "--model", str(tmp_path), "--port", str(free_port())],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "is not a converted model" in result.stderr
 
@@ -157,8 +187,9 @@ def test_new_request_joins_a_running_batch(backend):
             async with session.post(url, json=long_body) as long_resp:
                 await long_resp.content.readline()  # stream start
                 await long_resp.content.readline()  # first token: the long request is running
-                async with session.post(url, json={"prompt": "hello", "max_tokens": 4,
-                                                   "temperature": 0}) as short_resp:
+                async with session.post(
+                    url, json={"prompt": "hello", "max_tokens": 4, "temperature": 0}
+                ) as short_resp:
                     short = await short_resp.json()
                 later = json.loads(await long_resp.content.readline())
                 return short, later

@@ -1,4 +1,5 @@
 """Greedy output through the real servers equals Hugging Face `generate`, token for token."""
+
 import asyncio
 
 import aiohttp
@@ -28,20 +29,26 @@ def hf_greedy(hf_dir, prompts, max_new_tokens):
     for prompt in prompts:
         ids = tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                 max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-        generated = out[0, ids.shape[1]:].tolist()
-        results.append((ids[0].tolist(), generated,
-                        tokenizer.decode(generated, skip_special_tokens=True)))
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        generated = out[0, ids.shape[1] :].tolist()
+        results.append((ids[0].tolist(), generated, tokenizer.decode(generated, skip_special_tokens=True)))
     return results
 
 
 async def _post_all(url, bodies):
     async with aiohttp.ClientSession(headers=backend_headers()) as session:
+
         async def post(body):
             async with session.post(url, json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 return await resp.json()
+
         return await asyncio.gather(*(post(b) for b in bodies))
 
 

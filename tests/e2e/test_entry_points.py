@@ -1,4 +1,5 @@
 """The three commands exist as console scripts, bin/ wrappers and `python -m` modules."""
+
 import shutil
 import subprocess
 import sys
@@ -7,8 +8,11 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-COMMANDS = {"mi-convert": "mi.convert", "mi-backend": "mi.backend.launch",
-            "mi-frontend": "mi.frontend.launch"}
+COMMANDS = {
+    "mi-convert": "mi.convert",
+    "mi-backend": "mi.backend.launch",
+    "mi-frontend": "mi.frontend.launch",
+}
 
 
 @pytest.mark.parametrize("name", COMMANDS)
@@ -25,7 +29,11 @@ def test_each_spelling_shows_help(name):
 
 
 def test_unknown_flag_is_an_error():
-    result = subprocess.run([sys.executable, "-m", "mi.backend.launch", "--model", "x",
-                             "--no-such-flag"], capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "mi.backend.launch", "--model", "x", "--no-such-flag"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "unrecognized arguments: --no-such-flag" in result.stderr

@@ -45,8 +45,11 @@ def test_disconnects_abort_and_free_everything(served_model):
             )
             assert outcomes.count("timed out") == NUM_STREAMS + NUM_PLAIN, set(outcomes)
             start = time.monotonic()
-            async with session.post(url, json={"prompt": "hello", "max_tokens": 8, "temperature": 0},
-                                    timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            async with session.post(
+                url,
+                json={"prompt": "hello", "max_tokens": 8, "temperature": 0},
+                timeout=aiohttp.ClientTimeout(total=5),
+            ) as resp:
                 assert resp.status == 200 and orjson.loads(await resp.read())["choices"]
             assert time.monotonic() - start < 5
             deadline = time.monotonic() + 5

@@ -19,13 +19,13 @@ import tempfile
 import time
 
 import aiohttp
+import openai
 import orjson
 import pytest
 
 from mi.api.sse import decode_events
-from servers import backend_headers
 
-import openai
+from servers import backend_headers
 
 
 def free_port() -> int:
@@ -38,7 +38,9 @@ def start_frontend(backend: str, port: int) -> subprocess.Popen:
     """`python -m mi.frontend.launch` as the user runs it; returns once it prints its start line."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "mi.frontend.launch", "--backend", backend, "--server-port", str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )
     line = proc.stdout.readline()
     if line.strip() != f"frontend start at http://127.0.0.1:{port}":
@@ -137,7 +139,8 @@ def test_completion_with_openai_client(client, model_name):
 
 def test_model_field_is_optional(served_model):
     status, _, raw = request(
-        "POST", served_model.frontend_url + "/v1/completions",
+        "POST",
+        served_model.frontend_url + "/v1/completions",
         {"prompt": "Say this is a test", "max_tokens": 7, "temperature": 0},
     )
     assert status == 200 and orjson.loads(raw)["choices"][0]["index"] == 0
@@ -175,8 +178,13 @@ def test_token_id_prompts(client, model_name):
 
 
 def test_sse_wire_format(served_model):
-    body = {"prompt": ["Welcome to", "hello"], "max_tokens": 8, "temperature": 0, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": ["Welcome to", "hello"],
+        "max_tokens": 8,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     status, headers, raw = request("POST", served_model.frontend_url + "/v1/completions", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream")
     payloads = decode_events(raw)  # every event: one "data: " line, then a blank line
@@ -265,7 +273,9 @@ def test_backend_down_gives_503_and_sigterm_exits_0():
 def test_bad_flags_exit_2():
     proc = subprocess.run(
         [sys.executable, "-m", "mi.frontend.launch", "--backend", "not-a-port"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2 and "--backend" in proc.stderr
 
@@ -277,7 +287,10 @@ def test_port_in_use_is_a_clean_error():
         port = sock.getsockname()[1]
         proc = subprocess.run(
             [sys.executable, "-m", "mi.frontend.launch", "--backend", "1", "--server-port", str(port)],
-            capture_output=True, text=True, timeout=60, env={**os.environ, "PYTHONWARNINGS": "ignore"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "PYTHONWARNINGS": "ignore"},
         )
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
 

@@ -17,6 +17,7 @@ import orjson
 import pytest
 
 import mi
+
 from servers import start_frontend
 
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
@@ -45,8 +46,9 @@ def hf_tokenizer(served_model):
 
 
 def rendered_ids(tokenizer, messages, template=None) -> list[int]:
-    text = tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
-                                         tokenize=False)
+    text = tokenizer.apply_chat_template(
+        messages, chat_template=template, add_generation_prompt=True, tokenize=False
+    )
     return tokenizer.encode(text, add_special_tokens=False)
 
 
@@ -61,7 +63,9 @@ def test_tokenize_and_detokenize(served_model, hf_tokenizer):
     assert body["token_strs"] == [hf_tokenizer.decode([i]) for i in body["tokens"]]
     assert body["max_model_len"] == ok_json(url + "/v1/models")["data"][0]["max_model_len"]
     plain = ok_json(url + "/tokenize", "POST", {"prompt": text, "add_special_tokens": False})
-    assert plain["tokens"] == hf_tokenizer.encode(text, add_special_tokens=False) and plain["token_strs"] is None
+    assert (
+        plain["tokens"] == hf_tokenizer.encode(text, add_special_tokens=False) and plain["token_strs"] is None
+    )
     assert ok_json(url + "/detokenize", "POST", {"tokens": plain["tokens"]}) == {"prompt": text}
 
 
@@ -75,7 +79,10 @@ def test_tokenizer_info(served_model, hf_tokenizer):
     info = ok_json(served_model.frontend_url + "/tokenizer_info")
     assert info["eos_token"] == hf_tokenizer.eos_token and info["bos_token"] == hf_tokenizer.bos_token
     assert info["chat_template"] == hf_tokenizer.chat_template
-    assert info["model_max_length"] == ok_json(served_model.frontend_url + "/v1/models")["data"][0]["max_model_len"]
+    assert (
+        info["model_max_length"]
+        == ok_json(served_model.frontend_url + "/v1/models")["data"][0]["max_model_len"]
+    )
 
 
 def test_chat_template_flag_overrides_the_tokenizers(served_model, hf_tokenizer, tmp_path):
@@ -144,9 +151,15 @@ def test_frontend_metrics(served_model):
 def test_backend_metrics_come_from_v1_stats(served_model):
     families = scrape(served_model)
     assert sample(families, "mi_backend_up") == 1.0
-    for name in ("mi_num_requests_running", "mi_num_requests_waiting", "mi_num_kv_blocks",
-                 "mi_num_kv_blocks_used", "mi_kv_cache_usage_ratio", "mi_prefix_cache_hit_rate",
-                 "mi_num_preemptions_total"):
+    for name in (
+        "mi_num_requests_running",
+        "mi_num_requests_waiting",
+        "mi_num_kv_blocks",
+        "mi_num_kv_blocks_used",
+        "mi_kv_cache_usage_ratio",
+        "mi_prefix_cache_hit_rate",
+        "mi_num_preemptions_total",
+    ):
         assert sample(families, name) >= 0, name
     assert sample(families, "mi_num_kv_blocks") > 0
 
@@ -160,8 +173,11 @@ def curl(url: str, body: dict) -> tuple[str, bytes]:
     """`curl -N` of a POST: (response head, body bytes)."""
     if shutil.which("curl") is None:
         pytest.fail("curl is not installed")
-    proc = subprocess.run(["curl", "-sS", "-N", "-D", "-", url, "-H", "Content-Type: application/json",
-                           "-d", json.dumps(body)], capture_output=True, timeout=60)
+    proc = subprocess.run(
+        ["curl", "-sS", "-N", "-D", "-", url, "-H", "Content-Type: application/json", "-d", json.dumps(body)],
+        capture_output=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     head, _, data = proc.stdout.partition(b"\r\n\r\n")
     return head.decode(), data
@@ -173,7 +189,7 @@ def test_curl_completion_stream_matches_the_wire_format(served_model):
     head, data = curl(url, body)
     assert head.startswith("HTTP/1.1 200") and "content-type: text/event-stream" in head.lower()
     assert SSE.match(data), data[:300]
-    chunks = [orjson.loads(line[len(b"data: "):]) for line in data.split(b"\n\n")[:-2]]
+    chunks = [orjson.loads(line[len(b"data: ") :]) for line in data.split(b"\n\n")[:-2]]
     assert all(list(c) == ["id", "object", "created", "model", "choices"] for c in chunks)
     assert all(list(c["choices"][0]) == ["index", "text", "logprobs", "finish_reason"] for c in chunks)
     assert len({(c["id"], c["created"], c["model"]) for c in chunks}) == 1
@@ -185,17 +201,25 @@ def test_curl_completion_stream_matches_the_wire_format(served_model):
 
 
 def test_curl_stream_with_usage_and_chat(served_model):
-    body = {"prompt": "Say this is a test", "max_tokens": 5, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "prompt": "Say this is a test",
+        "max_tokens": 5,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     _, data = curl(served_model.frontend_url + "/v1/completions", body)
     assert SSE.match(data)
-    *chunks, last = [orjson.loads(line[len(b"data: "):]) for line in data.split(b"\n\n")[:-2]]
+    *chunks, last = [orjson.loads(line[len(b"data: ") :]) for line in data.split(b"\n\n")[:-2]]
     assert all(c["usage"] is None for c in chunks)
     assert last["choices"] == [] and last["usage"]["total_tokens"] == (
-        last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"])
-    _, data = curl(served_model.frontend_url + "/v1/chat/completions",
-                   {"messages": MESSAGES, "max_tokens": 5, "stream": True})
+        last["usage"]["prompt_tokens"] + last["usage"]["completion_tokens"]
+    )
+    _, data = curl(
+        served_model.frontend_url + "/v1/chat/completions",
+        {"messages": MESSAGES, "max_tokens": 5, "stream": True},
+    )
     assert SSE.match(data)
-    chunks = [orjson.loads(line[len(b"data: "):]) for line in data.split(b"\n\n")[:-2]]
+    chunks = [orjson.loads(line[len(b"data: ") :]) for line in data.split(b"\n\n")[:-2]]
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [c["choices"][0]["finish_reason"] is not None for c in chunks].count(True) == 1
     assert chunks[-1]["choices"][0]["finish_reason"] is not None

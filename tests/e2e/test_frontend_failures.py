@@ -24,11 +24,12 @@ import aiohttp
 import orjson
 import psutil
 import pytest
-from servers import backend_headers, free_port, start_backend, start_frontend
 
 import mi
 from mi.api.backend import socket_path
 from mi.api.sse import decode_events
+
+from servers import backend_headers, free_port, start_backend, start_frontend
 
 PROMPT = "hello, my name is"
 LONG = {"max_tokens": 1500, "ignore_eos": True}
@@ -38,8 +39,9 @@ TIMEOUT = aiohttp.ClientTimeout(total=60)
 # -- helpers ------------------------------------------------------------------------------------
 
 
-async def _call(session: aiohttp.ClientSession, method: str, url: str, body: object = None,
-                headers: dict | None = None) -> tuple[int, dict, bytes]:
+async def _call(
+    session: aiohttp.ClientSession, method: str, url: str, body: object = None, headers: dict | None = None
+) -> tuple[int, dict, bytes]:
     async with session.request(method, url, json=body, headers=headers, timeout=TIMEOUT) as resp:
         return resp.status, dict(resp.headers), await resp.read()
 
@@ -77,14 +79,16 @@ def error_of(raw: bytes) -> dict:
     return err
 
 
-async def open_stream(session: aiohttp.ClientSession, url: str, body: dict) -> tuple[aiohttp.ClientResponse, dict]:
+async def open_stream(
+    session: aiohttp.ClientSession, url: str, body: dict
+) -> tuple[aiohttp.ClientResponse, dict]:
     """POST a streamed request and read its first SSE event (the request is then running)."""
     resp = await session.post(url, json={**body, "stream": True})
     assert resp.status == 200, await resp.text()
     assert resp.headers["Content-Type"].startswith("text/event-stream")
     line = await asyncio.wait_for(resp.content.readline(), 60)
     assert line.startswith(b"data: {") and await resp.content.readline() == b"\n", line
-    return resp, orjson.loads(line[len(b"data: "):])
+    return resp, orjson.loads(line[len(b"data: ") :])
 
 
 async def rest_of_stream(resp: aiohttp.ClientResponse) -> list[dict]:
@@ -105,7 +109,9 @@ def assert_error_event_then_done(chunks: list[dict], code: str | None = None) ->
     return last["error"]
 
 
-async def wait_for_stats(session: aiohttp.ClientSession, backend_url: str, predicate, timeout: float = 10) -> dict:
+async def wait_for_stats(
+    session: aiohttp.ClientSession, backend_url: str, predicate, timeout: float = 10
+) -> dict:
     deadline = time.monotonic() + timeout
     while True:
         status, _, raw = await _call(session, "GET", backend_url + "/v1/stats", headers=backend_headers())
@@ -151,9 +157,11 @@ def assert_backend_down(frontend_url: str, backend_url: str) -> None:
     """What clients see while the backend is gone: 503s with Retry-After, never a traceback."""
     status, headers, raw = call("GET", frontend_url + "/health")
     assert status == 503 and "Retry-After" in headers, raw
-    for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                       ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
-                       ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True})):
+    for path, body in (
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+        ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}),
+    ):
         status, headers, raw = call("POST", frontend_url + path, body)
         assert status == 503 and headers.get("Retry-After", "").isdigit(), (path, status, raw[:300])
         assert headers["Content-Type"].startswith("application/json")
@@ -196,13 +204,20 @@ def test_n_choices_sample_with_seed_plus_index(url):
         return ok(url + "/v1/completions", {**body, "prompt": prompt, "seed": seed})["choices"][0]["text"]
 
     texts = [c["text"] for c in full["choices"]]
-    assert texts == [single(prompts[0], 9), single(prompts[0], 10), single(prompts[1], 9), single(prompts[1], 10)]
+    assert texts == [
+        single(prompts[0], 9),
+        single(prompts[0], 10),
+        single(prompts[1], 9),
+        single(prompts[1], 10),
+    ]
     assert texts[0] != texts[1], "choice 1 samples with seed + 1"
 
     messages = [{"role": "user", "content": "Say this is a test"}]
     chat = ok(url + "/v1/chat/completions", {**body, "messages": messages, "n": 2, "seed": 9})
-    singles = [ok(url + "/v1/chat/completions", {**body, "messages": messages, "seed": s})["choices"][0]
-               for s in (9, 10)]
+    singles = [
+        ok(url + "/v1/chat/completions", {**body, "messages": messages, "seed": s})["choices"][0]
+        for s in (9, 10)
+    ]
     assert [c["message"]["content"] for c in chat["choices"]] == [s["message"]["content"] for s in singles]
 
 
@@ -214,8 +229,10 @@ def test_sampling_filters_reach_the_backend(url, greedy):
     for extra in ({"top_k": 1}, {"top_p": 1e-9}, {"min_p": 1.0}):
         assert ok(url + "/v1/completions", {**body, **extra})["choices"][0]["text"] == expected, extra
     # a -100 bias on the greedy first token: another one comes first
-    biased = ok(url + "/v1/completions", {**body, "temperature": 0, "logit_bias": {str(greedy.ids[0]): -100},
-                                          "logprobs": 0})["choices"][0]
+    biased = ok(
+        url + "/v1/completions",
+        {**body, "temperature": 0, "logit_bias": {str(greedy.ids[0]): -100}, "logprobs": 0},
+    )["choices"][0]
     plain = ok(url + "/v1/completions", {**body, "temperature": 0, "logprobs": 0})["choices"][0]
     assert biased["logprobs"]["tokens"][0] != plain["logprobs"]["tokens"][0]
 
@@ -231,8 +248,10 @@ def test_stop_ids_min_tokens_ignore_eos_and_special_tokens_reach_the_backend(url
     body = {"prompt": PROMPT, "temperature": 0}
     # stop_token_ids: the first repeat-free position >= 2 of the greedy ids
     k = next(i for i in range(2, len(greedy.ids)) if greedy.ids[i] not in greedy.ids[:i])
-    stopped = ok(url + "/v1/completions", {**body, "max_tokens": 16, "ignore_eos": True,
-                                           "stop_token_ids": [greedy.ids[k]]})
+    stopped = ok(
+        url + "/v1/completions",
+        {**body, "max_tokens": 16, "ignore_eos": True, "stop_token_ids": [greedy.ids[k]]},
+    )
     assert stopped["choices"][0]["finish_reason"] == "stop" and stopped["usage"]["completion_tokens"] == k + 1
     assert greedy.text.startswith(stopped["choices"][0]["text"])
 
@@ -247,11 +266,21 @@ def test_stop_ids_min_tokens_ignore_eos_and_special_tokens_reach_the_backend(url
     ignored = ok(url + "/v1/completions", {**to_eos, "max_tokens": 3, "ignore_eos": True})
     assert ignored["usage"]["completion_tokens"] == 3 and ignored["choices"][0]["finish_reason"] == "length"
     assert ignored["choices"][0]["text"] == ""  # skip_special_tokens defaults to true
-    kept = ok(url + "/v1/completions", {**to_eos, "max_tokens": 3, "ignore_eos": True, "skip_special_tokens": False})
+    kept = ok(
+        url + "/v1/completions", {**to_eos, "max_tokens": 3, "ignore_eos": True, "skip_special_tokens": False}
+    )
     assert eos_text and kept["choices"][0]["text"] == eos_text * 3
 
-    chat = ok(url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3,
-                                             "ignore_eos": True, "temperature": 0, "logit_bias": {"65": 100}})
+    chat = ok(
+        url + "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 3,
+            "ignore_eos": True,
+            "temperature": 0,
+            "logit_bias": {"65": 100},
+        },
+    )
     assert chat["choices"][0]["message"]["content"] == ok(url + "/detokenize", {"tokens": [65] * 3})["prompt"]
 
 
@@ -276,7 +305,9 @@ def test_echo_with_logprobs_puts_the_scored_prompt_first(url, sdk):
     assert all(b - a == len(t) for a, b, t in zip(lp["text_offset"], lp["text_offset"][1:], lp["tokens"]))
     # the prompt's logprobs are the backend's own prompt_logprobs
     (scored,) = sdk.generate(prompt["tokens"], do_sample=False, max_new_tokens=1, prompt_logprobs=1)
-    assert [e.logprob for e in scored.prompt_logprobs[1:]] == pytest.approx(lp["token_logprobs"][1:n], abs=1e-4)
+    assert [e.logprob for e in scored.prompt_logprobs[1:]] == pytest.approx(
+        lp["token_logprobs"][1:n], abs=1e-4
+    )
 
 
 def test_scoring_with_max_tokens_0(url):
@@ -300,7 +331,14 @@ def test_scoring_with_max_tokens_0(url):
 
 @pytest.mark.parametrize("echo", [False, True])
 def test_streamed_logprobs_match_non_streamed(url, echo):
-    body = {"prompt": PROMPT, "logprobs": 2, "max_tokens": 5, "temperature": 0, "ignore_eos": True, "echo": echo}
+    body = {
+        "prompt": PROMPT,
+        "logprobs": 2,
+        "max_tokens": 5,
+        "temperature": 0,
+        "ignore_eos": True,
+        "echo": echo,
+    }
     full = ok(url + "/v1/completions", body)["choices"][0]
     status, _, raw = call("POST", url + "/v1/completions", {**body, "stream": True})
     assert status == 200
@@ -310,19 +348,27 @@ def test_streamed_logprobs_match_non_streamed(url, echo):
     joined = {key: [x for c in chunks for x in c["logprobs"][key]] for key in full["logprobs"]}
     for key in ("tokens", "text_offset"):
         assert joined[key] == full["logprobs"][key], key
-    assert [x is None for x in joined["token_logprobs"]] == [x is None for x in full["logprobs"]["token_logprobs"]]
+    assert [x is None for x in joined["token_logprobs"]] == [
+        x is None for x in full["logprobs"]["token_logprobs"]
+    ]
     assert [x for x in joined["token_logprobs"] if x is not None] == pytest.approx(
-        [x for x in full["logprobs"]["token_logprobs"] if x is not None], abs=1e-4)
+        [x for x in full["logprobs"]["token_logprobs"] if x is not None], abs=1e-4
+    )
     assert [None if t is None else set(t) for t in joined["top_logprobs"]] == [
-        None if t is None else set(t) for t in full["logprobs"]["top_logprobs"]]
+        None if t is None else set(t) for t in full["logprobs"]["top_logprobs"]
+    ]
 
 
 def test_chat_logprobs_are_those_of_the_rendered_prompt(url):
-    messages = [{"role": "system", "content": "You are a helpful assistant. " * 6},
-                {"role": "user", "content": "Say this is a test"}]
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant. " * 6},
+        {"role": "user", "content": "Say this is a test"},
+    ]
     ids = ok(url + "/tokenize", {"messages": messages})["tokens"]
     sampling = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
-    chat = ok(url + "/v1/chat/completions", {**sampling, "messages": messages, "logprobs": True, "top_logprobs": 2})
+    chat = ok(
+        url + "/v1/chat/completions", {**sampling, "messages": messages, "logprobs": True, "top_logprobs": 2}
+    )
     comp = ok(url + "/v1/completions", {**sampling, "prompt": ids, "logprobs": 2})["choices"][0]
     assert chat["usage"]["prompt_tokens"] == len(ids)
     assert chat["choices"][0]["message"]["content"] == comp["text"]
@@ -332,10 +378,15 @@ def test_chat_logprobs_are_those_of_the_rendered_prompt(url):
     for item, top in zip(content, comp["logprobs"]["top_logprobs"]):
         assert len(item["top_logprobs"]) == 2 and {t["token"] for t in item["top_logprobs"]} <= set(top)
         assert item["bytes"] == list(item["token"].encode()) or "\ufffd" in item["token"]
-    status, _, raw = call("POST", url + "/v1/chat/completions",
-                          {**sampling, "messages": messages, "logprobs": True, "top_logprobs": 2, "stream": True})
+    status, _, raw = call(
+        "POST",
+        url + "/v1/chat/completions",
+        {**sampling, "messages": messages, "logprobs": True, "top_logprobs": 2, "stream": True},
+    )
     assert status == 200
-    streamed = [x for c in events(raw) for ch in c["choices"] if ch["logprobs"] for x in ch["logprobs"]["content"]]
+    streamed = [
+        x for c in events(raw) for ch in c["choices"] if ch["logprobs"] for x in ch["logprobs"]["content"]
+    ]
     assert [c["token"] for c in streamed] == [c["token"] for c in content]
     # the same long prompt again: its full KV blocks come from the prefix cache
     again = ok(url + "/v1/chat/completions", {**sampling, "messages": messages})
@@ -365,14 +416,23 @@ def test_chat_default_max_tokens_is_the_rest_of_the_context(url, served_model):
 def test_backend_abort_mid_stream_is_an_error_event_then_done(url, served_model):
     async def run():
         async with aiohttp.ClientSession() as session:
-            for path, body in (("/v1/completions", {"prompt": "hi", **LONG}),
-                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **LONG})):
+            for path, body in (
+                ("/v1/completions", {"prompt": "hi", **LONG}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], **LONG}),
+            ):
                 resp, first = await open_stream(session, url + path, body)
-                status, _, raw = await _call(session, "POST", served_model.backend_url + "/v1/abort",
-                                             {"request_id": f"{first['id']}-0"}, backend_headers())
+                status, _, raw = await _call(
+                    session,
+                    "POST",
+                    served_model.backend_url + "/v1/abort",
+                    {"request_id": f"{first['id']}-0"},
+                    backend_headers(),
+                )
                 assert status == 200 and orjson.loads(raw) == {"aborted": True}, path
                 assert_error_event_then_done(await rest_of_stream(resp), "aborted")
-            status, _, _ = await _call(session, "POST", url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            status, _, _ = await _call(
+                session, "POST", url + "/v1/completions", {"prompt": "hi", "max_tokens": 2}
+            )
             assert status == 200
 
     asyncio.run(run())
@@ -400,12 +460,16 @@ def test_metrics_mirror_the_backends_stats(url, served_model):
     assert busy["mi_num_requests_waiting"] == stats["num_requests_waiting"] == 0.0
     assert busy["mi_num_kv_blocks"] == stats["num_kv_blocks"] > 0
     assert 1 <= busy["mi_num_kv_blocks_used"] <= stats["num_kv_blocks_used"]
-    assert busy["mi_kv_cache_usage_ratio"] == pytest.approx(busy["mi_num_kv_blocks_used"] / busy["mi_num_kv_blocks"])
+    assert busy["mi_kv_cache_usage_ratio"] == pytest.approx(
+        busy["mi_num_kv_blocks_used"] / busy["mi_num_kv_blocks"]
+    )
     assert busy["mi_num_preemptions_total"] == stats["num_preemptions"]
     assert busy["mi_prefix_cache_hit_tokens_total"] == stats["prefix_cache_hit_tokens"]
     queried = busy["mi_prefix_cache_queried_tokens_total"]
     assert queried == stats["prefix_cache_queried_tokens"] > 0
-    assert busy["mi_prefix_cache_hit_rate"] == pytest.approx(busy["mi_prefix_cache_hit_tokens_total"] / queried)
+    assert busy["mi_prefix_cache_hit_rate"] == pytest.approx(
+        busy["mi_prefix_cache_hit_tokens_total"] / queried
+    )
     for reason in ("stop", "length"):
         key = f'mi_backend_requests_finished_total{{finished_reason="{reason}"}}'
         assert busy[key] == stats["requests_finished_total"][reason], key
@@ -419,7 +483,10 @@ def test_metrics_mirror_the_backends_stats(url, served_model):
         time.sleep(0.05)
     key = 'mi_backend_requests_finished_total{finished_reason="abort"}'
     assert after[key] == before.get(key, 0) + 1
-    assert after["mi_time_to_first_token_seconds_count"] >= before.get("mi_time_to_first_token_seconds_count", 0) + 1
+    assert (
+        after["mi_time_to_first_token_seconds_count"]
+        >= before.get("mi_time_to_first_token_seconds_count", 0) + 1
+    )
 
 
 def test_chat_client_disconnect_aborts_the_backend_request(url, served_model):
@@ -451,9 +518,11 @@ def test_frontend_with_a_wrong_backend_secret_answers_503(served_model, tmp_path
     cert.write_text("not-the-backend-secret\n")
     proc, url = start_frontend(served_model.backend_port, "--backend-cert", str(cert))
     try:
-        for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                           ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
-                           ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]})):
+        for path, body in (
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+            ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}]}),
+        ):
             status, headers, raw = call("POST", url + path, body)
             assert status == 503 and "Retry-After" in headers, (path, status, raw[:300])
             assert error_of(raw)["code"] == "backend_auth_failed"
@@ -495,10 +564,11 @@ def test_overloaded_backend_is_a_503_with_retry_after(converted):
     async def run():
         async with aiohttp.ClientSession() as session:
             resp, _ = await open_stream(session, url + "/v1/completions", {"prompt": "hi", **LONG})
-            for path, body in (("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
-                               ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
-                               ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
-                                                         "stream": True})):
+            for path, body in (
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                ("/v1/completions", {"prompt": "hi", "max_tokens": 2, "stream": True}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "stream": True}),
+            ):
                 status, headers, raw = await _call(session, "POST", url + path, body)
                 assert status == 503 and headers["Retry-After"] == "1", (path, status, raw[:300])
                 assert headers["Content-Type"].startswith("application/json")  # not an event stream
@@ -511,7 +581,9 @@ def test_overloaded_backend_is_a_503_with_retry_after(converted):
                 await asyncio.to_thread(lambda: list(model.stream("hi", max_new_tokens=2)))
             resp.close()  # the slot frees: serving goes on
             await wait_for_stats(session, backend_url, lambda s: s["num_requests_running"] == 0)
-            status, _, raw = await _call(session, "POST", url + "/v1/completions", {"prompt": "hi", "max_tokens": 2})
+            status, _, raw = await _call(
+                session, "POST", url + "/v1/completions", {"prompt": "hi", "max_tokens": 2}
+            )
             assert status == 200, raw
 
     try:
@@ -535,9 +607,14 @@ def test_worker_death_fails_every_request_in_flight_cleanly(converted):
     async def run():
         async with aiohttp.ClientSession() as session:
             stream, _ = await open_stream(session, url + "/v1/completions", {"prompt": "hi", **LONG})
-            chat, _ = await open_stream(session, url + "/v1/chat/completions",
-                                        {"messages": [{"role": "user", "content": "x"}], **LONG})
-            plain = asyncio.ensure_future(_call(session, "POST", url + "/v1/completions", {"prompt": "hi", **LONG}))
+            chat, _ = await open_stream(
+                session,
+                url + "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": "x"}], **LONG},
+            )
+            plain = asyncio.ensure_future(
+                _call(session, "POST", url + "/v1/completions", {"prompt": "hi", **LONG})
+            )
             async with mi.AsyncModel(backend_url) as model:
                 sdk_stream = model.stream("hi", max_new_tokens=1500, ignore_eos=True)
                 await sdk_stream.__anext__()
@@ -583,7 +660,9 @@ def test_backend_stopped_or_killed_mid_request_then_restarted(converted):
     async def sigterm():
         async with aiohttp.ClientSession() as session:
             stream, _ = await open_stream(session, url + "/v1/completions", {"prompt": "hi", **LONG})
-            plain = asyncio.ensure_future(_call(session, "POST", url + "/v1/completions", {"prompt": "hi", **LONG}))
+            plain = asyncio.ensure_future(
+                _call(session, "POST", url + "/v1/completions", {"prompt": "hi", **LONG})
+            )
             await wait_for_stats(session, backend_url, lambda s: s["num_requests_running"] == 2)
             backend.proc.send_signal(signal.SIGTERM)
             status, headers, raw = await asyncio.wait_for(plain, 30)

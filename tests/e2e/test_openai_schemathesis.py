@@ -34,9 +34,13 @@ from schemathesis.specs.openapi.checks import (
 SPEC = Path(__file__).resolve().parents[1] / "data" / "openai-subset.yaml"
 MAX_EXAMPLES = int(os.environ.get("MI_SCHEMATHESIS_EXAMPLES", "100"))
 OWN_MAX_EXAMPLES = int(os.environ.get("MI_SCHEMATHESIS_OWN_EXAMPLES", "40"))
-SETTINGS = {"deadline": None, "database": None, "derandomize": True,
-            "phases": [hypothesis.Phase.explicit, hypothesis.Phase.generate],
-            "suppress_health_check": list(hypothesis.HealthCheck)}
+SETTINGS = {
+    "deadline": None,
+    "database": None,
+    "derandomize": True,
+    "phases": [hypothesis.Phase.explicit, hypothesis.Phase.generate],
+    "suppress_health_check": list(hypothesis.HealthCheck),
+}
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +60,16 @@ def test_no_input_gets_a_5xx(secured_frontend, operations, operation, mode):
     @hypothesis.settings(max_examples=MAX_EXAMPLES, **SETTINGS)
     @hypothesis.given(case=op.as_strategy(generation_mode=mode))
     def check(case):
-        if mode is GenerationMode.POSITIVE and isinstance(case.body, dict) and isinstance(case.body.get("model"), str):
+        if (
+            mode is GenerationMode.POSITIVE
+            and isinstance(case.body, dict)
+            and isinstance(case.body.get("model"), str)
+        ):
             # NOTE: a served name, so that valid cases reach the backend instead of a 404.
             case.body["model"] = secured_frontend.model_names[len(case.body["model"]) % 2]
-        response = case.call(base_url=secured_frontend.url + "/v1", headers=secured_frontend.headers, timeout=60)
+        response = case.call(
+            base_url=secured_frontend.url + "/v1", headers=secured_frontend.headers, timeout=60
+        )
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
         assert response.status_code < 500, (case.body, response.text[:500])
         if response.status_code >= 400:
@@ -75,15 +85,25 @@ def test_no_input_gets_a_5xx(secured_frontend, operations, operation, mode):
 # -- our own document ---------------------------------------------------------------------------
 
 WITH_BODY = ["POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize"]
-OWN_OPERATIONS = [*WITH_BODY, "GET /v1/models", "GET /v1/models/{model}", "GET /health", "GET /version",
-                  "GET /tokenizer_info"]
+OWN_OPERATIONS = [
+    *WITH_BODY,
+    "GET /v1/models",
+    "GET /v1/models/{model}",
+    "GET /health",
+    "GET /version",
+    "GET /tokenizer_info",
+]
 # Negative cases need an input that can be invalid (any path segment is a valid model name).
-OWN_CASES = [(op, GenerationMode.POSITIVE) for op in OWN_OPERATIONS] + [(op, GenerationMode.NEGATIVE) for op in WITH_BODY]
+OWN_CASES = [(op, GenerationMode.POSITIVE) for op in OWN_OPERATIONS] + [
+    (op, GenerationMode.NEGATIVE) for op in WITH_BODY
+]
 
 
 @pytest.fixture(scope="module")
 def own_operations(secured_frontend):
-    schema = schemathesis.openapi.from_url(secured_frontend.url + "/openapi.json", headers=secured_frontend.headers)
+    schema = schemathesis.openapi.from_url(
+        secured_frontend.url + "/openapi.json", headers=secured_frontend.headers
+    )
     return {f"{op.method.upper()} {op.path}": op for op in (r.ok() for r in schema.get_all_operations())}
 
 
@@ -91,7 +111,9 @@ def test_our_document_lists_every_route(own_operations):
     assert set(OWN_OPERATIONS) <= set(own_operations)
 
 
-@pytest.mark.parametrize("operation, mode", [pytest.param(op, mode, id=f"{op}-{mode.value}") for op, mode in OWN_CASES])
+@pytest.mark.parametrize(
+    "operation, mode", [pytest.param(op, mode, id=f"{op}-{mode.value}") for op, mode in OWN_CASES]
+)
 def test_our_document_holds(secured_frontend, own_operations, operation, mode):
     op = own_operations[operation]
     seen: dict[int, int] = {}
@@ -104,8 +126,15 @@ def test_our_document_holds(secured_frontend, own_operations, operation, mode):
             case.body["model"] = secured_frontend.model_names[len(case.body["model"]) % 2]
         response = case.call(base_url=secured_frontend.url, headers=secured_frontend.headers, timeout=60)
         seen[response.status_code] = seen.get(response.status_code, 0) + 1
-        case.validate_response(response, checks=[not_a_server_error, status_code_conformance,
-                                                 content_type_conformance, response_schema_conformance])
+        case.validate_response(
+            response,
+            checks=[
+                not_a_server_error,
+                status_code_conformance,
+                content_type_conformance,
+                response_schema_conformance,
+            ],
+        )
 
     check()
     assert seen, "no case was sent"

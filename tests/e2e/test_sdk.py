@@ -250,7 +250,9 @@ def test_async_model(served_model):
             await stream.aclose()
             assert await amodel.abort(stream.request_id) is False
             assert (await amodel.get_info()).vocab_size > 0
-            assert (await amodel.get_tokenizer()).decode(outputs[1].ids, skip_special_tokens=True) == outputs[1].text
+            assert (await amodel.get_tokenizer()).decode(outputs[1].ids, skip_special_tokens=True) == outputs[
+                1
+            ].text
 
     asyncio.run(run())
 
@@ -275,10 +277,14 @@ def test_typed_errors_name_the_field(model):
 
 
 def test_generate_with_logprobs(model):
-    (output,) = model.generate("hello, my name is", do_sample=False, max_new_tokens=4, logprobs=2,
-                               prompt_logprobs=1, ignore_eos=True)
+    (output,) = model.generate(
+        "hello, my name is", do_sample=False, max_new_tokens=4, logprobs=2, prompt_logprobs=1, ignore_eos=True
+    )
     assert len(output.logprobs) == len(output.ids) == 4
-    assert all(lp.token_id == i and len(lp.top) == 2 and lp.logprob <= 0 for lp, i in zip(output.logprobs, output.ids))
+    assert all(
+        lp.token_id == i and len(lp.top) == 2 and lp.logprob <= 0
+        for lp, i in zip(output.logprobs, output.ids)
+    )
     assert output.prompt_logprobs[0] is None and len(output.prompt_logprobs) == len(output.prompt_ids)
     assert [lp.token_id for lp in output.prompt_logprobs[1:]] == output.prompt_ids[1:]
 

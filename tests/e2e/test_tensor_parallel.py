@@ -1,20 +1,24 @@
 """Tensor parallelism (gloo on CPU) and data-parallel replicas through the real backend."""
+
 import asyncio
+
 import aiohttp
 import pytest
+from test_e2e_hf_parity import MAX_TOKENS, PROMPTS, hf_greedy
 
 from servers import backend_headers, start_backend
-from test_e2e_hf_parity import MAX_TOKENS, PROMPTS, hf_greedy
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3"]
 
 
 async def _generate_all(port: int, bodies: list[dict]) -> list[dict]:
     async with aiohttp.ClientSession(headers=backend_headers()) as session:
+
         async def one(body):
             async with session.post(f"http://127.0.0.1:{port}/v1/generate", json=body) as resp:
                 assert resp.status == 200, await resp.text()
                 return await resp.json()
+
         return await asyncio.gather(*(one(b) for b in bodies))
 
 
@@ -63,8 +67,9 @@ def test_tp2_logprobs_match_tp1(converted):
             backend.stop()
     for one, two in zip(results[1], results[2]):
         assert one["ids"] == two["ids"]
-        for a, b in zip(one["logprobs"] + one["prompt_logprobs"][1:],
-                        two["logprobs"] + two["prompt_logprobs"][1:]):
+        for a, b in zip(
+            one["logprobs"] + one["prompt_logprobs"][1:], two["logprobs"] + two["prompt_logprobs"][1:]
+        ):
             assert a["token_id"] == b["token_id"]
             assert abs(a["logprob"] - b["logprob"]) < 1e-4
             assert [t for t, _ in a["top"]] == [t for t, _ in b["top"]]

@@ -16,6 +16,7 @@ Tolerances (|kernel - reference| <= atol + rtol * |reference|), the same for ato
     paged attention (p rounded to fp16/bf16 for P @ V): fp32 1e-5, fp16 4e-3, bf16 3e-2
 KV-cache stores are copies and must match exactly.
 """
+
 import os
 
 # NOTE: triton decides interpreted vs compiled when a function is decorated: its own library
@@ -32,9 +33,7 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
 import triton  # noqa: E402 - a declared dependency on Linux: missing, the tier fails
-
 import triton.language as tl  # noqa: E402
 
 import mi.ops.triton_kernels as K  # noqa: E402
@@ -58,8 +57,10 @@ ATTENTION_TOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
 @pytest.fixture(autouse=True)
 def _skip_if_triton_mode_is_stale(request):
     if not IN_PROCESS and request.function is not test_in_fresh_process:
-        pytest.skip("triton was imported in the other TRITON_INTERPRET mode before this module; "
-                    "test_in_fresh_process runs these tests")
+        pytest.skip(
+            "triton was imported in the other TRITON_INTERPRET mode before this module; "
+            "test_in_fresh_process runs these tests"
+        )
 
 
 def test_in_fresh_process():
@@ -68,8 +69,12 @@ def test_in_fresh_process():
     env = {**os.environ, "TRITON_INTERPRET": "1" if INTERPRET else "0"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-        timeout=300)
+        cwd=Path(__file__).resolve().parents[2],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-8000:] + result.stderr[-2000:]
     summary = result.stdout.strip().splitlines()[-1]
     # This test is the one skip there.
@@ -100,11 +105,15 @@ def qkv_views(gen, num_tokens, num_heads, num_kv_heads, head_dim, dtype):
     q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
     qkv = randn(gen, num_tokens, q_size + 2 * kv_size, dtype=dtype)
     q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-    return (q.view(num_tokens, num_heads, head_dim), k.view(num_tokens, num_kv_heads, head_dim),
-            v.view(num_tokens, num_kv_heads, head_dim))
+    return (
+        q.view(num_tokens, num_heads, head_dim),
+        k.view(num_tokens, num_kv_heads, head_dim),
+        v.view(num_tokens, num_kv_heads, head_dim),
+    )
 
 
 # ---- rms_norm ----------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(5, 64), (3, 7, 96), (4, 100), (2, 2, 3, 48), (1, 8)])
@@ -128,9 +137,11 @@ def test_rms_norm_reads_strided_head_view(gen, dtype):
 
 # ---- rotary ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens,num_heads,num_kv_heads,head_dim",
-                         [(6, 4, 2, 64), (5, 3, 1, 48), (1, 8, 8, 16), (9, 6, 2, 20)])
+@pytest.mark.parametrize(
+    "num_tokens,num_heads,num_kv_heads,head_dim", [(6, 4, 2, 64), (5, 3, 1, 48), (1, 8, 8, 16), (9, 6, 2, 20)]
+)
 def test_rotary_matches_reference(gen, dtype, num_tokens, num_heads, num_kv_heads, head_dim):
     q, k, _ = qkv_views(gen, num_tokens, num_heads, num_kv_heads, head_dim, dtype)
     q_before, k_before = q.clone(), k.clone()
@@ -147,6 +158,7 @@ def test_rotary_matches_reference(gen, dtype, num_tokens, num_heads, num_kv_head
 
 
 # ---- silu_and_mul ------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", [(4, 128), (3, 200), (2, 3, 96), (1, 2)])
@@ -172,6 +184,7 @@ def test_silu_and_mul_reads_row_strided_input(gen):
 
 # ---- paged attention ---------------------------------------------------------------------------
 
+
 def make_meta(specs, tables, block_size):
     """AttentionMetadata for sequences specs [(cached_len, query_len)] owning blocks `tables`."""
     slots, seq_idx, query_idx, positions, seq_lens = [], [], [], [], []
@@ -188,9 +201,13 @@ def make_meta(specs, tables, block_size):
     return AttentionMetadata(
         slot_mapping=as_tensor(slots),
         block_tables=as_tensor([list(t) + [0] * (width - len(t)) for t in tables]),
-        seq_lens=as_tensor(seq_lens), token_seq_idx=as_tensor(seq_idx),
-        token_query_idx=as_tensor(query_idx), positions=as_tensor(positions),
-        max_query_len=max(new for _, new in specs), max_seq_len=max(seq_lens))
+        seq_lens=as_tensor(seq_lens),
+        token_seq_idx=as_tensor(seq_idx),
+        token_query_idx=as_tensor(query_idx),
+        positions=as_tensor(positions),
+        max_query_len=max(new for _, new in specs),
+        max_seq_len=max(seq_lens),
+    )
 
 
 def make_batch(gen, specs, block_size, num_heads, num_kv_heads, head_dim, dtype, spare_blocks=3):
@@ -237,9 +254,8 @@ ATTENTION_CASES = {
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_paged_attention_matches_reference(gen, dtype, case):
     specs, block_size, num_heads, num_kv_heads, head_dim = ATTENTION_CASES[case]
-    q, k_cache, v_cache, meta = make_batch(gen, specs, block_size, num_heads, num_kv_heads,
-                                           head_dim, dtype)
-    scale = head_dim ** -0.5
+    q, k_cache, v_cache, meta = make_batch(gen, specs, block_size, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
     out = K.paged_attention(q, k_cache, v_cache, meta, scale, out=poisoned(q.shape, dtype))
     assert_close(out, attention.paged_attention(q, k_cache, v_cache, meta, scale), ATTENTION_TOL)
 
@@ -252,6 +268,7 @@ def test_paged_attention_reads_strided_q(gen):
 
 
 # ---- write_kv_cache ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_write_kv_cache_matches_reference(gen, dtype):
@@ -270,6 +287,7 @@ def test_write_kv_cache_matches_reference(gen, dtype):
 
 # ---- guards ------------------------------------------------------------------------------------
 
+
 def _guard_cases():
     """name -> (call, message the ValueError must match). Built per test (fresh tensors)."""
     f32 = dict(dtype=torch.float32, device=DEVICE)
@@ -280,9 +298,15 @@ def _guard_cases():
     cache = torch.ones(4, 16, 2, 8, **f32)
     cache_t = cache.transpose(0, 1)
     meta = AttentionMetadata(
-        slot_mapping=pos, block_tables=torch.zeros(1, 1, dtype=torch.int64, device=DEVICE),
-        seq_lens=torch.ones(1, dtype=torch.int64, device=DEVICE), token_seq_idx=pos,
-        token_query_idx=pos, positions=pos, max_query_len=3, max_seq_len=3)
+        slot_mapping=pos,
+        block_tables=torch.zeros(1, 1, dtype=torch.int64, device=DEVICE),
+        seq_lens=torch.ones(1, dtype=torch.int64, device=DEVICE),
+        token_seq_idx=pos,
+        token_query_idx=pos,
+        positions=pos,
+        max_query_len=3,
+        max_seq_len=3,
+    )
     float_seq_lens = dataclasses.replace(meta, seq_lens=meta.seq_lens.float())
     attend = K.paged_attention
     return {
@@ -292,42 +316,46 @@ def _guard_cases():
         "rms_norm weight shape": (lambda: K.rms_norm(x, w4, 1e-6), "weight must be"),
         "rms_norm strided last dim": (lambda: K.rms_norm(x.t(), w4, 1e-6), "last dim"),
         "rms_norm 4d non-contiguous": (
-            lambda: K.rms_norm(torch.ones(2, 3, 4, 16, **f32)[..., :8], w, 1e-6), "contiguous"),
+            lambda: K.rms_norm(torch.ones(2, 3, 4, 16, **f32)[..., :8], w, 1e-6),
+            "contiguous",
+        ),
         "rms_norm bad out": (lambda: K.rms_norm(x, w, 1e-6, out=x.half()), "out must be"),
-        "rms_norm mixed devices": (
-            lambda: K.rms_norm(x, torch.ones(8, device="meta"), 1e-6), "is on meta"),
+        "rms_norm mixed devices": (lambda: K.rms_norm(x, torch.ones(8, device="meta"), 1e-6), "is on meta"),
         "rotary float64": (lambda: K.apply_rotary(q.double(), k.double(), pos, cos_sin), "float64"),
         "rotary q/k dtypes": (lambda: K.apply_rotary(q, k.half(), pos, cos_sin), "k has dtype"),
         "rotary fp16 table": (lambda: K.apply_rotary(q, k, pos, cos_sin.half()), "cos_sin"),
         "rotary float positions": (lambda: K.apply_rotary(q, k, pos.float(), cos_sin), "positions"),
         "rotary q/k shapes": (lambda: K.apply_rotary(q.transpose(1, 2), k, pos, cos_sin), "k must"),
-        "rotary strided head dim": (
-            lambda: K.apply_rotary(wide[..., ::2], k, pos, cos_sin), "last dim"),
+        "rotary strided head dim": (lambda: K.apply_rotary(wide[..., ::2], k, pos, cos_sin), "last dim"),
         "rotary odd head_dim": (
-            lambda: K.apply_rotary(q[..., :7], k[..., :7], pos, cos_sin[..., :7]), "even"),
+            lambda: K.apply_rotary(q[..., :7], k[..., :7], pos, cos_sin[..., :7]),
+            "even",
+        ),
         "silu float64": (lambda: K.silu_and_mul(x.double()), "float64"),
         "silu odd width": (lambda: K.silu_and_mul(x[:, :7]), "even"),
         "silu strided": (lambda: K.silu_and_mul(x.t()), "last dim"),
         "silu 3d non-contiguous": (
-            lambda: K.silu_and_mul(torch.ones(2, 3, 16, **f32)[:, :, :8]), "contiguous"),
+            lambda: K.silu_and_mul(torch.ones(2, 3, 16, **f32)[:, :, :8]),
+            "contiguous",
+        ),
         "attention float64": (
-            lambda: attend(q.double(), cache.double(), cache.double(), meta, 1.0), "float64"),
+            lambda: attend(q.double(), cache.double(), cache.double(), meta, 1.0),
+            "float64",
+        ),
         "attention cache dtype": (
-            lambda: attend(q, cache.half(), cache.half(), meta, 1.0), "k_cache has dtype"),
-        "attention non-contiguous cache": (
-            lambda: attend(q, cache_t, cache_t, meta, 1.0), "contiguous"),
-        "attention heads not multiple": (
-            lambda: attend(q[:, :3], cache, cache, meta, 1.0), "multiple"),
-        "attention head_dim": (
-            lambda: attend(q[..., :4].contiguous(), cache, cache, meta, 1.0), "head_dim"),
-        "attention float seq_lens": (
-            lambda: attend(q, cache, cache, float_seq_lens, 1.0), "seq_lens"),
-        "attention strided q": (
-            lambda: attend(wide[..., ::2], cache, cache, meta, 1.0), "last dim"),
+            lambda: attend(q, cache.half(), cache.half(), meta, 1.0),
+            "k_cache has dtype",
+        ),
+        "attention non-contiguous cache": (lambda: attend(q, cache_t, cache_t, meta, 1.0), "contiguous"),
+        "attention heads not multiple": (lambda: attend(q[:, :3], cache, cache, meta, 1.0), "multiple"),
+        "attention head_dim": (lambda: attend(q[..., :4].contiguous(), cache, cache, meta, 1.0), "head_dim"),
+        "attention float seq_lens": (lambda: attend(q, cache, cache, float_seq_lens, 1.0), "seq_lens"),
+        "attention strided q": (lambda: attend(wide[..., ::2], cache, cache, meta, 1.0), "last dim"),
         "kv write non-contiguous cache": (
-            lambda: K.write_kv_cache(k, k, cache_t, cache_t, pos), "contiguous"),
-        "kv write dtype": (
-            lambda: K.write_kv_cache(k.half(), k.half(), cache, cache, pos), "dtype"),
+            lambda: K.write_kv_cache(k, k, cache_t, cache_t, pos),
+            "contiguous",
+        ),
+        "kv write dtype": (lambda: K.write_kv_cache(k.half(), k.half(), cache, cache, pos), "dtype"),
     }
 
 
@@ -341,8 +369,10 @@ def test_guard_rejects(case):
 # ---- dispatch ----------------------------------------------------------------------------------
 
 REFERENCES = {
-    "rms_norm": norm.rms_norm, "apply_rotary": rotary.apply_rotary,
-    "silu_and_mul": activation.silu_and_mul, "paged_attention": attention.paged_attention,
+    "rms_norm": norm.rms_norm,
+    "apply_rotary": rotary.apply_rotary,
+    "silu_and_mul": activation.silu_and_mul,
+    "paged_attention": attention.paged_attention,
     "write_kv_cache": attention.write_kv_cache,
 }
 
@@ -370,10 +400,22 @@ def test_dispatched_model_forward_matches_reference(gen, monkeypatch, force_trit
     from mi.models.parallel import TensorParallel
 
     cfg = llama.ModelConfig(
-        vocab_size=50, padded_vocab_size=64, hidden_size=48, intermediate_size=40,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        rms_norm_eps=1e-6, rope_theta=10000.0, rope_scaling=None, max_position_embeddings=64,
-        tie_word_embeddings=False, attention_bias=True, qk_norm=True)
+        vocab_size=50,
+        padded_vocab_size=64,
+        hidden_size=48,
+        intermediate_size=40,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        rms_norm_eps=1e-6,
+        rope_theta=10000.0,
+        rope_scaling=None,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        attention_bias=True,
+        qk_norm=True,
+    )
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
         model = llama.CausalLM(cfg, TensorParallel())
@@ -385,14 +427,17 @@ def test_dispatched_model_forward_matches_reference(gen, monkeypatch, force_trit
     def run(ops) -> list[torch.Tensor]:
         for name, op in ops.items():
             monkeypatch.setattr(llama, name, op)
-        caches = [tuple(torch.zeros(6, 16, 2, 16, device=DEVICE) for _ in "kv")
-                  for _ in range(cfg.num_hidden_layers)]
+        caches = [
+            tuple(torch.zeros(6, 16, 2, 16, device=DEVICE) for _ in "kv")
+            for _ in range(cfg.num_hidden_layers)
+        ]
         tables = [[3], [5, 1]]  # blocks owned by the two sequences, out of order
         outputs = []
         for step, specs in enumerate([[(0, 7), (0, 18)], [(7, 1), (18, 1)]]):
             meta = make_meta(specs, tables, block_size=16)
-            ids = torch.randint(0, cfg.vocab_size, meta.positions.shape,
-                                generator=torch.Generator().manual_seed(step)).to(DEVICE)
+            ids = torch.randint(
+                0, cfg.vocab_size, meta.positions.shape, generator=torch.Generator().manual_seed(step)
+            ).to(DEVICE)
             with torch.inference_mode():
                 outputs.append(model(ids, caches, meta, cos_sin))
         return outputs
@@ -401,8 +446,7 @@ def test_dispatched_model_forward_matches_reference(gen, monkeypatch, force_trit
     monkeypatch.setattr(dispatch, "FORCE_TRITON", force_triton)
     used_triton = []
     choose = dispatch.kernels_for
-    monkeypatch.setattr(dispatch, "kernels_for",
-                        lambda t: used_triton.append(choose(t)) or used_triton[-1])
+    monkeypatch.setattr(dispatch, "kernels_for", lambda t: used_triton.append(choose(t)) or used_triton[-1])
     actual = run({name: getattr(dispatch, name) for name in REFERENCES})
     # Per layer: 4 norms (input, q, k, post-attention), rotary, kv write, attention, silu_and_mul;
     # plus the final norm; two steps.

@@ -3,6 +3,7 @@
 The expected layouts here are written from docs/format.md, not from mi/convert/sharding.py.
 Tiny HF models come from conftest's session-scoped `tiny_model_dirs`.
 """
+
 import hashlib
 import json
 import os
@@ -20,8 +21,12 @@ from mi.convert import ConvertError, convert, kv_heads_of_rank, load_mi_config, 
 
 ARCH_TPS = [(a, tp) for a in ("llama", "mistral", "qwen2", "qwen3") for tp in (1, 2, 4)]
 ARCH_TPS += [("llama", 8), ("qwen3", 8)]
-HF_NAMES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-            "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM"}
+HF_NAMES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+}
 
 
 def _convert(src, out, tp, **kw):
@@ -67,31 +72,40 @@ def check_shards(hf_dir, out, tp):
                 assert qkv.shape[0] == (Hr + 2 * Kr) * D
                 q, k, v = qkv.split([Hr * D, Kr * D, Kr * D])
                 hf_q = hf[src + f"self_attn.q_proj.{suffix}"]
-                assert torch.equal(q, hf_q[r * Hr * D:(r + 1) * Hr * D])
+                assert torch.equal(q, hf_q[r * Hr * D : (r + 1) * Hr * D])
                 for got, proj in ((k, "k_proj"), (v, "v_proj")):
                     full = hf[src + f"self_attn.{proj}.{suffix}"]
-                    assert torch.equal(got, torch.cat([full[h * D:(h + 1) * D] for h in kv_heads]))
+                    assert torch.equal(got, torch.cat([full[h * D : (h + 1) * D] for h in kv_heads]))
             gate, up = rank[dst + "mlp.gate_up_proj.weight"].chunk(2)
             assert gate.shape == (I // tp, E)
             rows = slice(r * I // tp, (r + 1) * I // tp)
             assert torch.equal(gate, hf[src + "mlp.gate_proj.weight"][rows])
             assert torch.equal(up, hf[src + "mlp.up_proj.weight"][rows])
-        assert torch.equal(torch.cat([rk[dst + "self_attn.o_proj.weight"] for rk in ranks], 1),
-                           hf[src + "self_attn.o_proj.weight"])
-        assert torch.equal(torch.cat([rk[dst + "mlp.down_proj.weight"] for rk in ranks], 1),
-                           hf[src + "mlp.down_proj.weight"])
+        assert torch.equal(
+            torch.cat([rk[dst + "self_attn.o_proj.weight"] for rk in ranks], 1),
+            hf[src + "self_attn.o_proj.weight"],
+        )
+        assert torch.equal(
+            torch.cat([rk[dst + "mlp.down_proj.weight"] for rk in ranks], 1), hf[src + "mlp.down_proj.weight"]
+        )
         if K % tp == 0:
             for proj in ("k_proj", "v_proj"):
-                kv_part = [rk[dst + "self_attn.qkv_proj.weight"][Hr * D:].chunk(2) for rk in ranks]
+                kv_part = [rk[dst + "self_attn.qkv_proj.weight"][Hr * D :].chunk(2) for rk in ranks]
                 got = torch.cat([k_v[proj == "v_proj"] for k_v in kv_part])
                 assert torch.equal(got, hf[src + f"self_attn.{proj}.weight"])
 
     expected = {"embed_tokens.weight", "norm.weight"} | (
-        set() if cfg["tie_word_embeddings"] else {"lm_head.weight"})
+        set() if cfg["tie_word_embeddings"] else {"lm_head.weight"}
+    )
     for i in range(cfg["num_hidden_layers"]):
-        names = ["input_layernorm.weight", "post_attention_layernorm.weight",
-                 "self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
-                 "mlp.gate_up_proj.weight", "mlp.down_proj.weight"]
+        names = [
+            "input_layernorm.weight",
+            "post_attention_layernorm.weight",
+            "self_attn.qkv_proj.weight",
+            "self_attn.o_proj.weight",
+            "mlp.gate_up_proj.weight",
+            "mlp.down_proj.weight",
+        ]
         names += ["self_attn.qkv_proj.bias"] if cfg["attention_bias"] else []
         names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"] if cfg["qk_norm"] else []
         expected |= {f"layers.{i}.{n}" for n in names}
@@ -122,21 +136,52 @@ def test_mi_config(arch, tiny_model_dirs, converted):
     config = load_mi_config(out)
     hf = json.loads((hf_dir / "config.json").read_text())
     gen = json.loads((hf_dir / "generation_config.json").read_text())
-    assert set(config) == {"format_version", "architecture", "hf_architecture", "tp", "dtype",
-                           "source_sha256", "model"}
+    assert set(config) == {
+        "format_version",
+        "architecture",
+        "hf_architecture",
+        "tp",
+        "dtype",
+        "source_sha256",
+        "model",
+    }
     assert config["format_version"] == 1 and config["tp"] == 2 and config["dtype"] == "float32"
     assert config["architecture"] == arch and config["hf_architecture"] == HF_NAMES[arch]
-    assert config["source_sha256"] == hashlib.sha256(
-        (hf_dir / "model.safetensors").read_bytes()).hexdigest()
+    assert config["source_sha256"] == hashlib.sha256((hf_dir / "model.safetensors").read_bytes()).hexdigest()
     model = config["model"]
     assert set(model) == {
-        "vocab_size", "padded_vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-        "num_attention_heads", "num_key_value_heads", "head_dim", "rms_norm_eps", "rope_theta",
-        "rope_scaling", "max_position_embeddings", "sliding_window", "tie_word_embeddings",
-        "attention_bias", "qk_norm", "bos_token_id", "eos_token_ids", "model_name"}
-    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
-                "max_position_embeddings", "tie_word_embeddings", "bos_token_id"):
+        "vocab_size",
+        "padded_vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "rms_norm_eps",
+        "rope_theta",
+        "rope_scaling",
+        "max_position_embeddings",
+        "sliding_window",
+        "tie_word_embeddings",
+        "attention_bias",
+        "qk_norm",
+        "bos_token_id",
+        "eos_token_ids",
+        "model_name",
+    }
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "tie_word_embeddings",
+        "bos_token_id",
+    ):
         assert model[key] == hf[key], key
     assert model["padded_vocab_size"] == 512 and model["vocab_size"] == 500
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
@@ -150,16 +195,16 @@ def test_mi_config(arch, tiny_model_dirs, converted):
 
 def test_tokenizer_and_generation_files_copied(tiny_model_dirs, converted):
     hf_dir, out = tiny_model_dirs("qwen2"), converted("qwen2", 2)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja",
-                 "generation_config.json"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
         assert (out / name).read_bytes() == (hf_dir / name).read_bytes()
     assert not (out / "config.json").exists() and not (out / "model.safetensors").exists()
     a, b = AutoTokenizer.from_pretrained(hf_dir), AutoTokenizer.from_pretrained(out)
     text = "Héllo wörld 🙂  def f():\n\treturn 1"
     assert a(text).input_ids == b(text).input_ids and len(a) == len(b)
     messages = [{"role": "user", "content": "hi"}]
-    assert (a.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            == b.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+    assert a.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    ) == b.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
 def test_rank_file_metadata(converted):
@@ -174,8 +219,7 @@ def test_dtype_bfloat16(tiny_model_dirs, tmp_path):
     hf, rank = load_file(hf_dir / "model.safetensors"), load_file(out / "rank-0.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in rank.values())
     assert torch.equal(rank["norm.weight"], hf["model.norm.weight"].to(torch.bfloat16))
-    assert torch.equal(rank["embed_tokens.weight"][:500],
-                       hf["model.embed_tokens.weight"].to(torch.bfloat16))
+    assert torch.equal(rank["embed_tokens.weight"][:500], hf["model.embed_tokens.weight"].to(torch.bfloat16))
 
 
 def _assert_same_outputs(a, b, tp):
@@ -248,9 +292,11 @@ def test_api_raises_convert_error(tmp_path):
 
 # ---- CLI --------------------------------------------------------------------------------------
 
+
 def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "mi.convert", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "mi.convert", *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 def test_cli_converts(tiny_model_dirs, tmp_path):
@@ -263,8 +309,14 @@ def test_cli_converts(tiny_model_dirs, tmp_path):
 
 def small_checkpoint(path, **overrides):
     """A 1-layer random Llama with chosen dims (no tokenizer)."""
-    config = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                  num_attention_heads=8, num_key_value_heads=2)
+    config = dict(
+        vocab_size=100,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+    )
     config.update(overrides)
     torch.manual_seed(0)
     LlamaForCausalLM(LlamaConfig(**config)).save_pretrained(path)
@@ -317,40 +369,58 @@ def _empty_dir(path):
 
 
 MISSING_SHARD_INDEX = json.dumps(
-    {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}).encode()
+    {"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}
+).encode()
 
 # case id -> (make the source dir: (tiny_model_dirs, tmp_path) -> path, extra args, message part)
 ERROR_CASES = {
     "missing_path": (lambda d, t: t / "nope", (), "no such directory"),
     "no_config": (lambda d, t: _empty_dir(t / "empty"), (), "no config.json"),
-    "bad_config_json": (lambda d, t: _write(_copy(d, t), "config.json", b"{oops"), (),
-                        "cannot read"),
+    "bad_config_json": (lambda d, t: _write(_copy(d, t), "config.json", b"{oops"), (), "cannot read"),
     "unsupported_arch": (
-        lambda d, t: _edit_config(_copy(d, t), architectures=["GPT2LMHeadModel"],
-                                  model_type="gpt2"),
-        (), "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, "
-            "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"),
+        lambda d, t: _edit_config(_copy(d, t), architectures=["GPT2LMHeadModel"], model_type="gpt2"),
+        (),
+        "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, "
+        "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
+    ),
     "tp_not_allowed": (lambda d, t: _copy(d, t), ("--tp", 3), "--tp must be one of 1, 2, 4, 8"),
     "tp_not_int": (lambda d, t: _copy(d, t), ("--tp", "two"), "invalid int value"),
-    "tp_heads": (lambda d, t: small_checkpoint(t / "src", num_attention_heads=4,
-                                               num_key_value_heads=4),
-                 ("--tp", 8), "does not divide num_attention_heads=4"),
-    "tp_intermediate": (lambda d, t: small_checkpoint(t / "src", intermediate_size=100),
-                        ("--tp", 8), "does not divide intermediate_size=100"),
-    "tp_kv_heads": (lambda d, t: small_checkpoint(t / "src", hidden_size=96, num_attention_heads=12,
-                                                  num_key_value_heads=6),
-                    ("--tp", 4), "num_key_value_heads=6"),
+    "tp_heads": (
+        lambda d, t: small_checkpoint(t / "src", num_attention_heads=4, num_key_value_heads=4),
+        ("--tp", 8),
+        "does not divide num_attention_heads=4",
+    ),
+    "tp_intermediate": (
+        lambda d, t: small_checkpoint(t / "src", intermediate_size=100),
+        ("--tp", 8),
+        "does not divide intermediate_size=100",
+    ),
+    "tp_kv_heads": (
+        lambda d, t: small_checkpoint(
+            t / "src", hidden_size=96, num_attention_heads=12, num_key_value_heads=6
+        ),
+        ("--tp", 4),
+        "num_key_value_heads=6",
+    ),
     "bad_dtype": (lambda d, t: _copy(d, t), ("--dtype", "int8"), "--dtype must be one of"),
     "truncated": (lambda d, t: _truncate(_copy(d, t)), (), "corrupt or truncated"),
     "corrupt_header": (lambda d, t: _garble_header(_copy(d, t)), (), "corrupt or truncated"),
     "no_weights": (lambda d, t: _remove(_copy(d, t), "model.safetensors"), (), "no weight files"),
     "index_missing_shard": (
         lambda d, t: _write(_copy(d, t), "model.safetensors.index.json", MISSING_SHARD_INDEX),
-        (), "missing weight files listed in model.safetensors.index.json"),
-    "missing_tensor": (lambda d, t: _drop_tensor(_copy(d, t), "model.layers.1.mlp.up_proj.weight"),
-                       (), "missing tensor model.layers.1.mlp.up_proj.weight"),
-    "shape_mismatch": (lambda d, t: _edit_config(_copy(d, t), intermediate_size=512), (),
-                       "has shape [256, 128], config.json implies [512, 128]"),
+        (),
+        "missing weight files listed in model.safetensors.index.json",
+    ),
+    "missing_tensor": (
+        lambda d, t: _drop_tensor(_copy(d, t), "model.layers.1.mlp.up_proj.weight"),
+        (),
+        "missing tensor model.layers.1.mlp.up_proj.weight",
+    ),
+    "shape_mismatch": (
+        lambda d, t: _edit_config(_copy(d, t), intermediate_size=512),
+        (),
+        "has shape [256, 128], config.json implies [512, 128]",
+    ),
 }
 
 
@@ -388,14 +458,12 @@ def test_failed_force_leaves_good_output_untouched(tiny_model_dirs, tmp_path):
     out = _convert(tiny_model_dirs("llama"), tmp_path / "out", 2)
     before = _snapshot(out)
     bad = _truncate(_copy(tiny_model_dirs, tmp_path))
-    assert_refused(run_cli("--path", bad, "--out", out, "--tp", 4, "--force"),
-                   "corrupt or truncated", out)
+    assert_refused(run_cli("--path", bad, "--out", out, "--tp", 4, "--force"), "corrupt or truncated", out)
     assert _snapshot(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
 
 
-def test_failure_while_writing_removes_partial_and_keeps_old(tiny_model_dirs, tmp_path,
-                                                             monkeypatch):
+def test_failure_while_writing_removes_partial_and_keeps_old(tiny_model_dirs, tmp_path, monkeypatch):
     import mi.convert.driver as driver
 
     out = _convert(tiny_model_dirs("llama"), tmp_path / "out", 2)
@@ -414,8 +482,13 @@ def test_failure_while_writing_removes_partial_and_keeps_old(tiny_model_dirs, tm
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+LLAMA3_SCALING = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 8192,
+}
 
 
 def _config_variant(tiny_model_dirs, dst, drop=(), **changes):
@@ -430,8 +503,14 @@ def _config_variant(tiny_model_dirs, dst, drop=(), **changes):
 
 def test_transformers4_style_config(tiny_model_dirs, tmp_path):
     """rope_theta / rope_scaling at the top level and torch_dtype (transformers 4 spelling)."""
-    src = _config_variant(tiny_model_dirs, tmp_path / "v4", drop=("rope_parameters", "dtype"),
-                          rope_theta=500000.0, rope_scaling=LLAMA3_SCALING, torch_dtype="bfloat16")
+    src = _config_variant(
+        tiny_model_dirs,
+        tmp_path / "v4",
+        drop=("rope_parameters", "dtype"),
+        rope_theta=500000.0,
+        rope_scaling=LLAMA3_SCALING,
+        torch_dtype="bfloat16",
+    )
     config = load_mi_config(_convert(src, tmp_path / "out", 1))
     assert config["dtype"] == "bfloat16"
     assert config["model"]["rope_theta"] == 500000.0
@@ -440,8 +519,12 @@ def test_transformers4_style_config(tiny_model_dirs, tmp_path):
 
 def test_rope_parameters_scaling_and_dtype_from_tensors(tiny_model_dirs, tmp_path):
     """transformers 5: a non-default rope_parameters becomes rope_scaling; no dtype -> tensors'."""
-    src = _config_variant(tiny_model_dirs, tmp_path / "v5", drop=("dtype",),
-                          rope_parameters={"rope_theta": 500000.0, **LLAMA3_SCALING})
+    src = _config_variant(
+        tiny_model_dirs,
+        tmp_path / "v5",
+        drop=("dtype",),
+        rope_parameters={"rope_theta": 500000.0, **LLAMA3_SCALING},
+    )
     config = load_mi_config(_convert(src, tmp_path / "out", 1))
     assert config["dtype"] == "float32"
     assert config["model"]["rope_theta"] == 500000.0

@@ -2,6 +2,7 @@
 
 Models come from conftest's session-scoped `tiny_model_dirs` (each arch built once per session).
 """
+
 import subprocess
 import sys
 
@@ -29,8 +30,10 @@ def loaded(tiny_model_dirs):
     def get(arch):
         if arch not in cache:
             path = tiny_model_dirs(arch)
-            cache[arch] = (AutoModelForCausalLM.from_pretrained(path).eval(),
-                           AutoTokenizer.from_pretrained(path))
+            cache[arch] = (
+                AutoModelForCausalLM.from_pretrained(path).eval(),
+                AutoTokenizer.from_pretrained(path),
+            )
         return cache[arch]
 
     return get
@@ -48,7 +51,10 @@ def test_loads_with_transformers(arch, loaded):
     assert cfg.intermediate_size % 8 == 0 and head_dim >= 16 and head_dim & (head_dim - 1) == 0
     assert model.dtype == torch.float32
     assert (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) == (
-        tok.bos_token_id, tok.eos_token_id, tok.pad_token_id)
+        tok.bos_token_id,
+        tok.eos_token_id,
+        tok.pad_token_id,
+    )
     tied = arch in ("qwen2", "qwen3")
     assert cfg.tie_word_embeddings == tied
     assert (model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()) == tied
@@ -131,8 +137,12 @@ def test_chat_template(arch, loaded):
 
 def test_cli(tmp_path):
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "mi.models.tiny", "--arch", "mistral",
-                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "mi.models.tiny", "--arch", "mistral", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     assert AutoModelForCausalLM.from_pretrained(out).config.model_type == "mistral"

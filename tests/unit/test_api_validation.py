@@ -82,7 +82,17 @@ def test_error_body_shape():
 @pytest.mark.parametrize(
     "body, message",
     [
-        ({"error": {"message": "too long", "type": "invalid_request_error", "param": "prompt", "code": None}}, "too long"),
+        (
+            {
+                "error": {
+                    "message": "too long",
+                    "type": "invalid_request_error",
+                    "param": "prompt",
+                    "code": None,
+                }
+            },
+            "too long",
+        ),
         ({"status": "starting"}, "The backend answered with HTTP status 503."),
         (None, "The backend answered with HTTP status 503."),
         ({"error": "text"}, "The backend answered with HTTP status 503."),
@@ -110,29 +120,73 @@ def test_generate_defaults():
 
 def test_generate_full_body_round_trips():
     body = {
-        "request_id": "r1", "prompt_ids": [1, 2, 99], "add_special_tokens": False, "max_tokens": 5,
-        "temperature": 0, "top_p": 0.5, "top_k": 3, "seed": -(2**63), "stop": ["\n", "x"],
-        "stop_token_ids": [2], "ignore_eos": True, "skip_special_tokens": False, "stream": True,
-        "min_tokens": 2, "min_p": 0.1, "repetition_penalty": 1.2, "presence_penalty": -0.5,
-        "frequency_penalty": 2, "logit_bias": {"7": -100, "3": 2.5}, "logprobs": 0,
-        "prompt_logprobs": 20, "include_stop_str_in_output": True,
+        "request_id": "r1",
+        "prompt_ids": [1, 2, 99],
+        "add_special_tokens": False,
+        "max_tokens": 5,
+        "temperature": 0,
+        "top_p": 0.5,
+        "top_k": 3,
+        "seed": -(2**63),
+        "stop": ["\n", "x"],
+        "stop_token_ids": [2],
+        "ignore_eos": True,
+        "skip_special_tokens": False,
+        "stream": True,
+        "min_tokens": 2,
+        "min_p": 0.1,
+        "repetition_penalty": 1.2,
+        "presence_penalty": -0.5,
+        "frequency_penalty": 2,
+        "logit_bias": {"7": -100, "3": 2.5},
+        "logprobs": 0,
+        "prompt_logprobs": 20,
+        "include_stop_str_in_output": True,
     }
     req = parse_generate_request(body, vocab_size=VOCAB)
     assert req == GenerateRequest(
-        request_id="r1", prompt_ids=(1, 2, 99), add_special_tokens=False, max_tokens=5,
-        temperature=0.0, top_p=0.5, top_k=3, seed=-(2**63), stop=("\n", "x"), stop_token_ids=(2,),
-        ignore_eos=True, skip_special_tokens=False, stream=True, min_tokens=2, min_p=0.1,
-        repetition_penalty=1.2, presence_penalty=-0.5, frequency_penalty=2.0,
-        logit_bias={3: 2.5, 7: -100.0}, logprobs=0, prompt_logprobs=20,
+        request_id="r1",
+        prompt_ids=(1, 2, 99),
+        add_special_tokens=False,
+        max_tokens=5,
+        temperature=0.0,
+        top_p=0.5,
+        top_k=3,
+        seed=-(2**63),
+        stop=("\n", "x"),
+        stop_token_ids=(2,),
+        ignore_eos=True,
+        skip_special_tokens=False,
+        stream=True,
+        min_tokens=2,
+        min_p=0.1,
+        repetition_penalty=1.2,
+        presence_penalty=-0.5,
+        frequency_penalty=2.0,
+        logit_bias={3: 2.5, 7: -100.0},
+        logprobs=0,
+        prompt_logprobs=20,
         include_stop_str_in_output=True,
     )
     assert parse_generate_request(orjson.loads(orjson.dumps(req.to_json())), vocab_size=VOCAB) == req
 
 
 def test_generate_to_json_sends_only_what_differs_from_the_defaults():
-    assert GenerateRequest(request_id="r", prompt="a").to_json() == {"request_id": "r", "prompt": "a", "max_tokens": 16}
-    body = GenerateRequest(request_id="r", prompt_ids=(1,), max_tokens=0, prompt_logprobs=0, logit_bias={4: 1.0}).to_json()
-    assert body == {"request_id": "r", "prompt_ids": [1], "max_tokens": 0, "prompt_logprobs": 0, "logit_bias": {"4": 1.0}}
+    assert GenerateRequest(request_id="r", prompt="a").to_json() == {
+        "request_id": "r",
+        "prompt": "a",
+        "max_tokens": 16,
+    }
+    body = GenerateRequest(
+        request_id="r", prompt_ids=(1,), max_tokens=0, prompt_logprobs=0, logit_bias={4: 1.0}
+    ).to_json()
+    assert body == {
+        "request_id": "r",
+        "prompt_ids": [1],
+        "max_tokens": 0,
+        "prompt_logprobs": 0,
+        "logit_bias": {"4": 1.0},
+    }
 
 
 def test_generate_max_tokens_0_scores_the_prompt():
@@ -244,9 +298,14 @@ def test_generate_result_round_trip():
     result = GenerateResult("r", (1, 2), (3, 4), " hi", "stop", Usage(2, 2))
     assert round_trip(result) == result
     assert orjson.loads(encode_answer(result)) == {
-        "request_id": "r", "prompt_ids": [1, 2], "ids": [3, 4], "text": " hi", "finish_reason": "stop",
+        "request_id": "r",
+        "prompt_ids": [1, 2],
+        "ids": [3, 4],
+        "text": " hi",
+        "finish_reason": "stop",
         "usage": {"prompt_tokens": 2, "completion_tokens": 2, "cached_tokens": 0},
-        "logprobs": None, "prompt_logprobs": None,
+        "logprobs": None,
+        "prompt_logprobs": None,
     }
 
 
@@ -279,14 +338,17 @@ START = {"request_id": "r", "prompt_ids": [1, 2]}
 
 def test_stream_lines():
     last = StreamDelta((8, 2), "b", "stop", Usage(2, 3))
-    assert stream_of(START, {"ids": [7], "text": "a", "finish_reason": None}, orjson.loads(encode_answer(last))) \
-        == [StreamStart("r", (1, 2)), StreamDelta((7,), "a"), last]
+    assert stream_of(
+        START, {"ids": [7], "text": "a", "finish_reason": None}, orjson.loads(encode_answer(last))
+    ) == [StreamStart("r", (1, 2)), StreamDelta((7,), "a"), last]
     aborted = {"ids": [], "text": "", "finish_reason": "abort"}  # an abort may come without usage
     assert stream_of(START, aborted)[-1] == StreamDelta((), "", "abort")
 
 
 def test_stream_error_line_is_the_error_it_carries():
-    error = {"error": {"message": "worker died", "type": "server_error", "param": None, "code": "backend_failed"}}
+    error = {
+        "error": {"message": "worker died", "type": "server_error", "param": None, "code": "backend_failed"}
+    }
     with pytest.raises(ApiError) as info:
         stream_of(START, error)
     assert (info.value.status, info.value.message, info.value.code) == (500, "worker died", "backend_failed")
@@ -360,10 +422,18 @@ def test_malformed_logprobs_are_502(logprobs, prompt_logprobs):
 
 
 def test_backend_stats():
-    stats = decode_answer(orjson.dumps({
-        "num_requests_running": 2, "num_kv_blocks_used": 17, "requests_finished_total": {"stop": 3},
-        "replicas": [{"index": 0, "requests_routed_total": 5, "num_requests_running": 2}], "new": [1],
-    }), BackendStats)
+    stats = decode_answer(
+        orjson.dumps(
+            {
+                "num_requests_running": 2,
+                "num_kv_blocks_used": 17,
+                "requests_finished_total": {"stop": 3},
+                "replicas": [{"index": 0, "requests_routed_total": 5, "num_requests_running": 2}],
+                "new": [1],
+            }
+        ),
+        BackendStats,
+    )
     assert stats.num_requests_running == 2 and stats.num_kv_blocks_used == 17 and stats.num_preemptions == 0
     assert stats.requests_finished_total == {"stop": 3}
     assert stats.replicas == (ReplicaStats(num_requests_running=2, index=0, requests_routed_total=5),)
@@ -373,16 +443,23 @@ def test_backend_stats():
 
 
 def test_model_info_tolerates_extra_and_missing_optional_fields():
-    info = decode_answer(b'{"model_name": "m", "max_model_len": 2048, "vocab_size": 512, "new": 1}', ModelInfo)
+    info = decode_answer(
+        b'{"model_name": "m", "max_model_len": 2048, "vocab_size": 512, "new": 1}', ModelInfo
+    )
     assert (info.model_name, info.max_model_len, info.vocab_size, info.tp) == ("m", 2048, 512, 1)
     assert round_trip(info) == info
-    for bad in ({"model_name": "m", "max_model_len": 2048}, {"model_name": "", "max_model_len": 1, "vocab_size": 1}):
+    for bad in (
+        {"model_name": "m", "max_model_len": 2048},
+        {"model_name": "", "max_model_len": 1, "vocab_size": 1},
+    ):
         with pytest.raises(ApiError):
             decode_answer(orjson.dumps(bad), ModelInfo)
 
 
 def test_tokenizer_files_answer():
-    assert decode_answer(b'{"files": {"tokenizer.json": "{}"}}', TokenizerFiles).files == {"tokenizer.json": "{}"}
+    assert decode_answer(b'{"files": {"tokenizer.json": "{}"}}', TokenizerFiles).files == {
+        "tokenizer.json": "{}"
+    }
     for bad in ({"files": {}}, {"files": {"a": 1}}, {}):
         with pytest.raises(ApiError):
             decode_answer(orjson.dumps(bad), TokenizerFiles)
@@ -432,12 +509,32 @@ def test_completion_choices_are_prompt_major_with_distinct_seeds():
 
 def test_completion_maps_every_sampling_field():
     body = {
-        "model": "tiny", "prompt": "a", "max_tokens": 7, "temperature": 0, "top_p": 0.9, "top_k": 5,
-        "stop": "\n", "seed": 3, "n": 1, "best_of": 1, "echo": False, "logprobs": 2,
-        "suffix": None, "frequency_penalty": 0.5, "presence_penalty": -1, "logit_bias": {"5": 1},
-        "user": "u", "stream": True, "stream_options": {"include_usage": True},
-        "ignore_eos": True, "stop_token_ids": [2], "min_p": 0.05, "repetition_penalty": 1.1,
-        "min_tokens": 3, "skip_special_tokens": False, "include_stop_str_in_output": True,
+        "model": "tiny",
+        "prompt": "a",
+        "max_tokens": 7,
+        "temperature": 0,
+        "top_p": 0.9,
+        "top_k": 5,
+        "stop": "\n",
+        "seed": 3,
+        "n": 1,
+        "best_of": 1,
+        "echo": False,
+        "logprobs": 2,
+        "suffix": None,
+        "frequency_penalty": 0.5,
+        "presence_penalty": -1,
+        "logit_bias": {"5": 1},
+        "user": "u",
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "stop_token_ids": [2],
+        "min_p": 0.05,
+        "repetition_penalty": 1.1,
+        "min_tokens": 3,
+        "skip_special_tokens": False,
+        "include_stop_str_in_output": True,
         "add_special_tokens": False,
     }
     creq = parse_completion(body)
@@ -472,9 +569,28 @@ def test_completion_echo_asks_for_prompt_logprobs():
 
 
 def test_completion_nulls_mean_defaults():
-    body = {k: None for k in ("model", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
-                              "stream", "best_of", "echo", "logprobs", "suffix", "user", "logit_bias",
-                              "stop_token_ids", "min_p", "stream_options")}
+    body = {
+        k: None
+        for k in (
+            "model",
+            "max_tokens",
+            "temperature",
+            "top_p",
+            "stop",
+            "seed",
+            "n",
+            "stream",
+            "best_of",
+            "echo",
+            "logprobs",
+            "suffix",
+            "user",
+            "logit_bias",
+            "stop_token_ids",
+            "min_p",
+            "stream_options",
+        )
+    }
     (req,) = parse_completion({**body, "prompt": "a"}).generate_requests
     assert (req.max_tokens, req.temperature, req.top_p, req.seed, req.stop) == (16, 1.0, 1.0, None, ())
 
@@ -525,7 +641,12 @@ def test_completion_nulls_mean_defaults():
         ({"prompt": "a", "min_tokens": 17}, 400, "min_tokens", "invalid_value"),
         ({"prompt": "a", "stop_token_ids": [VOCAB]}, 400, "stop_token_ids", "invalid_value"),
         ({"prompt": "a", "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
-        ({"prompt": "a", "stream": True, "stream_options": {"x": 1}}, 400, "stream_options.x", "unknown_parameter"),
+        (
+            {"prompt": "a", "stream": True, "stream_options": {"x": 1}},
+            400,
+            "stream_options.x",
+            "unknown_parameter",
+        ),
         ({"prompt": "a", "stream": True, "stream_options": 1}, 400, "stream_options", "invalid_type"),
         ({"prompt": "a", "stream": "true"}, 400, "stream", "invalid_type"),
         ({"prompt": "a", "user": 1}, 400, "user", "invalid_type"),
@@ -551,9 +672,14 @@ def test_completion_limits_are_flags():
     limits = Limits(max_n=2, max_choices=3, max_stop=1, max_logprobs=1, max_tokens=8)
     assert len(parse_completion({"prompt": ["a"] * 3}, limits=limits).generate_requests) == 3
     assert parse_completion({"prompt": "a"}, limits=limits).generate_requests[0].max_tokens == 8
-    for body in ({"prompt": ["a"] * 4}, {"prompt": ["a", "b"], "n": 2}, {"prompt": "a", "n": 3},
-                 {"prompt": "a", "stop": ["x", "y"]}, {"prompt": "a", "logprobs": 2},
-                 {"prompt": "a", "max_tokens": 9}):
+    for body in (
+        {"prompt": ["a"] * 4},
+        {"prompt": ["a", "b"], "n": 2},
+        {"prompt": "a", "n": 3},
+        {"prompt": "a", "stop": ["x", "y"]},
+        {"prompt": "a", "logprobs": 2},
+        {"prompt": "a", "max_tokens": 9},
+    ):
         with pytest.raises(ApiError):
             parse_completion(body, limits=limits)
     with pytest.raises(ValueError):
@@ -562,30 +688,48 @@ def test_completion_limits_are_flags():
 
 def test_completion_response_shape():
     choices = [CompletionChoice(0, "x", None, "stop"), CompletionChoice(1, "yz", None, "length")]
-    body = wire(CompletionResponse(id="cmpl-1", created=10, model="tiny", choices=choices, usage=usage_info(5, 3, 2)))
+    body = wire(
+        CompletionResponse(id="cmpl-1", created=10, model="tiny", choices=choices, usage=usage_info(5, 3, 2))
+    )
     assert body == {
-        "id": "cmpl-1", "object": "text_completion", "created": 10, "model": "tiny",
+        "id": "cmpl-1",
+        "object": "text_completion",
+        "created": 10,
+        "model": "tiny",
         "choices": [
             {"index": 0, "text": "x", "logprobs": None, "finish_reason": "stop"},
             {"index": 1, "text": "yz", "logprobs": None, "finish_reason": "length"},
         ],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
-                  "prompt_tokens_details": {"cached_tokens": 2}},
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": 3,
+            "total_tokens": 8,
+            "prompt_tokens_details": {"cached_tokens": 2},
+        },
     }
 
 
 def test_chunks_and_model_list():
-    chunk = wire(CompletionChunk(id="cmpl-1", created=10, model="tiny", choices=[CompletionChoice(2, "ab", None, None)]))
+    chunk = wire(
+        CompletionChunk(
+            id="cmpl-1", created=10, model="tiny", choices=[CompletionChoice(2, "ab", None, None)]
+        )
+    )
     assert chunk["object"] == "text_completion" and "usage" not in chunk
     assert chunk["choices"] == [{"index": 2, "text": "ab", "logprobs": None, "finish_reason": None}]
-    with_usage = CompletionChunk(id="c", created=1, model="m", choices=[CompletionChoice(0, "", None, "stop")], usage=None)
+    with_usage = CompletionChunk(
+        id="c", created=1, model="m", choices=[CompletionChoice(0, "", None, "stop")], usage=None
+    )
     assert wire(with_usage)["usage"] is None
     usage = wire(CompletionChunk(id="c", created=1, model="m", choices=[], usage=usage_info(4, 6, 0)))
     assert usage["choices"] == [] and usage["usage"]["total_tokens"] == 10
-    assert wire(model_list(("tiny", "alias"), 7, 64)) == {"object": "list", "data": [
-        {"id": "tiny", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
-        {"id": "alias", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
-    ]}
+    assert wire(model_list(("tiny", "alias"), 7, 64)) == {
+        "object": "list",
+        "data": [
+            {"id": "tiny", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
+            {"id": "alias", "object": "model", "created": 7, "owned_by": "mi", "max_model_len": 64},
+        ],
+    }
 
 
 # -- OpenAI /v1/chat/completions ----------------------------------------------------------------
@@ -596,8 +740,9 @@ def test_chat_defaults_and_requests():
     assert creq.model == "tiny" and creq.n == 1 and creq.max_tokens is None and not creq.logprobs
     assert creq.add_generation_prompt and not creq.continue_final_message
     assert creq.messages == [{"role": "user", "content": "hi"}]
-    reqs = parse_chat({"messages": USER, "n": 2, "seed": 1, "logprobs": True, "top_logprobs": 0,
-                       "stream": True}).generate_requests([0, 5], "chatcmpl-x", 9)
+    reqs = parse_chat(
+        {"messages": USER, "n": 2, "seed": 1, "logprobs": True, "top_logprobs": 0, "stream": True}
+    ).generate_requests([0, 5], "chatcmpl-x", 9)
     assert [r.request_id for r in reqs] == ["chatcmpl-x-0", "chatcmpl-x-1"]
     assert all(r.prompt_ids == (0, 5) and r.max_tokens == 9 and r.logprobs == 0 and r.stream for r in reqs)
     assert [r.seed for r in reqs] == [1, 2]
@@ -621,9 +766,20 @@ def test_chat_messages_forms():
 
 
 def test_chat_max_completion_tokens_wins_and_ignored_fields_pass():
-    body = {"messages": USER, "max_tokens": 5, "max_completion_tokens": 7, "metadata": {"a": "b"},
-            "store": False, "user": "u", "service_tier": "auto", "parallel_tool_calls": True,
-            "response_format": {"type": "text"}, "tool_choice": "none", "tools": [], "modalities": ["text"]}
+    body = {
+        "messages": USER,
+        "max_tokens": 5,
+        "max_completion_tokens": 7,
+        "metadata": {"a": "b"},
+        "store": False,
+        "user": "u",
+        "service_tier": "auto",
+        "parallel_tool_calls": True,
+        "response_format": {"type": "text"},
+        "tool_choice": "none",
+        "tools": [],
+        "modalities": ["text"],
+    }
     assert parse_chat(body).max_tokens == 7
 
 
@@ -638,28 +794,49 @@ def test_chat_max_completion_tokens_wins_and_ignored_fields_pass():
         ({"messages": [{"content": "x"}]}, 400, "messages[0].role", "missing_required_parameter"),
         ({"messages": [{"role": "user"}]}, 400, "messages[0].content", "missing_required_parameter"),
         ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content", "invalid_type"),
-        ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
-         "messages[0].content", "unsupported_parameter"),
-        ({"messages": [{"role": "user", "content": "x", "colour": 1}]}, 400, "messages[0].colour",
-         "unknown_parameter"),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},
+            400,
+            "messages[0].content",
+            "unsupported_parameter",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x", "colour": 1}]},
+            400,
+            "messages[0].colour",
+            "unknown_parameter",
+        ),
         ({"messages": USER, "model": "nope"}, 404, "model", "model_not_found"),
         ({"messages": USER, "max_tokens": 0}, 400, "max_tokens", "invalid_value"),
         ({"messages": USER, "max_completion_tokens": "5"}, 400, "max_completion_tokens", "invalid_type"),
         ({"messages": USER, "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
         ({"messages": USER, "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
         ({"messages": USER, "logprobs": 1}, 400, "logprobs", "invalid_type"),
-        ({"messages": USER, "response_format": {"type": "json_object"}}, 400, "response_format",
-         "unsupported_parameter"),
+        (
+            {"messages": USER, "response_format": {"type": "json_object"}},
+            400,
+            "response_format",
+            "unsupported_parameter",
+        ),
         ({"messages": USER, "tools": [{"type": "function"}]}, 400, "tools", "unsupported_parameter"),
         ({"messages": USER, "tool_choice": "required"}, 400, "tool_choice", "unsupported_parameter"),
         ({"messages": USER, "audio": {"voice": "x", "format": "wav"}}, 400, "audio", "unsupported_parameter"),
         ({"messages": USER, "modalities": ["audio"]}, 400, "modalities", "unsupported_parameter"),
         ({"messages": USER, "metadata": "x"}, 400, "metadata", "invalid_type"),
         ({"messages": USER, "n": 0}, 400, "n", "invalid_value"),
-        ({"messages": USER, "stream_options": {"include_usage": True}}, 400, "stream_options", "invalid_value"),
+        (
+            {"messages": USER, "stream_options": {"include_usage": True}},
+            400,
+            "stream_options",
+            "invalid_value",
+        ),
         ({"messages": USER, "chat_template_kwargs": []}, 400, "chat_template_kwargs", "invalid_type"),
-        ({"messages": USER, "continue_final_message": True, "add_generation_prompt": True}, 400,
-         "continue_final_message", "invalid_value"),
+        (
+            {"messages": USER, "continue_final_message": True, "add_generation_prompt": True},
+            400,
+            "continue_final_message",
+            "invalid_value",
+        ),
         ({"messages": USER, "echo": True}, 400, "echo", "unknown_parameter"),
     ],
 )
@@ -671,15 +848,33 @@ def test_chat_rejects(body, status, param, code):
 
 
 def test_chat_chunks():
-    role = wire(ChatCompletionChunk(id="c", created=1, model="m",
-                                    choices=[ChatChunkChoice(0, ChatDelta("assistant", ""), None, None)]))
-    assert role["object"] == "chat.completion.chunk" and role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    last = wire(ChatCompletionChunk(id="c", created=1, model="m", choices=[ChatChunkChoice(0, ChatDelta(), None, "stop")],
-                                    usage=None))
-    assert last["usage"] is None and last["choices"][0] == {"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}
+    role = wire(
+        ChatCompletionChunk(
+            id="c", created=1, model="m", choices=[ChatChunkChoice(0, ChatDelta("assistant", ""), None, None)]
+        )
+    )
+    assert role["object"] == "chat.completion.chunk" and role["choices"][0]["delta"] == {
+        "role": "assistant",
+        "content": "",
+    }
+    last = wire(
+        ChatCompletionChunk(
+            id="c", created=1, model="m", choices=[ChatChunkChoice(0, ChatDelta(), None, "stop")], usage=None
+        )
+    )
+    assert last["usage"] is None and last["choices"][0] == {
+        "index": 0,
+        "delta": {},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }
     choice = wire(ChatChoice(1, AssistantMessage(content="hey"), None, "length"))
-    assert choice == {"index": 1, "message": {"role": "assistant", "content": "hey", "refusal": None, "tool_calls": []},
-                      "logprobs": None, "finish_reason": "length"}
+    assert choice == {
+        "index": 1,
+        "message": {"role": "assistant", "content": "hey", "refusal": None, "tool_calls": []},
+        "logprobs": None,
+        "finish_reason": "length",
+    }
 
 
 # -- logprobs -----------------------------------------------------------------------------------
@@ -728,8 +923,17 @@ def test_chat_logprobs_give_exactly_top_logprobs_alternatives():
 def test_openapi_document_refs_resolve():
     doc = openapi_document("9.9")
     assert doc["openapi"].startswith("3.1") and doc["info"]["version"] == "9.9"
-    assert {"/v1/completions", "/v1/chat/completions", "/v1/models", "/health", "/metrics", "/tokenize",
-            "/detokenize", "/tokenizer_info", "/version"} <= set(doc["paths"])
+    assert {
+        "/v1/completions",
+        "/v1/chat/completions",
+        "/v1/models",
+        "/health",
+        "/metrics",
+        "/tokenize",
+        "/detokenize",
+        "/tokenizer_info",
+        "/version",
+    } <= set(doc["paths"])
     raw = orjson.dumps(doc).decode()
     for ref in set(__import__("re").findall(r'"#/components/schemas/(\w+)"', raw)):
         assert ref in doc["components"]["schemas"], ref

@@ -1,4 +1,5 @@
 """Unit tests for the ref-counted KV block allocator."""
+
 import pytest
 
 from mi.actors.scheduler.block_manager import BlockManager, InvariantError, num_blocks_for
@@ -39,10 +40,10 @@ def test_allocate_zero_and_too_many():
 
 def test_free_list_is_lru_and_releases_tables_back_to_front():
     bm = BlockManager(num_blocks=6, block_size=4)
-    first = bm.allocate(3)          # [0, 1, 2]
-    second = bm.allocate(3)         # [3, 4, 5]
-    bm.free(second)                 # tail first: 5, 4, 3 join the free list in that order
-    bm.free(first)                  # then 2, 1, 0
+    first = bm.allocate(3)  # [0, 1, 2]
+    second = bm.allocate(3)  # [3, 4, 5]
+    bm.free(second)  # tail first: 5, 4, 3 join the free list in that order
+    bm.free(first)  # then 2, 1, 0
     assert bm.allocate(6) == [5, 4, 3, 2, 1, 0]
 
 
@@ -69,11 +70,11 @@ def test_check_invariants_catches_table_mismatch():
 def test_check_invariants_catches_corruption():
     bm = BlockManager(num_blocks=4, block_size=4)
     ids = bm.allocate(2)
-    bm._ref_counts[ids[0]] = 0      # leaked: neither free nor referenced
+    bm._ref_counts[ids[0]] = 0  # leaked: neither free nor referenced
     with pytest.raises(InvariantError, match="free .* used"):
         bm.check_invariants()
     bm = BlockManager(num_blocks=4, block_size=4)
-    bm._ref_counts[0] = 1           # referenced while still in the free list
+    bm._ref_counts[0] = 1  # referenced while still in the free list
     with pytest.raises(InvariantError):
         bm.check_invariants()
 
@@ -91,7 +92,7 @@ def cache_chain(bm: BlockManager, block_ids: list[int], token_ids: list[int]) ->
     extend_hashes(keys, token_ids, bm.block_size, len(block_ids))
     parent = ROOT
     for i, (block_id, key) in enumerate(zip(block_ids, keys)):
-        tokens = tuple(token_ids[i * bm.block_size:(i + 1) * bm.block_size])
+        tokens = tuple(token_ids[i * bm.block_size : (i + 1) * bm.block_size])
         parent = bm.cache_block(block_id, key, tokens, parent)
     return keys
 
@@ -109,7 +110,7 @@ def test_cached_blocks_stay_free_and_revive_in_place():
     assert [bm.ref_count(b) for b in a] == [1, 1] and bm.num_free == 2
     rest = bm.allocate(2)
     assert not set(rest) & set(a)
-    bm.share(a[:1])                                      # a second table shares the first block
+    bm.share(a[:1])  # a second table shares the first block
     assert bm.ref_count(a[0]) == 2
     bm.check_invariants([a, a[:1] + rest])
 
@@ -118,7 +119,7 @@ def test_eviction_drops_the_key_in_lru_order():
     bm = BlockManager(num_blocks=4, block_size=2)
     a, b = bm.allocate(2), bm.allocate(2)
     keys_a, keys_b = cache_chain(bm, a, [1, 2, 3, 4]), cache_chain(bm, b, [5, 6, 7, 8])
-    bm.free(a)                                           # free list: a1 a0 b1 b0
+    bm.free(a)  # free list: a1 a0 b1 b0
     bm.free(b)
     assert bm.allocate(1) == [a[1]]
     assert bm.num_cached == 3 and bm.cached_block(a[1]) is None
@@ -139,7 +140,7 @@ def test_prefix_misuse_is_caught():
     cache_chain(bm, [block_id], [1, 2])
     with pytest.raises(RuntimeError, match="already in the prefix index"):
         bm.cache_block(block_id, b"other key", (1, 2), ROOT)
-    bm._index._by_hash.clear()                           # corrupt: a block without its key
+    bm._index._by_hash.clear()  # corrupt: a block without its key
     with pytest.raises(InvariantError, match="prefix index"):
         bm.check_invariants()
 
@@ -148,7 +149,7 @@ def test_an_equal_entry_is_kept_and_an_unequal_one_replaced():
     bm = BlockManager(num_blocks=4, block_size=2)
     first, twin, other = bm.allocate(3)
     serial = bm.cache_block(first, b"key", (1, 2), ROOT)
-    assert bm.cache_block(twin, b"key", (1, 2), ROOT) == serial   # twin stays private
+    assert bm.cache_block(twin, b"key", (1, 2), ROOT) == serial  # twin stays private
     assert bm.cached_block(twin) is None
     assert bm.cache_block(other, b"key", (7, 7), ROOT) != serial  # a collision replaces
     assert bm.cached_block(first) is None and bm.cached_block(other).token_ids == (7, 7)

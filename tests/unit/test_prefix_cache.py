@@ -3,11 +3,20 @@
 Driven by the fake worker of test_scheduler_core: its KV cache holds a state per token that
 depends on every earlier token, so a block reused for the wrong prefix fails its checks.
 """
+
 import hashlib
 
 import pytest
-from test_scheduler_core import (FakeWorker, expected_tokens, make_core, params, prompt,
-                                 ring_params, run_all, step)
+from test_scheduler_core import (
+    FakeWorker,
+    expected_tokens,
+    make_core,
+    params,
+    prompt,
+    ring_params,
+    run_all,
+    step,
+)
 
 from mi.actors.scheduler import prefix_cache
 from mi.actors.scheduler.block_manager import InvariantError
@@ -23,7 +32,7 @@ def table_of(core, worker, req_id: int) -> list[int]:
 def test_prefix_hit_shares_blocks_and_reports_cached_tokens():
     core = make_core(block_size=4)
     worker = FakeWorker(core)
-    shared = prompt(10)                                    # 2 full blocks + 2 tokens
+    shared = prompt(10)  # 2 full blocks + 2 tokens
     core.add_request(0, shared, params(max_tokens=5))
     _, first = step(core, worker)
     core.add_request(1, shared, params(max_tokens=5))
@@ -50,10 +59,10 @@ def test_prompt_of_exactly_full_blocks_still_computes_its_last_token():
     worker = FakeWorker(core)
     core.add_request(0, prompt(8), params(max_tokens=1))
     run_all(core, worker)
-    assert core.blocks.num_cached == 2                     # both blocks stay cached, free
+    assert core.blocks.num_cached == 2  # both blocks stay cached, free
     core.add_request(1, prompt(8), params(max_tokens=1))
     plan, outputs = step(core, worker)
-    assert plan.num_computed_tokens.tolist() == [4]        # 1 block of 2: the last token's logits
+    assert plan.num_computed_tokens.tolist() == [4]  # 1 block of 2: the last token's logits
     assert plan.num_new_tokens.tolist() == [4]
     assert outputs == [RequestOutput(1, expected_tokens(prompt(8), 1)[0], "length", 4)]
 
@@ -63,9 +72,9 @@ def test_a_request_waits_for_and_then_hits_blocks_a_running_request_is_computing
     worker = FakeWorker(core)
     core.add_request(0, prompt(16), params(max_tokens=6))
     core.add_request(1, prompt(16), params(max_tokens=3))
-    plan, _ = step(core, worker)                           # req 0 computes 10: 2 full blocks
+    plan, _ = step(core, worker)  # req 0 computes 10: 2 full blocks
     assert plan.req_ids == [0]
-    plan, _ = step(core, worker)                           # req 0 is computing block 2: req 1 waits
+    plan, _ = step(core, worker)  # req 0 is computing block 2: req 1 waits
     assert plan.req_ids == [0]
     plan, outputs = step(core, worker)
     assert plan.req_ids == [0, 1]
@@ -80,11 +89,11 @@ def test_identical_prompts_sent_together_share_their_blocks():
     worker = FakeWorker(core)
     core.add_request(0, prompt(12), params(max_tokens=4))
     core.add_request(1, prompt(12), params(max_tokens=4))
-    plan, outputs = step(core, worker)                     # req 1 waits for req 0's blocks
+    plan, outputs = step(core, worker)  # req 1 waits for req 0's blocks
     assert plan.req_ids == [0]
     plan, outputs = step(core, worker)
     assert plan.req_ids == [0, 1]
-    assert plan.num_computed_tokens.tolist() == [12, 8]    # 2 full blocks shared, 1 token computed
+    assert plan.num_computed_tokens.tolist() == [12, 8]  # 2 full blocks shared, 1 token computed
     assert [o.num_cached_tokens for o in outputs] == [0, 8]
     assert table_of(core, worker, 1)[:2] == table_of(core, worker, 0)[:2]
     first = [o.token_id for o in outputs if o.req_id == 1]
@@ -99,7 +108,7 @@ def test_blocks_of_one_step_are_not_hit_in_that_step():
     worker = FakeWorker(core)
     core.add_request(0, prompt(12), params(max_tokens=2, prompt_logprobs=0))
     core.add_request(1, prompt(12), params(max_tokens=2))
-    plan, outputs = step(core, worker)                     # req 0 never indexes before it is done
+    plan, outputs = step(core, worker)  # req 0 never indexes before it is done
     assert plan.num_computed_tokens.tolist() == [0, 0]
     assert [o.num_cached_tokens for o in outputs] == [0, 0]
     assert not set(table_of(core, worker, 0)) & set(table_of(core, worker, 1))
@@ -107,20 +116,24 @@ def test_blocks_of_one_step_are_not_hit_in_that_step():
     core.check_invariants()
 
 
-@pytest.mark.parametrize("fake_hash, expected_num_cached", [
-    (lambda parent, token_ids: b"same key for everything", [0, 0, 0, 0, 0, 0, 0, 0]),
-    (lambda parent, token_ids: hashlib.sha256(bytes(token_ids)).digest(),  # ignores parents
-     [0, 0, 4, 0, 0, 0, 0, 8]),
-])
+@pytest.mark.parametrize(
+    "fake_hash, expected_num_cached",
+    [
+        (lambda parent, token_ids: b"same key for everything", [0, 0, 0, 0, 0, 0, 0, 0]),
+        (
+            lambda parent, token_ids: hashlib.sha256(bytes(token_ids)).digest(),  # ignores parents
+            [0, 0, 4, 0, 0, 0, 0, 8],
+        ),
+    ],
+)
 def test_hash_collisions_never_reuse_wrong_kv(monkeypatch, fake_hash, expected_num_cached):
     monkeypatch.setattr(prefix_cache, "hash_block", fake_hash)
     core = make_core(block_size=4)
     worker = FakeWorker(core)
     p, q, r = prompt(4, start=10), prompt(4, start=20), prompt(8, start=60)
-    workload = [p + [1], q + [2], p + q + [1], q + q + [2], q + p + [3], r + [4], p + q + [5],
-                r + [6]]
+    workload = [p + [1], q + [2], p + q + [1], q + q + [2], q + p + [3], r + [4], p + q + [5], r + [6]]
     num_cached = []
-    for req_id, prompt_ids in enumerate(workload):         # one at a time: all of them cached
+    for req_id, prompt_ids in enumerate(workload):  # one at a time: all of them cached
         core.add_request(req_id, prompt_ids, params(max_tokens=3))
         worker_outputs = []
         while (result := step(core, worker))[0] is not None:
@@ -136,11 +149,11 @@ def test_lru_eviction_of_unreferenced_cached_blocks():
     core = make_core(num_blocks=6, block_size=4)
     worker = FakeWorker(core)
     a, b, c = prompt(8, start=100), prompt(8, start=200), prompt(16, start=300)
-    for req_id, prompt_ids in enumerate((a, b)):           # free list: 2 3 4 5 | a1 a0 | b1 b0
+    for req_id, prompt_ids in enumerate((a, b)):  # free list: 2 3 4 5 | a1 a0 | b1 b0
         core.add_request(req_id, prompt_ids, params(max_tokens=1))
         run_all(core, worker)
     assert core.blocks.num_cached == 4 and core.blocks.num_free == 6
-    core.add_request(2, c, params(max_tokens=1))           # 4 blocks: the 2 never used, then a's
+    core.add_request(2, c, params(max_tokens=1))  # 4 blocks: the 2 never used, then a's
     run_all(core, worker)
     core.add_request(3, b + [1], params(max_tokens=1))
     core.add_request(4, a + [1], params(max_tokens=1))
@@ -153,8 +166,9 @@ def test_a_revived_cached_block_leaves_the_free_list():
     worker = FakeWorker(core)
     core.add_request(0, prompt(9), params(max_tokens=1))
     run_all(core, worker)
-    cached = [e.block_id for e in core.blocks.match_prefix(
-        [prefix_cache.hash_block(b"", prompt(4))], prompt(4))]
+    cached = [
+        e.block_id for e in core.blocks.match_prefix([prefix_cache.hash_block(b"", prompt(4))], prompt(4))
+    ]
     assert len(cached) == 1 and core.blocks.num_free == 8
     core.add_request(1, prompt(9) + [50, 51, 52, 53, 54, 55, 56, 57, 58, 59], params(max_tokens=8))
     plan, _ = step(core, worker)
@@ -217,8 +231,12 @@ def test_preemption_with_prefix_caching_keeps_outputs_identical():
     workload = [(i, shared + prompt(1 + i, start=40 * i + 1), 6 + i) for i in range(5)]
 
     def run(num_blocks: int, enable_prefix_caching: bool):
-        core = make_core(num_blocks=num_blocks, block_size=2, max_num_batched_tokens=16,
-                         enable_prefix_caching=enable_prefix_caching)
+        core = make_core(
+            num_blocks=num_blocks,
+            block_size=2,
+            max_num_batched_tokens=16,
+            enable_prefix_caching=enable_prefix_caching,
+        )
         worker, readmitted_with_hits, seen = FakeWorker(core), 0, set()
         for req_id, prompt_ids, max_tokens in workload:
             core.add_request(req_id, prompt_ids, params(max_tokens=max_tokens))
@@ -247,9 +265,14 @@ def test_stats():
     core = make_core(num_blocks=10, block_size=4, max_num_seqs=1)
     worker = FakeWorker(core)
     assert core.stats() == {
-        "num_requests_running": 0, "num_requests_waiting": 0, "num_kv_blocks": 10,
-        "num_kv_blocks_used": 0, "num_preemptions": 0, "prefix_cache_queried_tokens": 0,
-        "prefix_cache_hit_tokens": 0}
+        "num_requests_running": 0,
+        "num_requests_waiting": 0,
+        "num_kv_blocks": 10,
+        "num_kv_blocks_used": 0,
+        "num_preemptions": 0,
+        "prefix_cache_queried_tokens": 0,
+        "prefix_cache_hit_tokens": 0,
+    }
     core.add_request(0, prompt(9), params(max_tokens=2))
     core.add_request(1, prompt(9), params(max_tokens=2))
     core.add_request(2, prompt(9), params(max_tokens=2, prompt_logprobs=1))
@@ -260,7 +283,7 @@ def test_stats():
     run_all(core, worker)
     stats = core.stats()
     assert stats["num_kv_blocks_used"] == 0 and core.blocks.num_cached > 0
-    assert stats["prefix_cache_queried_tokens"] == 18          # req 2 (prompt logprobs) not
+    assert stats["prefix_cache_queried_tokens"] == 18  # req 2 (prompt logprobs) not
     assert stats["prefix_cache_hit_tokens"] == 8
 
 
@@ -272,8 +295,9 @@ def test_check_invariants_catches_a_cached_block_with_other_tokens():
     core.check_invariants()
     index = core.blocks._index
     entry = next(iter(index))
-    forged = prefix_cache.CachedBlock(entry.block_id, entry.block_hash, (9, 9, 9, 9),
-                                      entry.parent, entry.serial)
+    forged = prefix_cache.CachedBlock(
+        entry.block_id, entry.block_hash, (9, 9, 9, 9), entry.parent, entry.serial
+    )
     index._by_block[entry.block_id] = index._by_hash[entry.block_hash] = forged
     with pytest.raises(InvariantError, match="stores other tokens"):
         core.check_invariants()

@@ -1,6 +1,7 @@
 """Sampler tests: each parameter has a test that fails without it, plus determinism, greedy
 isolation, raw logprobs and low-precision inputs, and the worker's per-slot sampling state that
 feeds the sampler. CPU, a few seconds."""
+
 import numpy as np
 import pytest
 import torch
@@ -25,13 +26,26 @@ def seeded_torch():
 def make_st(num_rows: int, **overrides) -> SamplingTensors:
     """Plain sampling (temperature 1, no filters), seeds 0..B-1 at position 0, unless overridden;
     scalar overrides are broadcast to every row."""
-    fields = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0,
-                  "seeds": torch.arange(num_rows), "positions": 0}
+    fields = {
+        "temperature": 1.0,
+        "top_p": 1.0,
+        "top_k": 0,
+        "min_p": 0.0,
+        "seeds": torch.arange(num_rows),
+        "positions": 0,
+    }
     fields.update(overrides)
-    dtypes = {"temperature": torch.float32, "top_p": torch.float32, "top_k": torch.int64,
-                  "min_p": torch.float32, "seeds": torch.int64, "positions": torch.int64,
-                  "repetition_penalty": torch.float32, "presence_penalty": torch.float32,
-                  "frequency_penalty": torch.float32}
+    dtypes = {
+        "temperature": torch.float32,
+        "top_p": torch.float32,
+        "top_k": torch.int64,
+        "min_p": torch.float32,
+        "seeds": torch.int64,
+        "positions": torch.int64,
+        "repetition_penalty": torch.float32,
+        "presence_penalty": torch.float32,
+        "frequency_penalty": torch.float32,
+    }
     for name, dtype in dtypes.items():
         value = fields.get(name)
         if value is not None and not isinstance(value, torch.Tensor):
@@ -48,6 +62,7 @@ def sampled_set(logits: torch.Tensor, st: SamplingTensors) -> set[int]:
 
 
 # --- filters -------------------------------------------------------------------------------------
+
 
 def test_top_k_1_equals_greedy():
     logits = torch.randn(64, 100)
@@ -67,8 +82,9 @@ def test_top_k_only_yields_the_k_best():
     assert set(tokens[::2].tolist()) == best and not set(tokens[1::2].tolist()) <= best
 
 
-@pytest.mark.parametrize("top_p, nucleus", [(0.45, {0}), (0.75, {0, 1}), (0.85, {0, 1, 2}),
-                                            (1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize(
+    "top_p, nucleus", [(0.45, {0}), (0.75, {0, 1}), (0.85, {0, 1, 2}), (1.0, {0, 1, 2, 3})]
+)
 def test_top_p_keeps_the_minimal_nucleus(top_p, nucleus):
     # Probabilities 0.5, 0.3, 0.15, 0.05: the nucleus is the shortest prefix reaching top_p.
     logits = repeat_rows([0.5, 0.3, 0.15, 0.05], 2000)
@@ -108,8 +124,10 @@ def test_top_p_applies_after_top_k():
     assert sampled_set(logits, make_st(2000, top_k=2, top_p=0.5)) == {0}
 
 
-@pytest.mark.parametrize("min_p, temperature, kept", [
-    (0.3, 1.0, {0, 1, 2}), (0.6, 1.0, {0, 1}), (0.6, 2.0, {0, 1, 2}), (0.0, 1.0, {0, 1, 2, 3})])
+@pytest.mark.parametrize(
+    "min_p, temperature, kept",
+    [(0.3, 1.0, {0, 1, 2}), (0.6, 1.0, {0, 1}), (0.6, 2.0, {0, 1, 2}), (0.0, 1.0, {0, 1, 2, 3})],
+)
 def test_min_p_drops_tokens_below_min_p_times_the_top(min_p, temperature, kept):
     # Probabilities 0.4, 0.3, 0.2, 0.1; at T=2 they become ∝ sqrt(p): ratios 1, .87, .71, .5.
     logits = repeat_rows([0.4, 0.3, 0.2, 0.1], 2000)
@@ -123,6 +141,7 @@ def test_min_p_with_top_k():
 
 
 # --- temperature ---------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
 def test_temperature_matches_softmax_of_logits_over_t(temperature):
@@ -139,8 +158,10 @@ def test_temperature_matches_softmax_of_logits_over_t(temperature):
 def test_temperature_sharpens_and_flattens():
     num_rows = 20_000
     logits = torch.tensor([1.0, 0.0, -1.0])[None, :].expand(num_rows, -1).contiguous()
-    top_freq = [sample(logits, make_st(num_rows, temperature=t)).token_ids.eq(0).float().mean()
-                for t in (0.25, 1.0, 4.0)]
+    top_freq = [
+        sample(logits, make_st(num_rows, temperature=t)).token_ids.eq(0).float().mean()
+        for t in (0.25, 1.0, 4.0)
+    ]
     assert top_freq[0] > 0.95 and 0.6 < top_freq[1] < 0.73 and top_freq[2] < 0.45
 
 
@@ -151,18 +172,25 @@ def test_temperature_zero_is_exact_argmax():
 
 # --- logit_bias and penalties ---------------------------------------------------------------------
 
+
 def test_logit_bias_forces_and_bans():
     num_rows = 500
     logits = torch.randn(num_rows, 64)
     temperature = torch.where(torch.arange(num_rows) == 0, 0.0, 1.0)  # row 0 greedy
     rows = torch.arange(num_rows)
-    forced = make_st(num_rows, temperature=temperature, logit_bias=(
-        rows, torch.full((num_rows,), 7), torch.full((num_rows,), 100.0)))
+    forced = make_st(
+        num_rows,
+        temperature=temperature,
+        logit_bias=(rows, torch.full((num_rows,), 7), torch.full((num_rows,), 100.0)),
+    )
     assert sample(logits, forced).token_ids.eq(7).all()
 
     logits[:, 3] = 50.0  # token 3 would always win
-    banned = make_st(num_rows, temperature=temperature, logit_bias=(
-        rows, torch.full((num_rows,), 3), torch.full((num_rows,), float("-inf"))))
+    banned = make_st(
+        num_rows,
+        temperature=temperature,
+        logit_bias=(rows, torch.full((num_rows,), 3), torch.full((num_rows,), float("-inf"))),
+    )
     tokens = sample(logits, banned).token_ids
     assert tokens.ne(3).all()
     assert tokens[0] == logits[0].index_fill(0, torch.tensor([3]), float("-inf")).argmax()
@@ -171,8 +199,9 @@ def test_logit_bias_forces_and_bans():
 
 def test_logit_bias_only_touches_its_rows_and_tokens():
     logits = torch.randn(3, 10)
-    st = make_st(3, logit_bias=(torch.tensor([1, 1, 2]), torch.tensor([4, 4, 0]),
-                                torch.tensor([1.5, 0.5, -2.0])))
+    st = make_st(
+        3, logit_bias=(torch.tensor([1, 1, 2]), torch.tensor([4, 4, 0]), torch.tensor([1.5, 0.5, -2.0]))
+    )
     expected = logits.clone()
     expected[1, 4] += 2.0  # duplicate entries add up
     expected[2, 0] -= 2.0
@@ -198,11 +227,12 @@ def test_repetition_penalty_matches_transformers(penalty):
     output_ids = torch.randint(0, vocab_size, (num_rows, 5), generator=gen)
     prompt_mask = torch.zeros(num_rows, vocab_size, dtype=torch.bool).scatter_(1, prompt_ids, True)
     output_counts = torch.zeros(num_rows, vocab_size, dtype=torch.int32).scatter_add_(
-        1, output_ids, torch.ones_like(output_ids, dtype=torch.int32))
-    st = make_st(num_rows, repetition_penalty=penalty, prompt_mask=prompt_mask,
-                 output_counts=output_counts)
+        1, output_ids, torch.ones_like(output_ids, dtype=torch.int32)
+    )
+    st = make_st(num_rows, repetition_penalty=penalty, prompt_mask=prompt_mask, output_counts=output_counts)
     reference = RepetitionPenaltyLogitsProcessor(penalty)(
-        torch.cat([prompt_ids, output_ids], dim=1), logits.clone())
+        torch.cat([prompt_ids, output_ids], dim=1), logits.clone()
+    )
     torch.testing.assert_close(apply_penalties(logits, st), reference, rtol=0, atol=1e-6)
 
 
@@ -214,8 +244,13 @@ def test_presence_and_frequency_penalties_follow_the_formula():
     prompt_mask = torch.rand(num_rows, vocab_size, generator=gen) < 0.5
     presence = torch.tensor([0.0, 0.5, -1.0])
     frequency = torch.tensor([0.25, 0.0, 1.5])
-    st = make_st(num_rows, presence_penalty=presence, frequency_penalty=frequency,
-                 output_counts=output_counts, prompt_mask=prompt_mask)
+    st = make_st(
+        num_rows,
+        presence_penalty=presence,
+        frequency_penalty=frequency,
+        output_counts=output_counts,
+        prompt_mask=prompt_mask,
+    )
     expected = logits.clone()
     for row in range(num_rows):
         for token in range(vocab_size):
@@ -226,30 +261,39 @@ def test_presence_and_frequency_penalties_follow_the_formula():
 
 def test_penalties_order_bias_then_repetition_then_frequency():
     logits = torch.tensor([[1.0, 1.0]])
-    st = make_st(1, logit_bias=(torch.tensor([0]), torch.tensor([0]), torch.tensor([3.0])),
-                 repetition_penalty=2.0, frequency_penalty=0.5,
-                 output_counts=torch.tensor([[2, 0]], dtype=torch.int32))
+    st = make_st(
+        1,
+        logit_bias=(torch.tensor([0]), torch.tensor([0]), torch.tensor([3.0])),
+        repetition_penalty=2.0,
+        frequency_penalty=0.5,
+        output_counts=torch.tensor([[2, 0]], dtype=torch.int32),
+    )
     assert apply_penalties(logits, st).tolist() == [[(1.0 + 3.0) / 2.0 - 0.5 * 2, 1.0]]
 
 
 def test_penalties_steer_sampling_and_greedy():
     logits = torch.tensor([[3.0, 2.9, 0.0]]).expand(2, -1).contiguous()
     counts = torch.tensor([[5, 0, 0]], dtype=torch.int32).expand(2, -1).contiguous()
-    st = make_st(2, temperature=torch.tensor([0.0, 1e-3]), frequency_penalty=1.0,
-                 output_counts=counts)
+    st = make_st(2, temperature=torch.tensor([0.0, 1e-3]), frequency_penalty=1.0, output_counts=counts)
     assert sample(logits, st).token_ids.tolist() == [1, 1]
 
 
 def test_no_penalties_returns_the_logits_unchanged():
     logits = torch.randn(2, 8)
     assert apply_penalties(logits, make_st(2)) is logits  # no copy, no pass
-    neutral = make_st(2, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                      output_counts=torch.ones(2, 8, dtype=torch.int32),
-                      prompt_mask=torch.ones(2, 8, dtype=torch.bool))
+    neutral = make_st(
+        2,
+        repetition_penalty=1.0,
+        presence_penalty=0.0,
+        frequency_penalty=0.0,
+        output_counts=torch.ones(2, 8, dtype=torch.int32),
+        prompt_mask=torch.ones(2, 8, dtype=torch.bool),
+    )
     assert torch.equal(apply_penalties(logits, neutral), logits)
 
 
 # --- determinism and batch independence -----------------------------------------------------------
+
 
 def random_rows(num_rows: int, vocab_size: int, gen: torch.Generator) -> dict:
     """Per-row tensors for a mixed batch: greedy, plain, top_k, top_p, min_p and penalty rows."""
@@ -260,13 +304,12 @@ def random_rows(num_rows: int, vocab_size: int, gen: torch.Generator) -> dict:
         "top_k": torch.randint(-1, 30, (num_rows,), generator=gen),
         "top_p": torch.rand(num_rows, generator=gen).clamp(min=0.2) ** (torch.arange(num_rows) % 2),
         "min_p": torch.rand(num_rows, generator=gen) * 0.2 * (torch.arange(num_rows) % 3 == 0),
-        "seeds": torch.randint(-2**62, 2**62, (num_rows,), generator=gen),
+        "seeds": torch.randint(-(2**62), 2**62, (num_rows,), generator=gen),
         "positions": torch.randint(0, 4096, (num_rows,), generator=gen),
         "repetition_penalty": 1 + torch.rand(num_rows, generator=gen),
         "presence_penalty": torch.rand(num_rows, generator=gen),
         "frequency_penalty": torch.rand(num_rows, generator=gen),
-        "output_counts": torch.randint(0, 3, (num_rows, vocab_size), generator=gen,
-                                       dtype=torch.int32),
+        "output_counts": torch.randint(0, 3, (num_rows, vocab_size), generator=gen, dtype=torch.int32),
         "prompt_mask": torch.rand(num_rows, vocab_size, generator=gen) < 0.3,
     }
 
@@ -283,8 +326,13 @@ def test_seeded_row_is_the_same_alone_and_in_a_shuffled_batch(monkeypatch, penal
     gen = torch.Generator().manual_seed(2)
     rows = random_rows(17, 256, gen)
     if not penalties:
-        for name in ("repetition_penalty", "presence_penalty", "frequency_penalty",
-                     "output_counts", "prompt_mask"):
+        for name in (
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+            "output_counts",
+            "prompt_mask",
+        ):
             del rows[name]
     alone = torch.cat([sample(*st_of(rows, torch.tensor([i]))).token_ids for i in range(17)])
     for _ in range(3):
@@ -349,12 +397,14 @@ def test_greedy_rows_ignore_other_rows_params():
 
 # --- logprobs ------------------------------------------------------------------------------------
 
+
 def test_logprobs_are_raw_log_softmax():
     num_rows, vocab_size, k = 8, 500, 5
     logits = torch.randn(num_rows, vocab_size) * 4
     bias = (torch.arange(num_rows), torch.full((num_rows,), 11), torch.full((num_rows,), 100.0))
-    st = make_st(num_rows, temperature=torch.linspace(0, 2, num_rows), top_k=50, logit_bias=bias,
-                 num_top_logprobs=k)
+    st = make_st(
+        num_rows, temperature=torch.linspace(0, 2, num_rows), top_k=50, logit_bias=bias, num_top_logprobs=k
+    )
     out = sample(logits, st)
     reference = torch.log_softmax(logits, dim=-1)
     assert out.token_ids.eq(11).all()  # the bias steered the choice, not the logprobs
@@ -370,8 +420,12 @@ def test_logprobs_off_and_zero_alternatives():
     assert sample(logits, make_st(4)).logprobs is None
     out = sample(logits, make_st(4, num_top_logprobs=0))
     assert out.top_ids.shape == (4, 0) and out.top_logprobs.shape == (4, 0)
-    torch.testing.assert_close(out.logprobs, torch.log_softmax(logits, -1).gather(
-        1, out.token_ids[:, None]).squeeze(1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out.logprobs,
+        torch.log_softmax(logits, -1).gather(1, out.token_ids[:, None]).squeeze(1),
+        rtol=0,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.parametrize("chunk_elements", [1 << 24, 64])
@@ -383,8 +437,9 @@ def test_prompt_logprobs(monkeypatch, chunk_elements):
     reference = torch.log_softmax(logits, dim=-1)
     has_target = targets >= 0
     assert torch.isnan(target_lp[~has_target]).all()
-    torch.testing.assert_close(target_lp[has_target],
-                               reference[has_target, targets[has_target]], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        target_lp[has_target], reference[has_target, targets[has_target]], rtol=0, atol=1e-5
+    )
     top_values, expected_ids = reference.topk(4, dim=-1)
     assert torch.equal(top_ids, expected_ids)
     torch.testing.assert_close(top_lp, top_values, rtol=0, atol=1e-5)
@@ -392,20 +447,28 @@ def test_prompt_logprobs(monkeypatch, chunk_elements):
 
 # --- dtypes and validation -----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_logits(dtype):
     logits = (torch.randn(6, 200) * 3).to(dtype)
     temperature = torch.tensor([0.0, 0.0, 1.0, 1.0, 0.7, 0.0])
-    st = make_st(6, temperature=temperature, top_k=torch.tensor([0, 0, 10, 0, 0, 0]),
-                 top_p=torch.tensor([1, 1, 1, 0.9, 1, 1]), num_top_logprobs=3,
-                 repetition_penalty=1.0, output_counts=torch.zeros(6, 200, dtype=torch.int32))
+    st = make_st(
+        6,
+        temperature=temperature,
+        top_k=torch.tensor([0, 0, 10, 0, 0, 0]),
+        top_p=torch.tensor([1, 1, 1, 0.9, 1, 1]),
+        num_top_logprobs=3,
+        repetition_penalty=1.0,
+        output_counts=torch.zeros(6, 200, dtype=torch.int32),
+    )
     out = sample(logits, st)
     assert out.token_ids.dtype == torch.int64 and out.logprobs.dtype == torch.float32
     greedy = temperature == 0
     assert torch.equal(out.token_ids[greedy], logits.float()[greedy].argmax(-1))
     reference = torch.log_softmax(logits.float(), dim=-1)
-    torch.testing.assert_close(out.logprobs, reference.gather(1, out.token_ids[:, None])[:, 0],
-                               rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        out.logprobs, reference.gather(1, out.token_ids[:, None])[:, 0], rtol=0, atol=1e-5
+    )
     torch.testing.assert_close(out.top_logprobs, reference.topk(3).values, rtol=0, atol=1e-5)
     target_lp, _, _ = prompt_logprobs(logits, out.token_ids, 2)
     torch.testing.assert_close(target_lp, out.logprobs, rtol=0, atol=1e-5)
@@ -430,30 +493,61 @@ def test_invalid_sampling_tensors_raise():
     with pytest.raises(ValueError, match="num_top_logprobs"):
         make_st(3, num_top_logprobs=-2)
     with pytest.raises(ValueError, match="output_counts"):
-        apply_penalties(torch.zeros(3, 5), make_st(
-            3, frequency_penalty=0.5, output_counts=torch.zeros(3, 4, dtype=torch.int32)))
+        apply_penalties(
+            torch.zeros(3, 5),
+            make_st(3, frequency_penalty=0.5, output_counts=torch.zeros(3, 4, dtype=torch.int32)),
+        )
 
 
 def test_slot_sampling_takes_new_slots_as_the_ring_delivers_them():
     """The worker's per-slot state reads each NewSlot's attributes (decoded from the ring, so its
     arrays are read-only, unaligned views): parameters, logit bias, min_tokens bans, logprobs
     (None -> -1) and the prefix-cache hits of a penalized request."""
-    def new_slot(slot, params, bans=(), cached=()):
-        return m.NewSlot(slot=slot, num_prompt_tokens=3, params=params,
-                         ban_token_ids=np.array(bans, np.int32),
-                         cached_token_ids=np.array(cached, np.int32))
 
-    plan = m.CODEC.decode(m.CODEC.encode(m.StepPlan(
-        step_id=1, new_slots=[
-            new_slot(2, SamplingParams(temperature=0.5, top_k=-1, seed=7, logprobs=2,
-                                       logit_bias={4: -100.0, 1: 2.5})),
-            new_slot(0, SamplingParams(top_p=0.0, seed=-3, min_tokens=2,
-                                       presence_penalty=1.0), bans=(0, 5), cached=(6, 6)),
-        ], **{name: np.zeros(0, np.uint8 if name in ("do_sample", "prompt_logprobs_rows")
-                             else np.int32) for name in (
-            "freed_slots", "slots", "num_new_tokens", "num_computed_tokens", "input_ids",
-            "do_sample", "prompt_logprobs_rows", "prompt_targets")},
-        block_appends=np.zeros((0, 2), np.int32))))
+    def new_slot(slot, params, bans=(), cached=()):
+        return m.NewSlot(
+            slot=slot,
+            num_prompt_tokens=3,
+            params=params,
+            ban_token_ids=np.array(bans, np.int32),
+            cached_token_ids=np.array(cached, np.int32),
+        )
+
+    plan = m.CODEC.decode(
+        m.CODEC.encode(
+            m.StepPlan(
+                step_id=1,
+                new_slots=[
+                    new_slot(
+                        2,
+                        SamplingParams(
+                            temperature=0.5, top_k=-1, seed=7, logprobs=2, logit_bias={4: -100.0, 1: 2.5}
+                        ),
+                    ),
+                    new_slot(
+                        0,
+                        SamplingParams(top_p=0.0, seed=-3, min_tokens=2, presence_penalty=1.0),
+                        bans=(0, 5),
+                        cached=(6, 6),
+                    ),
+                ],
+                **{
+                    name: np.zeros(0, np.uint8 if name in ("do_sample", "prompt_logprobs_rows") else np.int32)
+                    for name in (
+                        "freed_slots",
+                        "slots",
+                        "num_new_tokens",
+                        "num_computed_tokens",
+                        "input_ids",
+                        "do_sample",
+                        "prompt_logprobs_rows",
+                        "prompt_targets",
+                    )
+                },
+                block_appends=np.zeros((0, 2), np.int32),
+            )
+        )
+    )
     state = SlotSampling(max_num_seqs=4, vocab_size=8, device=torch.device("cpu"))
     state.admit(plan.new_slots)
     p = state.params
@@ -470,5 +564,9 @@ def test_slot_sampling_takes_new_slots_as_the_ring_delivers_them():
     st = state.tensors(np.array([0, 2]), np.array([4, 3]))
     assert st.top_k.tolist() == [1, 0] and st.num_top_logprobs == 2
     rows, tokens, values = (t.tolist() for t in st.logit_bias)
-    assert sorted(zip(rows, tokens, values)) == [(0, 0, -np.inf), (0, 5, -np.inf), (1, 1, 2.5),
-                                                 (1, 4, -100.0)]
+    assert sorted(zip(rows, tokens, values)) == [
+        (0, 0, -np.inf),
+        (0, 5, -np.inf),
+        (1, 1, 2.5),
+        (1, 4, -100.0),
+    ]

@@ -6,6 +6,7 @@ scheduler after every step. Its fake KV cache holds, per token slot, the model s
 token — a function of every token before it, as real KV is — and a row starts from the state it
 reads in the cache, so feeding wrong tokens or serving KV from a wrong block changes the output.
 """
+
 import os
 import random
 
@@ -23,8 +24,14 @@ INITIAL_STATE = 7
 
 
 def make_core(**overrides) -> SchedulerCore:
-    config = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32,
-                  max_model_len=256, eos_token_ids=(EOS,))
+    config = dict(
+        num_blocks=64,
+        block_size=4,
+        max_num_seqs=8,
+        max_num_batched_tokens=32,
+        max_model_len=256,
+        eos_token_ids=(EOS,),
+    )
     config.update(overrides)
     return SchedulerCore(**config)
 
@@ -90,9 +97,16 @@ class FakeWorker:
             self.tables[slot].append(block_id)
         assert plan.input_ids.dtype == np.int32 and plan.slots.dtype == np.int32
         assert int(plan.num_new_tokens.sum()) == len(plan.input_ids)
-        rows = list(zip(plan.slots.tolist(), plan.req_ids, plan.num_computed_tokens.tolist(),
-                        plan.num_new_tokens.tolist(), plan.do_sample.tolist(),
-                        plan.prompt_logprobs_rows.tolist()))
+        rows = list(
+            zip(
+                plan.slots.tolist(),
+                plan.req_ids,
+                plan.num_computed_tokens.tolist(),
+                plan.num_new_tokens.tolist(),
+                plan.do_sample.tolist(),
+                plan.prompt_logprobs_rows.tolist(),
+            )
+        )
         # NOTE: every row reads its cached prefix before any row writes: KV written in a step must
         # not be read by another row of the same step.
         states = [self.read_state(slot, start) for slot, _, start, *_ in rows]
@@ -101,7 +115,7 @@ class FakeWorker:
             assert self.slot_req[slot] == req_id
             assert len(self.history[slot]) == start, "chunk does not start at the cached length"
             assert state == fold_all(self.history[slot]), "cached KV holds other tokens"
-            new_ids = plan.input_ids[offset:offset + n].tolist()
+            new_ids = plan.input_ids[offset : offset + n].tolist()
             offset += n
             assert len(self.tables[slot]) * bs >= start + n
             for pos, token in enumerate(new_ids, start):
@@ -113,7 +127,7 @@ class FakeWorker:
             if do_sample:
                 sampled.append(self.model(state))
             if wants_targets:
-                targets = plan.prompt_targets[num_targets:num_targets + n].tolist()
+                targets = plan.prompt_targets[num_targets : num_targets + n].tolist()
                 num_targets += n
                 self.record_targets(slot, req_id, start, targets)
         assert num_targets == len(plan.prompt_targets) and plan.prompt_targets.dtype == np.int32
@@ -155,8 +169,9 @@ def step(core: SchedulerCore, worker: FakeWorker) -> tuple[StepPlan | None, list
     return plan, outputs
 
 
-def run_all(core: SchedulerCore, worker: FakeWorker | None = None,
-            max_steps: int = 10_000) -> dict[int, list[int]]:
+def run_all(
+    core: SchedulerCore, worker: FakeWorker | None = None, max_steps: int = 10_000
+) -> dict[int, list[int]]:
     """Run until idle; return the generated tokens per request."""
     worker, tokens = worker or FakeWorker(core), {}
     for _ in range(max_steps):
@@ -180,7 +195,7 @@ def expected_tokens(prompt_ids: list[int], max_tokens: int) -> list[int]:
     seq = list(prompt_ids)
     for _ in range(max_tokens):
         seq.append(fake_model(seq))
-    return seq[len(prompt_ids):]
+    return seq[len(prompt_ids) :]
 
 
 def test_mixed_prefill_and_decode_in_one_step():
@@ -194,7 +209,7 @@ def test_mixed_prefill_and_decode_in_one_step():
     core.add_request(1, prompt(10, start=100), params())
     plan, outputs = step(core, worker)
     assert plan.req_ids == [0, 1]
-    assert plan.num_new_tokens.tolist() == [1, 10]        # a decode and a prefill together
+    assert plan.num_new_tokens.tolist() == [1, 10]  # a decode and a prefill together
     assert plan.num_computed_tokens.tolist() == [5, 0]
     assert plan.input_ids.tolist() == [first_token] + prompt(10, start=100)
     assert plan.do_sample.tolist() == [True, True] and len(outputs) == 2
@@ -208,7 +223,7 @@ def test_chunked_prefill_alongside_running_decodes():
     step(core, worker)
     core.add_request(2, prompt(30, start=500), params(max_tokens=2))
     long_outputs = []
-    for i in range(5):                                     # 30 tokens in chunks of 6
+    for i in range(5):  # 30 tokens in chunks of 6
         plan, outputs = step(core, worker)
         assert plan.req_ids == [0, 1, 2]
         assert plan.num_new_tokens.tolist() == [1, 1, 6]
@@ -216,7 +231,7 @@ def test_chunked_prefill_alongside_running_decodes():
         assert plan.do_sample.tolist() == [True, True, i == 4]
         assert {o.req_id for o in outputs if o.req_id in (0, 1)} == {0, 1}  # decodes every step
         long_outputs += [o for o in outputs if o.req_id == 2]
-    assert len(long_outputs) == 1                           # output only after the last chunk
+    assert len(long_outputs) == 1  # output only after the last chunk
     assert long_outputs[0].token_id == expected_tokens(prompt(30, start=500), 1)[0]
     run_all(core, worker)
 
@@ -241,7 +256,7 @@ def test_max_num_seqs_is_respected():
     worker = FakeWorker(core)
     plan, _ = step(core, worker)
     assert plan.req_ids == [0, 1] and core.num_running == 2 and core.num_waiting == 3
-    run_all(core, worker)                                  # ``step`` checks the cap every step
+    run_all(core, worker)  # ``step`` checks the cap every step
     core = make_core(max_num_seqs=2)
     assert run_all_with(core, workload) == {i: expected_tokens(p, m) for i, p, m in workload}
 
@@ -268,16 +283,16 @@ def test_preemption_by_recompute_step_by_step():
     worker = FakeWorker(core)
     core.add_request(0, prompt(4), params(max_tokens=4))
     core.add_request(1, prompt(3, start=9), params(max_tokens=2))
-    _, outputs = step(core, worker)                        # both prefilled: all 4 blocks in use
+    _, outputs = step(core, worker)  # both prefilled: all 4 blocks in use
     first_token_1 = outputs[1].token_id
     assert core.blocks.num_free == 0
-    plan, _ = step(core, worker)                           # req 0 needs a 3rd block
+    plan, _ = step(core, worker)  # req 0 needs a 3rd block
     assert plan.req_ids == [0] and plan.freed_slots.tolist() == [1]
     assert core.num_preemptions == 1 and core.num_waiting == 1
-    step(core, worker)                                     # req 1 waits: 1 block free, 2 needed
+    step(core, worker)  # req 1 waits: 1 block free, 2 needed
     _, outputs = step(core, worker)
     assert outputs[0].finish_reason == "length" and core.num_running == 0
-    plan, outputs = step(core, worker)                     # req 1 readmitted, recomputed
+    plan, outputs = step(core, worker)  # req 1 readmitted, recomputed
     assert [(n.slot, n.req_id) for n in plan.new_reqs] == [(0, 1)]
     assert plan.freed_slots.tolist() == [0] and plan.num_computed_tokens.tolist() == [0]
     assert plan.input_ids.tolist() == prompt(3, start=9) + [first_token_1]
@@ -301,7 +316,7 @@ def test_abort_frees_blocks_and_is_idempotent():
     assert slot in plan.freed_slots.tolist() and plan.req_ids == [1]
     assert core.abort(1) and not core.has_unfinished()
     assert core.blocks.num_free == core.blocks.num_blocks
-    core.add_request(2, prompt(3), params())               # a waiting request aborts too
+    core.add_request(2, prompt(3), params())  # a waiting request aborts too
     assert core.abort(2) and core.num_waiting == 0 and core.schedule() is None
     core.check_invariants()
 
@@ -321,13 +336,16 @@ def test_abort_or_schedule_while_a_plan_is_in_flight_is_an_error():
         core.update(plan, [5])
 
 
-@pytest.mark.parametrize("prompt_ids, max_tokens, match", [
-    ([], 4, "empty prompt"),
-    (prompt(250), 10, "exceeds max_model_len"),
-    (prompt(30), 20, "KV blocks"),
-])
+@pytest.mark.parametrize(
+    "prompt_ids, max_tokens, match",
+    [
+        ([], 4, "empty prompt"),
+        (prompt(250), 10, "exceeds max_model_len"),
+        (prompt(30), 20, "KV blocks"),
+    ],
+)
 def test_rejected_requests(prompt_ids, max_tokens, match):
-    core = make_core(num_blocks=12, block_size=4)          # at most 48 cached tokens
+    core = make_core(num_blocks=12, block_size=4)  # at most 48 cached tokens
     with pytest.raises(ValueError, match=match):
         core.add_request(0, prompt_ids, params(max_tokens=max_tokens))
     assert not core.has_unfinished()
@@ -342,8 +360,11 @@ def test_duplicate_id_is_rejected_and_boundaries_accepted():
 
 def ring_params(fields: dict) -> SamplingParams:
     """``fields`` as the scheduler receives them: decoded from an AddRequest on the ring."""
-    tag, req_id, prompt_ids, _ = msgspec.msgpack.decode(m.CODEC.encode(m.AddRequest(
-        req_id=1, prompt_ids=np.arange(3, dtype=np.int32), params=SamplingParams())))
+    tag, req_id, prompt_ids, _ = msgspec.msgpack.decode(
+        m.CODEC.encode(
+            m.AddRequest(req_id=1, prompt_ids=np.arange(3, dtype=np.int32), params=SamplingParams())
+        )
+    )
     return m.CODEC.decode(msgspec.msgpack.encode([tag, req_id, prompt_ids, fields])).params
 
 
@@ -351,12 +372,24 @@ def ring_params(fields: dict) -> SamplingParams:
 # HTTP layer and on the ring. logit_bias is a {token_id: bias} dict, so the pair forms of the
 # old core (duplicate ids, a dict where pairs were expected) have no wire form any more.
 BAD_SAMPLING_FIELDS = (
-    dict(max_tokens=0), dict(temperature=-1.0), dict(min_tokens=9), dict(min_p=1.5),
-    dict(repetition_penalty=0.0), dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
-    dict(temperature=float("nan")), dict(logit_bias={5: 101.0}), dict(logit_bias={-1: 1.0}),
-    dict(logprobs=21), dict(prompt_logprobs=-1),
+    dict(max_tokens=0),
+    dict(temperature=-1.0),
+    dict(min_tokens=9),
+    dict(min_p=1.5),
+    dict(repetition_penalty=0.0),
+    dict(presence_penalty=2.5),
+    dict(frequency_penalty=-3.0),
+    dict(temperature=float("nan")),
+    dict(logit_bias={5: 101.0}),
+    dict(logit_bias={-1: 1.0}),
+    dict(logprobs=21),
+    dict(prompt_logprobs=-1),
     dict(max_tokens=0, prompt_logprobs=0, min_tokens=1),
-    dict(top_k=-2), dict(top_p=1.5), dict(seed=2**63), dict(max_tokens="8"), dict(unknown=1),
+    dict(top_k=-2),
+    dict(top_p=1.5),
+    dict(seed=2**63),
+    dict(max_tokens="8"),
+    dict(unknown=1),
 )
 
 
@@ -370,9 +403,19 @@ def test_invalid_sampling_params(bad):
 
 
 def test_valid_sampling_params_at_their_bounds():
-    fields = dict(max_tokens=1, temperature=0.0, top_p=1.0, min_p=1.0, repetition_penalty=0.01,
-                  presence_penalty=-2.0, frequency_penalty=2.0, logprobs=20, prompt_logprobs=20,
-                  logit_bias={0: -100.0, 7: 100}, seed=-(2**63))
+    fields = dict(
+        max_tokens=1,
+        temperature=0.0,
+        top_p=1.0,
+        min_p=1.0,
+        repetition_penalty=0.01,
+        presence_penalty=-2.0,
+        frequency_penalty=2.0,
+        logprobs=20,
+        prompt_logprobs=20,
+        logit_bias={0: -100.0, 7: 100},
+        seed=-(2**63),
+    )
     for decode in (lambda f: msgspec.convert(f, SamplingParams), ring_params):
         assert decode(fields) == SamplingParams(**fields)
         assert decode(dict(max_tokens=0, prompt_logprobs=0)).max_tokens == 0
@@ -405,7 +448,7 @@ def test_stop_conditions():
 
 def test_min_tokens_holds_back_eos_and_stop_ids():
     script = [5, 6, EOS, 7, 8, 9, 10, 11]
-    assert scripted(params(8, min_tokens=2), script) == (3, "stop")   # EOS is the 3rd token
+    assert scripted(params(8, min_tokens=2), script) == (3, "stop")  # EOS is the 3rd token
     assert scripted(params(8, min_tokens=3), script) == (8, "length")
     assert scripted(params(8, min_tokens=3, stop_token_ids=(9,)), script) == (6, "stop")
     assert scripted(params(8, min_tokens=6, stop_token_ids=(9,)), script) == (8, "length")
@@ -419,7 +462,7 @@ def test_token_budget_smaller_than_the_batch_serves_oldest_first():
         core.add_request(req_id, prompt_ids, params(max_tokens=max_tokens))
     plan, first = step(core, worker)
     assert plan.req_ids == [0, 1] and plan.num_new_tokens.tolist() == [2, 1]
-    assert [o.req_id for o in first] == [0]                # req 1 got only half its prompt
+    assert [o.req_id for o in first] == [0]  # req 1 got only half its prompt
     plan, second = step(core, worker)
     assert plan.req_ids == [0, 1, 2] and plan.num_new_tokens.tolist() == [1, 1, 1]
     tokens = run_all(core, worker)
@@ -433,13 +476,14 @@ def test_check_invariants_detects_a_leaked_block():
     core.add_request(0, prompt(5), params())
     core.update(core.schedule(), [3])
     core.check_invariants()
-    core.blocks.allocate(1)                                # referenced by no block table
+    core.blocks.allocate(1)  # referenced by no block table
     with pytest.raises(InvariantError, match="table references"):
         core.check_invariants()
 
 
-def reference_tokens(prompt_ids: list[int], p: SamplingParams, model, max_model_len: int,
-                     eos_token_ids=(EOS,)) -> list[int]:
+def reference_tokens(
+    prompt_ids: list[int], p: SamplingParams, model, max_model_len: int, eos_token_ids=(EOS,)
+) -> list[int]:
     """What a request must output, computed without any scheduler (-1 alone: prompt scored)."""
     if p.max_tokens == 0:
         return [-1]
@@ -462,7 +506,7 @@ def random_prompt(rng: random.Random, bases: list[list[int]], recent: list[list[
     head = []
     if rng.random() < 0.6:
         base = rng.choice(bases)
-        head = base[:rng.randint(0, len(base))]
+        head = base[: rng.randint(0, len(base))]
     tail_len = rng.randint(0 if head else 1, 40 - len(head))
     return head + prompt(tail_len, start=rng.randint(1, 900))
 
@@ -473,8 +517,14 @@ def test_randomized_run_keeps_invariants(enable_prefix_caching):
     print(f"seed={seed} (rerun with MI_TEST_SEED={seed})")
     rng = random.Random(seed)
     max_model_len = 64
-    core = make_core(num_blocks=14, block_size=4, max_num_seqs=4, max_num_batched_tokens=12,
-                     max_model_len=max_model_len, enable_prefix_caching=enable_prefix_caching)
+    core = make_core(
+        num_blocks=14,
+        block_size=4,
+        max_num_seqs=4,
+        max_num_batched_tokens=12,
+        max_model_len=max_model_len,
+        enable_prefix_caching=enable_prefix_caching,
+    )
     worker = FakeWorker(core, model=eos_model)
     bases = [prompt(rng.randint(4, 24), start=rng.randint(1, 900)) for _ in range(3)]
     requests: dict[int, tuple[list[int], SamplingParams]] = {}
@@ -488,14 +538,16 @@ def test_randomized_run_keeps_invariants(enable_prefix_caching):
             if kind < 0.05:
                 req_params = params(0, prompt_logprobs=rng.randint(0, 3))
             else:
-                req_params = params(rng.randint(1, max_model_len - len(prompt_ids)),
-                                    ignore_eos=rng.random() < 0.5,
-                                    prompt_logprobs=2 if kind < 0.15 else None)
+                req_params = params(
+                    rng.randint(1, max_model_len - len(prompt_ids)),
+                    ignore_eos=rng.random() < 0.5,
+                    prompt_logprobs=2 if kind < 0.15 else None,
+                )
             try:
                 core.add_request(next_id, prompt_ids, req_params)
                 requests[next_id] = (prompt_ids, req_params)
                 live.add(next_id)
-            except ValueError:                            # would never fit in 14 blocks
+            except ValueError:  # would never fit in 14 blocks
                 assert len(prompt_ids) + req_params.max_tokens - 1 > 14 * 4
                 num_rejected += 1
             next_id += 1
@@ -516,12 +568,14 @@ def test_randomized_run_keeps_invariants(enable_prefix_caching):
             num_finished += 1
             prompt_ids, req_params = requests[out.req_id]
             assert generated[out.req_id] == reference_tokens(
-                prompt_ids, req_params, eos_model, max_model_len), f"seed={seed}"
+                prompt_ids, req_params, eos_model, max_model_len
+            ), f"seed={seed}"
             assert out.num_cached_tokens % 4 == 0 and out.num_cached_tokens < len(prompt_ids)
             if req_params.prompt_logprobs is not None:
                 assert out.num_cached_tokens == 0
                 assert worker.prompt_targets[out.req_id] == {
-                    pos: prompt_ids[pos] for pos in range(1, len(prompt_ids))}, f"seed={seed}"
+                    pos: prompt_ids[pos] for pos in range(1, len(prompt_ids))
+                }, f"seed={seed}"
         assert core.num_running + core.num_waiting == len(live)
     stats = core.stats()
     print(f"seed={seed} finished={num_finished} rejected={num_rejected} {stats}")

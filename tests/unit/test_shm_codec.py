@@ -79,16 +79,17 @@ def assert_arrays_equal(a: Arrays, b: Arrays):
 
 
 def test_scalars_roundtrip():
-    for msg in [Scalars(1, 2.5, "héllo", True, None, None),
-                Scalars(-(2**63), -0.0, "", False, 2**63 - 1, "x" * 10_000),
-                Scalars(0, 1e300, "\x00\n\"", True, 0, ""),
-                Scalars(0, float("inf"), "msgpack carries non-finite floats", True, 0, "")]:
+    for msg in [
+        Scalars(1, 2.5, "héllo", True, None, None),
+        Scalars(-(2**63), -0.0, "", False, 2**63 - 1, "x" * 10_000),
+        Scalars(0, 1e300, '\x00\n"', True, 0, ""),
+        Scalars(0, float("inf"), "msgpack carries non-finite floats", True, 0, ""),
+    ]:
         assert roundtrip(msg) == msg
 
 
 def test_nested_fields_roundtrip():
-    msg = Nested([1, 2, 3], {"a": 1.5, "b": -2.0}, (4, 5), {"x": [1, None, "y"]}, [1, "a"], {},
-                 None)
+    msg = Nested([1, 2, 3], {"a": 1.5, "b": -2.0}, (4, 5), {"x": [1, None, "y"]}, [1, "a"], {}, None)
     assert roundtrip(msg) == msg
     msg = Nested([], {}, (), None, [], {"k": {"n": [True]}}, ["a", "b"])
     assert roundtrip(msg) == msg
@@ -103,8 +104,9 @@ def test_numpy_scalars_and_ints_are_normalised():
 @pytest.mark.parametrize("dtype", [np.int32, np.int64, np.float32, np.uint8, np.bool_])
 def test_array_dtypes(dtype):
     rng = np.random.default_rng(0)
-    anything = (rng.integers(0, 2, size=(3, 5)) if dtype is np.bool_
-                else rng.integers(0, 100, size=(3, 5))).astype(dtype)
+    anything = (
+        rng.integers(0, 2, size=(3, 5)) if dtype is np.bool_ else rng.integers(0, 100, size=(3, 5))
+    ).astype(dtype)
     msg = Arrays(1, np.arange(7, dtype=np.int32), anything, None)
     assert_arrays_equal(roundtrip(msg), msg)
 
@@ -114,11 +116,13 @@ def test_arrays_empty_2d_0d_big_and_noncontiguous():
     cases = [
         Arrays(0, np.zeros(0, np.int32), np.zeros((0, 4), np.float32), np.zeros((3, 0), np.int64)),
         Arrays(1, np.arange(12, dtype=np.int32).reshape(3, 4), np.array(5, np.int64)),
-        Arrays(2, rng.integers(0, 2**31 - 1, 1_000_003).astype(np.int32),
-               rng.standard_normal((512, 1024)).astype(np.float32),
-               np.ones(17, np.uint8)),
-        Arrays(3, np.arange(20, dtype=np.int32)[::3],
-               np.arange(30, dtype=np.int64).reshape(5, 6).T),
+        Arrays(
+            2,
+            rng.integers(0, 2**31 - 1, 1_000_003).astype(np.int32),
+            rng.standard_normal((512, 1024)).astype(np.float32),
+            np.ones(17, np.uint8),
+        ),
+        Arrays(3, np.arange(20, dtype=np.int32)[::3], np.arange(30, dtype=np.int64).reshape(5, 6).T),
     ]
     for msg in cases:
         out = roundtrip(msg)
@@ -136,8 +140,9 @@ def test_decoded_arrays_are_views_into_the_buffer():
 def test_decoded_views_keep_the_buffer_alive():
     # msgspec hands ext_hook a memoryview of the received buffer; the view holds a reference to
     # it, so the arrays stay valid once the decoder and the caller have dropped theirs.
-    out = CODEC.decode(CODEC.encode(Arrays(1, np.arange(100_000, dtype=np.int32),
-                                           np.arange(5, dtype=np.int64))))
+    out = CODEC.decode(
+        CODEC.encode(Arrays(1, np.arange(100_000, dtype=np.int32), np.arange(5, dtype=np.int64)))
+    )
     gc.collect()
     np.zeros(200_000, np.int32)  # reuse freed memory, if any were freed
     assert out.token_ids.tolist() == list(range(100_000))
@@ -275,8 +280,9 @@ def test_decode_rejects_bad_array_payloads():
     for buf in [
         with_token_ids(msgspec.msgpack.Ext(ARRAY_EXT + 1, _array_payload(1, (4,), raw))),
         with_token_ids(msgspec.msgpack.Ext(-1, b"\x00" * 4)),  # msgpack's timestamp extension
-        _raw(202, msgspec.msgpack.Ext(ARRAY_EXT, _array_payload(1, (4,), raw)), anything,
-             anything),  # an array where an int is declared
+        _raw(
+            202, msgspec.msgpack.Ext(ARRAY_EXT, _array_payload(1, (4,), raw)), anything, anything
+        ),  # an array where an int is declared
     ]:
         with pytest.raises(CodecError):
             CODEC.decode(buf)
@@ -287,8 +293,12 @@ def _sample_messages():
     return [
         Scalars(12, -3.25, "abc", False, 5, "z"),
         Nested([1, 2], {"k": 0.5}, (9,), {"a": [1, {"b": None}]}, ["x"], {"y": 1}, ["q"]),
-        Arrays(7, np.arange(9, dtype=np.int32).reshape(3, 3),
-               rng.standard_normal(5).astype(np.float32), np.array([True, False])),
+        Arrays(
+            7,
+            np.arange(9, dtype=np.int32).reshape(3, 3),
+            rng.standard_normal(5).astype(np.float32),
+            np.array([True, False]),
+        ),
         Arrays(8, np.zeros(0, np.int32), np.arange(300, dtype=np.int64)),
         Empty(),
     ]
@@ -297,24 +307,50 @@ def _sample_messages():
 def _ring_messages():
     """One of each kind the backend sends, with nested Structs and SamplingParams."""
     i32 = lambda *xs: np.array(xs, np.int32)  # noqa: E731
-    params = SamplingParams(max_tokens=5, temperature=0.5, top_k=3, seed=11, logprobs=2,
-                            logit_bias={3: -1.5}, stop=("x", "yz"), stop_token_ids=(4,))
-    slot = m.NewSlot(slot=1, num_prompt_tokens=3, params=params, ban_token_ids=i32(4, 0),
-                     cached_token_ids=i32())
-    return [
-        m.AddRequest(req_id=9, prompt_ids=i32(1, 2, 3), params=params),
-        m.StepPlan(step_id=3, new_slots=[slot, slot], freed_slots=i32(0), slots=i32(1, 2),
-                   num_new_tokens=i32(3, 1), num_computed_tokens=i32(0, 7),
-                   input_ids=i32(1, 2, 3, 4),
-                   do_sample=np.ones(2, np.uint8), block_appends=i32(1, 5).reshape(1, 2),
-                   prompt_logprobs_rows=np.zeros(2, np.uint8), prompt_targets=i32()),
-        m.TokenOutputs(req_ids=np.arange(2, dtype=np.int64), token_ids=i32(5, -1),
-                       finish_reasons=np.array([0, 3], np.uint8), num_cached_tokens=i32(0, 4),
-                       logprobs=np.zeros(2, np.float32), top_ids=np.zeros((2, 2), np.int32),
-                       top_logprobs=np.zeros((2, 2), np.float32)),
-        m.SchedulerStats(stats=m.SchedulerCounters(1, 2, 3, 4, 5, 6, 7)),
-        m.ActorFailed(actor="worker 0", reason="boom"),
-    ], m.CODEC, typing.get_args(m.Message)
+    params = SamplingParams(
+        max_tokens=5,
+        temperature=0.5,
+        top_k=3,
+        seed=11,
+        logprobs=2,
+        logit_bias={3: -1.5},
+        stop=("x", "yz"),
+        stop_token_ids=(4,),
+    )
+    slot = m.NewSlot(
+        slot=1, num_prompt_tokens=3, params=params, ban_token_ids=i32(4, 0), cached_token_ids=i32()
+    )
+    return (
+        [
+            m.AddRequest(req_id=9, prompt_ids=i32(1, 2, 3), params=params),
+            m.StepPlan(
+                step_id=3,
+                new_slots=[slot, slot],
+                freed_slots=i32(0),
+                slots=i32(1, 2),
+                num_new_tokens=i32(3, 1),
+                num_computed_tokens=i32(0, 7),
+                input_ids=i32(1, 2, 3, 4),
+                do_sample=np.ones(2, np.uint8),
+                block_appends=i32(1, 5).reshape(1, 2),
+                prompt_logprobs_rows=np.zeros(2, np.uint8),
+                prompt_targets=i32(),
+            ),
+            m.TokenOutputs(
+                req_ids=np.arange(2, dtype=np.int64),
+                token_ids=i32(5, -1),
+                finish_reasons=np.array([0, 3], np.uint8),
+                num_cached_tokens=i32(0, 4),
+                logprobs=np.zeros(2, np.float32),
+                top_ids=np.zeros((2, 2), np.int32),
+                top_logprobs=np.zeros((2, 2), np.float32),
+            ),
+            m.SchedulerStats(stats=m.SchedulerCounters(1, 2, 3, 4, 5, 6, 7)),
+            m.ActorFailed(actor="worker 0", reason="boom"),
+        ],
+        m.CODEC,
+        typing.get_args(m.Message),
+    )
 
 
 @pytest.mark.parametrize("which", ["test types", "ring messages"])
@@ -337,7 +373,7 @@ def test_random_corruption_only_raises_codec_error(which):
                 for _ in range(rng.randint(1, 4)):
                     buf[rng.randrange(len(buf))] = rng.randrange(256)
             elif kind == 1:
-                del buf[rng.randrange(len(buf)):]
+                del buf[rng.randrange(len(buf)) :]
             else:
                 buf[rng.randrange(len(buf))] ^= 1 << rng.randrange(8)
                 buf += bytes(rng.randrange(256) for _ in range(rng.randrange(16)))

@@ -1,4 +1,5 @@
 """Shared-memory all-reduce / all-gather across real processes."""
+
 import io
 import json
 import subprocess
@@ -31,9 +32,14 @@ def test_all_reduce_and_all_gather_across_processes():
     num_ranks, seed = 3, 7
     print(f"seed {seed}")
     coll = ShmCollectives.create(num_ranks, 5000 * 4)
-    procs = [subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(coll.describe()), str(r),
-                               str(seed)], stdout=subprocess.PIPE, pass_fds=coll.fds())
-             for r in range(num_ranks)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _CHILD, json.dumps(coll.describe()), str(r), str(seed)],
+            stdout=subprocess.PIPE,
+            pass_fds=coll.fds(),
+        )
+        for r in range(num_ranks)
+    ]
     outputs = []
     for proc in procs:
         out, _ = proc.communicate(timeout=60)
@@ -47,9 +53,11 @@ def test_all_reduce_and_all_gather_across_processes():
     offset = 0
     for step in range(200):
         n = int(rng.integers(1, 5000))
-        parts = [np.random.default_rng(seed * 1000 + step * 10 + r).standard_normal(n)
-                 .astype(np.float32) for r in range(num_ranks)]
-        np.testing.assert_allclose(outputs[0][offset:offset + n], sum(parts), rtol=1e-6, atol=1e-6)
+        parts = [
+            np.random.default_rng(seed * 1000 + step * 10 + r).standard_normal(n).astype(np.float32)
+            for r in range(num_ranks)
+        ]
+        np.testing.assert_allclose(outputs[0][offset : offset + n], sum(parts), rtol=1e-6, atol=1e-6)
         offset += n
     assert outputs[0][offset:].reshape(2, 3 * num_ranks).tolist() == [[0, 0, 0, 1, 1, 1, 2, 2, 2]] * 2
 

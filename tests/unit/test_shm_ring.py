@@ -69,8 +69,10 @@ def test_wraparound_random_sizes_with_split_messages():
     rng = random.Random(seed)
     num_msgs = 2000
     # sizes up to 3x capacity: many frames wrap, some messages are split into several frames
-    sizes = [rng.choice([rng.randrange(0, 64), rng.randrange(0, 1500), rng.randrange(0, 3000)])
-             for _ in range(num_msgs)]
+    sizes = [
+        rng.choice([rng.randrange(0, 64), rng.randrange(0, 1500), rng.randrange(0, 3000)])
+        for _ in range(num_msgs)
+    ]
     with Ring.create(1024, 2) as ring:
         errors: list[str] = []
 
@@ -177,10 +179,10 @@ def test_corrupt_segment_raises_ring_corrupt():
         data_off = 128 + 64
         raw = _raw_map(ring)
         w.write(b"abc")
-        raw[data_off:data_off + 4] = struct.pack("<I", 10_000)  # frame length past the data
+        raw[data_off : data_off + 4] = struct.pack("<I", 10_000)  # frame length past the data
         with pytest.raises(RingCorrupt):
             r.try_read()
-        raw[data_off:data_off + 8] = struct.pack("<II", 3, 0x12345603)  # bad marker
+        raw[data_off : data_off + 8] = struct.pack("<II", 3, 0x12345603)  # bad marker
         with pytest.raises(RingCorrupt):
             r.try_read()
         raw[64:72] = struct.pack("<Q", 10**9)  # write position far past the read position
@@ -196,12 +198,21 @@ def test_corrupt_segment_raises_ring_corrupt():
 def test_attach_rejects_bad_descriptions(ring):
     desc = ring.describe()
     assert json.loads(json.dumps(desc)) == desc
-    for bad in [{}, {**desc, "version": 2}, {**desc, "capacity": desc["capacity"] * 2},
-                {**desc, "data_fds": []}, {**desc, "mem_fd": "3"}]:
+    for bad in [
+        {},
+        {**desc, "version": 2},
+        {**desc, "capacity": desc["capacity"] * 2},
+        {**desc, "data_fds": []},
+        {**desc, "mem_fd": "3"},
+    ]:
         with pytest.raises((ValueError, RingCorrupt)):
             Ring.attach(bad)
-    dup_desc = {**desc, "mem_fd": os.dup(desc["mem_fd"]), "space_fd": os.dup(desc["space_fd"]),
-                "data_fds": [os.dup(fd) for fd in desc["data_fds"]]}
+    dup_desc = {
+        **desc,
+        "mem_fd": os.dup(desc["mem_fd"]),
+        "space_fd": os.dup(desc["space_fd"]),
+        "data_fds": [os.dup(fd) for fd in desc["data_fds"]],
+    }
     with Ring.attach(dup_desc) as same:  # a second mapping, as in a child process
         ring.writer().write(b"via first")
         assert same.reader(0).read(timeout=1) == b"via first"
@@ -229,8 +240,12 @@ ring_out.close()
 def _spawn_echo(ring_in: Ring, ring_out: Ring) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     arg = json.dumps([ring_in.describe(), ring_out.describe()])
-    return subprocess.Popen([sys.executable, "-c", ECHO_CHILD, arg], cwd=REPO_ROOT, env=env,
-                            pass_fds=ring_in.fds() + ring_out.fds())
+    return subprocess.Popen(
+        [sys.executable, "-c", ECHO_CHILD, arg],
+        cwd=REPO_ROOT,
+        env=env,
+        pass_fds=ring_in.fds() + ring_out.fds(),
+    )
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -312,8 +327,12 @@ def test_channel_send_recv():
         out1 = []
         threads = [
             threading.Thread(target=lambda: out1.extend(asyncio.run(_recv_two(recv1)))),
-            threading.Thread(target=lambda: [sender.send(Tokens(1, big, "hi"), timeout=5),
-                                             sender.send(Tokens(2, big[:3], None), timeout=5)]),
+            threading.Thread(
+                target=lambda: [
+                    sender.send(Tokens(1, big, "hi"), timeout=5),
+                    sender.send(Tokens(2, big[:3], None), timeout=5),
+                ]
+            ),
         ]
         for t in threads:
             t.start()

@@ -81,11 +81,17 @@ async def _api_key(request: web.Request, handler: Callable[..., Awaitable]) -> w
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     if not header:
-        raise ApiError(401, "You didn't provide an API key (Authorization: Bearer KEY).",
-                       code="missing_api_key", type="invalid_request_error")
+        raise ApiError(
+            401,
+            "You didn't provide an API key (Authorization: Bearer KEY).",
+            code="missing_api_key",
+            type="invalid_request_error",
+        )
     # NOTE: compare_digest on bytes of both: constant time whatever the lengths' content.
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key", type="invalid_request_error")
+        raise ApiError(
+            401, "Incorrect API key provided.", code="invalid_api_key", type="invalid_request_error"
+        )
     return await handler(request)
 
 
@@ -104,17 +110,22 @@ async def _cors_preflight(request: web.Request, handler: Callable[..., Awaitable
         return await handler(request)
     allowed = _allowed_origin(request.app[STATE].config, request.headers.get("Origin"))
     if allowed is None:
-        err = ApiError(403, "This origin is not allowed (see mi-frontend --allowed-origins).", code="cors_denied")
+        err = ApiError(
+            403, "This origin is not allowed (see mi-frontend --allowed-origins).", code="cors_denied"
+        )
         return _error_response(err)
-    return web.Response(status=204, headers={
-        "Access-Control-Allow-Origin": allowed,
-        "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
-        "Access-Control-Allow-Headers": request.headers.get(
-            "Access-Control-Request-Headers", "Authorization, Content-Type"
-        )[:1024],
-        "Access-Control-Max-Age": "600",
-        "Vary": "Origin",
-    })
+    return web.Response(
+        status=204,
+        headers={
+            "Access-Control-Allow-Origin": allowed,
+            "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+            "Access-Control-Allow-Headers": request.headers.get(
+                "Access-Control-Request-Headers", "Authorization, Content-Type"
+            )[:1024],
+            "Access-Control-Max-Age": "600",
+            "Vary": "Origin",
+        },
+    )
 
 
 async def _add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:

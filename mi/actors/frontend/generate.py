@@ -105,12 +105,19 @@ class _CompletionFormat:
     def _logprobs(self, index: int, piece: _Piece) -> CompletionLogprobs | None:
         if self.creq.logprobs is None:
             return None
-        obj, self._offsets[index] = completion_logprobs(piece.positions, self.tok, self._offsets.get(index, 0))
+        obj, self._offsets[index] = completion_logprobs(
+            piece.positions, self.tok, self._offsets.get(index, 0)
+        )
         return msgspec.convert(obj, CompletionLogprobs)
 
     def _chunk(self, choices: list[CompletionChoice], usage=None) -> CompletionChunk:
-        return CompletionChunk(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
-                               usage=usage if self.include_usage else msgspec.UNSET)
+        return CompletionChunk(
+            id=self.cid,
+            created=self.created,
+            model=self.creq.model,
+            choices=choices,
+            usage=usage if self.include_usage else msgspec.UNSET,
+        )
 
     def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> CompletionChunk:
         return self._chunk([CompletionChoice(index, piece.text, self._logprobs(index, piece), finish_reason)])
@@ -121,8 +128,9 @@ class _CompletionFormat:
         return CompletionChoice(index, piece.text, self._logprobs(index, piece), result.finish_reason)
 
     def response(self, choices: list[CompletionChoice], usage: CompletionUsage) -> CompletionResponse:
-        return CompletionResponse(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
-                                  usage=usage)
+        return CompletionResponse(
+            id=self.cid, created=self.created, model=self.creq.model, choices=choices, usage=usage
+        )
 
     def usage_chunk(self, usage: CompletionUsage) -> CompletionChunk:
         return self._chunk([], usage)
@@ -135,14 +143,23 @@ class _ChatFormat:
         self.created = int(time.time())
 
     def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
-                                   usage=usage if self.include_usage else msgspec.UNSET)
+        return ChatCompletionChunk(
+            id=self.cid,
+            created=self.created,
+            model=self.creq.model,
+            choices=choices,
+            usage=usage if self.include_usage else msgspec.UNSET,
+        )
 
     def _logprobs(self, positions: list) -> ChatLogprobs | None:
-        return msgspec.convert(chat_logprobs(positions, self.tok), ChatLogprobs) if self.creq.logprobs else None
+        return (
+            msgspec.convert(chat_logprobs(positions, self.tok), ChatLogprobs) if self.creq.logprobs else None
+        )
 
     def opening_chunks(self) -> list[ChatCompletionChunk]:
-        return [self._chunk([ChatChunkChoice(i, ChatDelta("assistant", ""), None, None)]) for i in range(self.n)]
+        return [
+            self._chunk([ChatChunkChoice(i, ChatDelta("assistant", ""), None, None)]) for i in range(self.n)
+        ]
 
     def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> None:
         return None
@@ -159,8 +176,9 @@ class _ChatFormat:
         return ChatChoice(index, AssistantMessage(content=result.text), logprobs, result.finish_reason)
 
     def response(self, choices: list[ChatChoice], usage: CompletionUsage) -> ChatCompletionResponse:
-        return ChatCompletionResponse(id=self.cid, created=self.created, model=self.creq.model, choices=choices,
-                                      usage=usage)
+        return ChatCompletionResponse(
+            id=self.cid, created=self.created, model=self.creq.model, choices=choices, usage=usage
+        )
 
     def usage_chunk(self, usage: CompletionUsage) -> ChatCompletionChunk:
         return self._chunk([], usage)
@@ -194,13 +212,19 @@ async def completions(request: web.Request) -> web.StreamResponse:
     info = await state.backend.model_info()
     cid = new_id("cmpl")
     creq = parse_completion_request(
-        body, served_names=await state.served_names(), vocab_size=info.vocab_size,
-        completion_id=cid, limits=state.config.limits,
+        body,
+        served_names=await state.served_names(),
+        vocab_size=info.vocab_size,
+        completion_id=cid,
+        limits=state.config.limits,
     )
-    needs_tokenizer = creq.logprobs is not None or (creq.echo and not all(isinstance(p, str) for p in creq.prompts))
+    needs_tokenizer = creq.logprobs is not None or (
+        creq.echo and not all(isinstance(p, str) for p in creq.prompts)
+    )
     tok = await state.tokenizers.get() if needs_tokenizer else None
-    return await _generate(request, state, _CompletionFormat(creq, cid, tok), creq.generate_requests,
-                           creq.stream, start)
+    return await _generate(
+        request, state, _CompletionFormat(creq, cid, tok), creq.generate_requests, creq.stream, start
+    )
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -212,8 +236,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body, served_names=await state.served_names(), vocab_size=info.vocab_size, limits=state.config.limits
     )
     tok = await state.tokenizers.get()
-    prompt_ids = tok.render_chat(creq.messages, creq.add_generation_prompt, creq.continue_final_message,
-                                 creq.chat_template_kwargs)
+    prompt_ids = tok.render_chat(
+        creq.messages, creq.add_generation_prompt, creq.continue_final_message, creq.chat_template_kwargs
+    )
     max_tokens = creq.max_tokens
     if max_tokens is None:  # the rest of the context (the backend reports a prompt that fills it)
         max_tokens = max(1, info.max_model_len - len(prompt_ids))
@@ -230,8 +255,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def _generate(
-    request: web.Request, state: FrontendState, fmt: _Format, reqs: tuple[GenerateRequest, ...],
-    stream: bool, start: float,
+    request: web.Request,
+    state: FrontendState,
+    fmt: _Format,
+    reqs: tuple[GenerateRequest, ...],
+    stream: bool,
+    start: float,
 ) -> web.StreamResponse:
     if stream:
         return await _stream(request, state, fmt, reqs, start)

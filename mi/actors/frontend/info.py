@@ -29,8 +29,9 @@ async def health(request: web.Request) -> web.Response:
     if status == 200:
         return json_response(HealthResponse("ok"))
     word = body.get("status") if isinstance(body, dict) else None
-    return json_response(HealthResponse(word if isinstance(word, str) else "unavailable"), 503,
-                         {"Retry-After": "1"})
+    return json_response(
+        HealthResponse(word if isinstance(word, str) else "unavailable"), 503, {"Retry-After": "1"}
+    )
 
 
 async def models(request: web.Request) -> web.Response:
@@ -82,8 +83,12 @@ async def tokenize(request: web.Request) -> web.Response:
         add_generation_prompt = req.add_generation_prompt
         if add_generation_prompt is None:
             add_generation_prompt = not req.continue_final_message
-        ids = tok.render_chat(template_messages(req.messages), add_generation_prompt,
-                              req.continue_final_message, req.chat_template_kwargs)
+        ids = tok.render_chat(
+            template_messages(req.messages),
+            add_generation_prompt,
+            req.continue_final_message,
+            req.chat_template_kwargs,
+        )
     token_strs = [tok.token_str(i) for i in ids] if req.return_token_strs else None
     return json_response(TokenizeResponse(len(ids), info.max_model_len, ids, token_strs))
 

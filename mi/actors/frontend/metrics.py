@@ -18,10 +18,45 @@ __all__ = ["CONTENT_TYPE", "FrontendMetrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-_LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                    7.5, 10.0, 20.0, 40.0, 80.0)
-_TOKEN_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
-                  0.75, 1.0, 2.5, 5.0)
+_LATENCY_BUCKETS = (
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+_TOKEN_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+)
 
 
 class _BackendCollector:
@@ -52,7 +87,8 @@ class _BackendCollector:
             "mi_prefix_cache_hit_rate": (
                 "Prompt tokens served from the prefix cache / prompt tokens looked up",
                 stats.prefix_cache_hit_tokens / stats.prefix_cache_queried_tokens
-                if stats.prefix_cache_queried_tokens else 0.0,
+                if stats.prefix_cache_queried_tokens
+                else 0.0,
             ),
         }
         for name, (doc, value) in gauges.items():
@@ -61,10 +97,14 @@ class _BackendCollector:
             yield gauge
         counters = {
             "mi_num_preemptions": ("Requests preempted (recomputed later)", stats.num_preemptions),
-            "mi_prefix_cache_queried_tokens": ("Prompt tokens looked up in the prefix cache",
-                                               stats.prefix_cache_queried_tokens),
-            "mi_prefix_cache_hit_tokens": ("Prompt tokens found in the prefix cache",
-                                           stats.prefix_cache_hit_tokens),
+            "mi_prefix_cache_queried_tokens": (
+                "Prompt tokens looked up in the prefix cache",
+                stats.prefix_cache_queried_tokens,
+            ),
+            "mi_prefix_cache_hit_tokens": (
+                "Prompt tokens found in the prefix cache",
+                stats.prefix_cache_hit_tokens,
+            ),
             "mi_backend_prompt_tokens": ("Prompt tokens the backend processed", stats.prompt_tokens_total),
             "mi_backend_generation_tokens": ("Tokens the backend generated", stats.generation_tokens_total),
         }
@@ -72,8 +112,9 @@ class _BackendCollector:
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], value)
             yield counter
-        finished = CounterMetricFamily("mi_backend_requests_finished", "Requests the backend finished",
-                                       labels=["finished_reason"])
+        finished = CounterMetricFamily(
+            "mi_backend_requests_finished", "Requests the backend finished", labels=["finished_reason"]
+        )
         for reason, count in sorted(stats.requests_finished_total.items()):
             finished.add_metric([reason], count)
         yield finished
@@ -83,17 +124,31 @@ class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         r = self.registry
-        self.requests = Counter("mi_http_requests", "HTTP requests by endpoint and status",
-                                ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "mi_http_requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter("mi_prompt_tokens", "Prompt tokens of finished requests", registry=r)
-        self.generation_tokens = Counter("mi_generation_tokens", "Tokens generated for finished requests",
-                                         registry=r)
-        self.ttft = Histogram("mi_time_to_first_token_seconds", "Time to the first generated token "
-                              "(streamed requests)", buckets=_LATENCY_BUCKETS, registry=r)
-        self.inter_token = Histogram("mi_inter_token_latency_seconds", "Time between generated "
-                                     "tokens (streamed requests)", buckets=_TOKEN_BUCKETS, registry=r)
-        self.e2e = Histogram("mi_e2e_request_latency_seconds", "Time from request to its last token",
-                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.generation_tokens = Counter(
+            "mi_generation_tokens", "Tokens generated for finished requests", registry=r
+        )
+        self.ttft = Histogram(
+            "mi_time_to_first_token_seconds",
+            "Time to the first generated token (streamed requests)",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token = Histogram(
+            "mi_inter_token_latency_seconds",
+            "Time between generated tokens (streamed requests)",
+            buckets=_TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "mi_e2e_request_latency_seconds",
+            "Time from request to its last token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self._backend = _BackendCollector()
         r.register(self._backend)
 

@@ -64,11 +64,16 @@ def backend_error(err: MIError) -> ApiError:
     refuses our secret. Messages never name the backend's address."""
     if isinstance(err, AuthenticationError):
         log.error("the backend refused our secret: check --backend-cert / MI_CERT")
-        return ApiError(503, "The frontend cannot authenticate to the backend.",
-                        code="backend_auth_failed", retry_after=1)
+        return ApiError(
+            503, "The frontend cannot authenticate to the backend.", code="backend_auth_failed", retry_after=1
+        )
     if err.api_error is None:
-        return ApiError(503, "The backend is not available. Please retry later.",
-                        code="backend_unavailable", retry_after=1)
+        return ApiError(
+            503,
+            "The backend is not available. Please retry later.",
+            code="backend_unavailable",
+            retry_after=1,
+        )
     if err.api_error.param == "prompt_ids":
         err.api_error.param = "prompt"
     return err.api_error
@@ -78,8 +83,9 @@ class FrontendState:
     def __init__(self, config: FrontendConfig) -> None:
         self.config = config
         url, unix_socket = address(config.backend)
-        self.backend = Backend(url, config.backend_cert.expanduser(), unix_socket=unix_socket,
-                               errors=backend_error)
+        self.backend = Backend(
+            url, config.backend_cert.expanduser(), unix_socket=unix_socket, errors=backend_error
+        )
         self.tokenizers = TokenizerStore(self.backend, config.chat_template)
         self.metrics = FrontendMetrics()
         self.created = int(time.time())
@@ -106,8 +112,11 @@ async def read_json(request: web.Request) -> object:
     if content_type is not None:
         mime = content_type.split(";", 1)[0].strip().lower()
         if mime != "application/json" and not mime.endswith("+json"):
-            raise ApiError(415, "The request body must be JSON (Content-Type: application/json).",
-                           code="unsupported_media_type")
+            raise ApiError(
+                415,
+                "The request body must be JSON (Content-Type: application/json).",
+                code="unsupported_media_type",
+            )
     raw = await request.read()
     try:
         return orjson.loads(raw)

@@ -13,28 +13,44 @@ import functools
 import logging
 import re
 
-from mi.sdk.transport import Backend
 from mi.api.errors import ApiError
 from mi.api.tokenizer_files import load_tokenizer_files
+from mi.sdk.transport import Backend
 
 __all__ = ["FrontendTokenizer", "TokenizerStore"]
 
 log = logging.getLogger("mi.frontend")
 
 # Keyword arguments of apply_chat_template that chat_template_kwargs may not override.
-_RESERVED_TEMPLATE_KWARGS = frozenset({
-    "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
-    "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
-    "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
-})
+_RESERVED_TEMPLATE_KWARGS = frozenset(
+    {
+        "conversation",
+        "tools",
+        "documents",
+        "chat_template",
+        "add_generation_prompt",
+        "continue_final_message",
+        "tokenize",
+        "padding",
+        "truncation",
+        "max_length",
+        "return_tensors",
+        "return_dict",
+        "return_assistant_tokens_mask",
+        "tokenizer_kwargs",
+    }
+)
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 
 @functools.cache
 def _byte_decoder() -> dict[str, int]:
     """GPT-2's byte-level alphabet, inverted: printable stand-in character -> byte."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) \
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
         + list(range(ord("®"), ord("ÿ") + 1))
+    )
     chars, extra = {}, 0
     for byte in range(256):
         if byte in printable:
@@ -89,27 +105,46 @@ class FrontendTokenizer:
         """Render `messages` with the chat template and tokenize the text as it stands (the
         template writes BOS itself where the model wants one)."""
         if not self.chat_template:
-            raise ApiError(400, "The served model has no chat template; start mi-frontend with "
-                                "--chat-template, or use /v1/completions.", "messages",
-                           code="no_chat_template")
+            raise ApiError(
+                400,
+                "The served model has no chat template; start mi-frontend with "
+                "--chat-template, or use /v1/completions.",
+                "messages",
+                code="no_chat_template",
+            )
         kwargs = dict(template_kwargs or {})
         reserved = sorted(set(kwargs) & _RESERVED_TEMPLATE_KWARGS)
         if reserved:
-            raise ApiError(400, f"'chat_template_kwargs' may not set '{reserved[0]}'.",
-                           "chat_template_kwargs", code="invalid_value")
+            raise ApiError(
+                400,
+                f"'chat_template_kwargs' may not set '{reserved[0]}'.",
+                "chat_template_kwargs",
+                code="invalid_value",
+            )
         if continue_final_message and messages[-1]["role"] != "assistant":
-            raise ApiError(400, "'continue_final_message' needs an assistant message last.",
-                           "messages", code="invalid_value")
+            raise ApiError(
+                400,
+                "'continue_final_message' needs an assistant message last.",
+                "messages",
+                code="invalid_value",
+            )
         try:
             text = self.hf.apply_chat_template(
-                messages, chat_template=self.chat_template, tokenize=False,
+                messages,
+                chat_template=self.chat_template,
+                tokenize=False,
                 add_generation_prompt=add_generation_prompt,
-                continue_final_message=continue_final_message, **kwargs,
+                continue_final_message=continue_final_message,
+                **kwargs,
             )
         except Exception as exc:  # jinja errors, raise_exception() in the template, bad kwargs
             message = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-            raise ApiError(400, f"The chat template could not render these messages: {message}",
-                           "messages", code="chat_template_error") from None
+            raise ApiError(
+                400,
+                f"The chat template could not render these messages: {message}",
+                "messages",
+                code="chat_template_error",
+            ) from None
         if not isinstance(text, str):
             raise ApiError(400, "The chat template did not render to text.", "messages")
         return self.encode(text, add_special_tokens=False)

@@ -11,6 +11,7 @@ before the scheduler goes idle (so a drained backend reports zero running reques
 
 Started by the supervisor as `python -m mi.actors.scheduler SPEC_JSON`.
 """
+
 import json
 import sys
 import time
@@ -66,11 +67,14 @@ class SchedulerActor:
         if not isinstance(ready, m.WorkerReady):
             raise TypeError(f"expected WorkerReady, got {type(ready).__name__}")
         self.core = SchedulerCore(
-            num_blocks=ready.num_kv_blocks, block_size=self.spec.block_size,
+            num_blocks=ready.num_kv_blocks,
+            block_size=self.spec.block_size,
             max_num_seqs=self.spec.max_num_seqs,
             max_num_batched_tokens=self.spec.max_num_batched_tokens,
-            max_model_len=self.spec.max_model_len, eos_token_ids=tuple(self.spec.eos_token_ids),
-            enable_prefix_caching=self.spec.enable_prefix_caching)
+            max_model_len=self.spec.max_model_len,
+            eos_token_ids=tuple(self.spec.eos_token_ids),
+            enable_prefix_caching=self.spec.enable_prefix_caching,
+        )
         self.outputs.send(m.SchedulerReady(num_kv_blocks=ready.num_kv_blocks))
         self._send_stats()
 
@@ -109,31 +113,44 @@ class SchedulerActor:
 
     def _new_slot(self, new: NewSlot) -> m.NewSlot:
         p = new.params
-        bans = () if p.min_tokens == 0 else (
-            p.stop_token_ids + (() if p.ignore_eos else self._eos_token_ids))
+        bans = () if p.min_tokens == 0 else (p.stop_token_ids + (() if p.ignore_eos else self._eos_token_ids))
         return m.NewSlot(
-            slot=new.slot, num_prompt_tokens=new.num_prompt_tokens, params=p,
+            slot=new.slot,
+            num_prompt_tokens=new.num_prompt_tokens,
+            params=p,
             ban_token_ids=np.array(bans, dtype=np.int32),
-            cached_token_ids=new.cached_token_ids if p.is_penalized else _NO_TOKENS)
+            cached_token_ids=new.cached_token_ids if p.is_penalized else _NO_TOKENS,
+        )
 
     def _plan_message(self, plan: StepPlan) -> m.StepPlan:
         return m.StepPlan(
-            step_id=self.step_id, new_slots=[self._new_slot(new) for new in plan.new_reqs],
-            freed_slots=plan.freed_slots, slots=plan.slots, num_new_tokens=plan.num_new_tokens,
-            num_computed_tokens=plan.num_computed_tokens, input_ids=plan.input_ids,
-            do_sample=plan.do_sample.astype(np.uint8), block_appends=plan.block_appends,
+            step_id=self.step_id,
+            new_slots=[self._new_slot(new) for new in plan.new_reqs],
+            freed_slots=plan.freed_slots,
+            slots=plan.slots,
+            num_new_tokens=plan.num_new_tokens,
+            num_computed_tokens=plan.num_computed_tokens,
+            input_ids=plan.input_ids,
+            do_sample=plan.do_sample.astype(np.uint8),
+            block_appends=plan.block_appends,
             prompt_logprobs_rows=plan.prompt_logprobs_rows.astype(np.uint8),
-            prompt_targets=plan.prompt_targets)
+            prompt_targets=plan.prompt_targets,
+        )
 
     def _send_prompt_logprobs(self, plan: StepPlan, result: m.StepResult) -> None:
         rows = np.flatnonzero(plan.prompt_logprobs_rows)
         ends = np.cumsum(plan.num_new_tokens[rows])
         for row, end, n in zip(rows.tolist(), ends.tolist(), plan.num_new_tokens[rows].tolist()):
             part = slice(end - n, end)
-            self.outputs.send(m.PromptLogprobs(
-                req_id=plan.req_ids[row], start_pos=int(plan.num_computed_tokens[row]),
-                logprobs=result.prompt_logprobs[part], top_ids=result.prompt_top_ids[part],
-                top_logprobs=result.prompt_top_logprobs[part]))
+            self.outputs.send(
+                m.PromptLogprobs(
+                    req_id=plan.req_ids[row],
+                    start_pos=int(plan.num_computed_tokens[row]),
+                    logprobs=result.prompt_logprobs[part],
+                    top_ids=result.prompt_top_ids[part],
+                    top_logprobs=result.prompt_top_logprobs[part],
+                )
+            )
 
     def _step(self) -> None:
         plan = self.core.schedule()
@@ -164,22 +181,28 @@ class SchedulerActor:
             self.plans.send(m.Shutdown(reason="scheduler stopping"))
 
 
-def _token_outputs(req_ids, token_ids, codes, cached, logprobs=None, top_ids=None,
-                   top_logprobs=None) -> m.TokenOutputs:
+def _token_outputs(
+    req_ids, token_ids, codes, cached, logprobs=None, top_ids=None, top_logprobs=None
+) -> m.TokenOutputs:
     return m.TokenOutputs(
-        req_ids=np.asarray(req_ids, dtype=np.int64), token_ids=np.asarray(token_ids, dtype=np.int32),
+        req_ids=np.asarray(req_ids, dtype=np.int64),
+        token_ids=np.asarray(token_ids, dtype=np.int32),
         finish_reasons=np.asarray(codes, dtype=np.uint8),
         num_cached_tokens=np.asarray(cached, dtype=np.int32),
         logprobs=np.zeros(0, np.float32) if logprobs is None else logprobs,
         top_ids=np.zeros((0, 0), np.int32) if top_ids is None else top_ids,
-        top_logprobs=np.zeros((0, 0), np.float32) if top_logprobs is None else top_logprobs)
+        top_logprobs=np.zeros((0, 0), np.float32) if top_logprobs is None else top_logprobs,
+    )
 
 
 def _outputs_message(plan: StepPlan, result: m.StepResult, outputs) -> m.TokenOutputs:
     """Outputs with the logprobs of their sampled row attached (when the step computed any)."""
-    msg = _token_outputs([o.req_id for o in outputs], [o.token_id for o in outputs],
-                         [_FINISH_CODES[o.finish_reason] for o in outputs],
-                         [o.num_cached_tokens for o in outputs])
+    msg = _token_outputs(
+        [o.req_id for o in outputs],
+        [o.token_id for o in outputs],
+        [_FINISH_CODES[o.finish_reason] for o in outputs],
+        [o.num_cached_tokens for o in outputs],
+    )
     if len(result.logprobs) == 0:
         return msg
     sampled_req_ids = np.asarray(plan.req_ids, dtype=np.int64)[plan.do_sample.astype(bool)]
@@ -188,8 +211,15 @@ def _outputs_message(plan: StepPlan, result: m.StepResult, outputs) -> m.TokenOu
     rows = order[np.minimum(pos, len(order) - 1)]
     # An output without a sampled row (a prompt-only request) gets an arbitrary row's values;
     # its token id is -1, so the supervisor records no logprob for it.
-    return _token_outputs(msg.req_ids, msg.token_ids, msg.finish_reasons, msg.num_cached_tokens,
-                          result.logprobs[rows], result.top_ids[rows], result.top_logprobs[rows])
+    return _token_outputs(
+        msg.req_ids,
+        msg.token_ids,
+        msg.finish_reasons,
+        msg.num_cached_tokens,
+        result.logprobs[rows],
+        result.top_ids[rows],
+        result.top_logprobs[rows],
+    )
 
 
 def main() -> None:
@@ -205,4 +235,3 @@ def main() -> None:
         traceback.print_exc()
         actor.outputs.send(m.ActorFailed(actor="scheduler", reason=f"{type(exc).__name__}: {exc}"))
         sys.exit(1)
-

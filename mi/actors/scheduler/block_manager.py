@@ -23,6 +23,7 @@ another reference to a cached block; one with no reference left leaves the middl
 list (an ``OrderedDict``: O(1) removal anywhere, no duplicates by construction). ``_take_free``,
 the only place a free block is handed out for new content, evicts its entry.
 """
+
 from __future__ import annotations
 
 from collections import OrderedDict
@@ -85,8 +86,7 @@ class BlockManager:
         num_revived = sum(1 for b in sharing if self._ref_counts[b] == 0)
         return num_blocks + num_revived <= len(self._free)
 
-    def match_prefix(self, block_hashes: Sequence[bytes],
-                     token_ids: Sequence[int]) -> list[CachedBlock]:
+    def match_prefix(self, block_hashes: Sequence[bytes], token_ids: Sequence[int]) -> list[CachedBlock]:
         """Cached blocks holding the longest prefix of ``token_ids`` among the keyed blocks."""
         return self._index.match(block_hashes, token_ids, self.block_size)
 
@@ -125,8 +125,7 @@ class BlockManager:
                 del self._free[block_id]
             self._ref_counts[block_id] += 1
 
-    def cache_block(self, block_id: int, block_hash: bytes, token_ids: tuple[int, ...],
-                    parent: int) -> int:
+    def cache_block(self, block_id: int, block_hash: bytes, token_ids: tuple[int, ...], parent: int) -> int:
         """Index a referenced, fully computed block under ``block_hash``; returns the serial its
         successor's ``parent`` is (see ``PrefixIndex.insert``)."""
         if self._ref_counts[block_id] <= 0:
@@ -150,8 +149,7 @@ class BlockManager:
         references in them.
         """
         if len(self._free) + sum(1 for c in self._ref_counts if c > 0) != self.num_blocks:
-            raise InvariantError(
-                f"free ({len(self._free)}) + used != num_blocks ({self.num_blocks})")
+            raise InvariantError(f"free ({len(self._free)}) + used != num_blocks ({self.num_blocks})")
         for block_id, count in enumerate(self._ref_counts):
             if count < 0:
                 raise InvariantError(f"block {block_id} has ref count {count}")
@@ -178,4 +176,5 @@ class BlockManager:
         for block_id, (count, expected) in enumerate(zip(self._ref_counts, refs)):
             if count != expected:
                 raise InvariantError(
-                    f"block {block_id} has ref count {count} but {expected} table references")
+                    f"block {block_id} has ref count {count} but {expected} table references"
+                )

@@ -25,6 +25,7 @@ A plan is a diff for the workers' mirrors, applied in order: ``freed_slots``, ``
 the slot's table), ``block_appends``. ``schedule`` and ``update`` alternate (one plan in flight);
 ``abort`` is legal only between them.
 """
+
 from __future__ import annotations
 
 import bisect
@@ -36,27 +37,27 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from mi.actors.scheduler.block_manager import BlockManager, InvariantError, num_blocks_for
-from mi.actors.scheduler.prefix_cache import ROOT, CachedBlock, extend_hashes
 from mi.actors.scheduler.plan import NewSlot, RequestOutput, SamplingParams, StepPlan
+from mi.actors.scheduler.prefix_cache import ROOT, CachedBlock, extend_hashes
 
 __all__ = ["NewSlot", "RequestOutput", "SamplingParams", "SchedulerCore", "StepPlan"]
 
 
-@dataclass(eq=False)                 # identity, so list.remove finds this very request
+@dataclass(eq=False)  # identity, so list.remove finds this very request
 class _Request:
     req_id: int
     arrival: int
     prompt_len: int
-    token_ids: list[int]             # prompt + generated
+    token_ids: list[int]  # prompt + generated
     params: SamplingParams
     num_computed_tokens: int = 0
-    slot: int = -1                   # -1 while waiting
+    slot: int = -1  # -1 while waiting
     block_ids: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)  # keys of its leading full blocks
-    num_hashed_blocks: int = 0       # leading blocks hit or offered to the index since admission
-    cache_parent: int = ROOT         # serial of the entry for block num_hashed_blocks - 1
-    num_cached_tokens: int = 0       # prompt tokens from the cache at its first admission
-    is_admitted: bool = False        # once admitted (num_cached_tokens is then final)
+    num_hashed_blocks: int = 0  # leading blocks hit or offered to the index since admission
+    cache_parent: int = ROOT  # serial of the entry for block num_hashed_blocks - 1
+    num_cached_tokens: int = 0  # prompt tokens from the cache at its first admission
+    is_admitted: bool = False  # once admitted (num_cached_tokens is then final)
 
     @property
     def num_tokens(self) -> int:
@@ -64,18 +65,29 @@ class _Request:
 
 
 @dataclass
-class _Row:                          # one request's share of the step being planned
+class _Row:  # one request's share of the step being planned
     req: _Request
-    start: int                       # num_computed_tokens before this step
+    start: int  # num_computed_tokens before this step
     num_new: int
 
 
 class SchedulerCore:
-    def __init__(self, *, num_blocks: int, block_size: int, max_num_seqs: int,
-                 max_num_batched_tokens: int, max_model_len: int,
-                 eos_token_ids: tuple[int, ...], enable_prefix_caching: bool = True) -> None:
-        for name, value in (("max_num_seqs", max_num_seqs), ("max_model_len", max_model_len),
-                            ("max_num_batched_tokens", max_num_batched_tokens)):
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+        eos_token_ids: tuple[int, ...],
+        enable_prefix_caching: bool = True,
+    ) -> None:
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_model_len", max_model_len),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+        ):
             if value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         self.blocks = BlockManager(num_blocks, block_size)
@@ -86,13 +98,13 @@ class SchedulerCore:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_prefix_caching = enable_prefix_caching
         self.num_preemptions = 0
-        self.prefix_cache_queried_tokens = 0          # num_tokens of each admission that looked up
-        self.prefix_cache_hit_tokens = 0              # tokens those admissions found cached
+        self.prefix_cache_queried_tokens = 0  # num_tokens of each admission that looked up
+        self.prefix_cache_hit_tokens = 0  # tokens those admissions found cached
         self._reqs: dict[int, _Request] = {}
         self._waiting: deque[_Request] = deque()
-        self._running: list[_Request] = []            # sorted by arrival
+        self._running: list[_Request] = []  # sorted by arrival
         self._free_slots = list(range(max_num_seqs))  # min-heap: lowest slot first
-        self._freed_slots: list[int] = []             # released since the last plan
+        self._freed_slots: list[int] = []  # released since the last plan
         self._next_arrival = 0
         self._in_flight: StepPlan | None = None
 
@@ -103,15 +115,18 @@ class SchedulerCore:
             raise ValueError(f"request {req_id}: empty prompt")
         total_len = len(prompt_ids) + params.max_tokens
         if total_len > self.max_model_len:
-            raise ValueError(f"request {req_id}: prompt ({len(prompt_ids)}) + max_tokens "
-                             f"({params.max_tokens}) exceeds max_model_len ({self.max_model_len})")
+            raise ValueError(
+                f"request {req_id}: prompt ({len(prompt_ids)}) + max_tokens "
+                f"({params.max_tokens}) exceeds max_model_len ({self.max_model_len})"
+            )
         # The last sampled token is never computed; a scoring request (max_tokens 0) computes all.
         needed = num_blocks_for(max(total_len - 1, len(prompt_ids)), self.block_size)
         if needed > self.blocks.num_blocks:
-            raise ValueError(f"request {req_id}: needs {needed} KV blocks even alone, the cache "
-                             f"has {self.blocks.num_blocks}")
-        req = _Request(req_id, self._next_arrival, len(prompt_ids), [int(t) for t in prompt_ids],
-                       params)
+            raise ValueError(
+                f"request {req_id}: needs {needed} KV blocks even alone, the cache "
+                f"has {self.blocks.num_blocks}"
+            )
+        req = _Request(req_id, self._next_arrival, len(prompt_ids), [int(t) for t in prompt_ids], params)
         self._next_arrival += 1
         self._reqs[req_id] = req
         self._waiting.append(req)
@@ -160,7 +175,7 @@ class SchedulerCore:
         budget, i, preempted = self.max_num_batched_tokens, 0, False
         rows: list[_Row] = []
         new_reqs: list[NewSlot] = []
-        appends: list[tuple[int, int]] = []              # (slot, block_id)
+        appends: list[tuple[int, int]] = []  # (slot, block_id)
         while i < len(self._running) and budget > 0:
             req = self._running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, budget)
@@ -169,23 +184,22 @@ class SchedulerCore:
                 self._preempt(self._running[-1])  # the youngest, at index >= i; maybe req itself
                 preempted = True
             if req.slot < 0:
-                break                             # req was the youngest left: nothing follows
+                break  # req was the youngest left: nothing follows
             self._grant(req, num_new, needed, rows, appends)
             budget -= num_new
             i += 1
         # NOTE: no admissions after a preemption this step; blocks are too tight to grow the batch.
-        while (self._waiting and not preempted and budget > 0
-               and len(self._running) < self.max_num_seqs):
+        while self._waiting and not preempted and budget > 0 and len(self._running) < self.max_num_seqs:
             req = self._waiting[0]
             hits = self._match_prefix(req)
             if hits is not None and self._next_block_in_progress(req, len(hits)):
-                break                             # wait a step or two and share it instead
+                break  # wait a step or two and share it instead
             hit_ids = [entry.block_id for entry in hits or ()]
             num_cached = len(hit_ids) * self.block_size
             num_new = min(req.num_tokens - num_cached, budget)
             needed = num_blocks_for(num_cached + num_new, self.block_size) - len(hit_ids)
             if not self.blocks.can_allocate(needed, sharing=hit_ids):
-                break                             # FCFS: the head waits, nobody jumps it
+                break  # FCFS: the head waits, nobody jumps it
             self._waiting.popleft()
             new_reqs.append(self._admit(req, hits, appends))
             self._grant(req, num_new, needed, rows, appends)
@@ -215,7 +229,7 @@ class SchedulerCore:
                 token_id = next(sampled)
                 req.token_ids.append(token_id)
                 reason = self._finish_reason(req, token_id)
-            elif req.num_computed_tokens == req.num_tokens:   # max_tokens 0: prompt scored
+            elif req.num_computed_tokens == req.num_tokens:  # max_tokens 0: prompt scored
                 token_id, reason = -1, "length"
             else:
                 continue
@@ -240,11 +254,15 @@ class SchedulerCore:
         if num_hits >= (req.num_tokens - 1) // self.block_size:
             return False
         wanted = req.block_hashes[num_hits]
-        return any(other.num_hashed_blocks <= num_hits < len(other.block_hashes)
-                   and other.block_hashes[num_hits] == wanted for other in self._running)
+        return any(
+            other.num_hashed_blocks <= num_hits < len(other.block_hashes)
+            and other.block_hashes[num_hits] == wanted
+            for other in self._running
+        )
 
-    def _admit(self, req: _Request, hits: list[CachedBlock] | None,
-               appends: list[tuple[int, int]]) -> NewSlot:
+    def _admit(
+        self, req: _Request, hits: list[CachedBlock] | None, appends: list[tuple[int, int]]
+    ) -> NewSlot:
         req.slot = heapq.heappop(self._free_slots)
         bisect.insort(self._running, req, key=lambda r: r.arrival)
         if hits is not None:
@@ -259,15 +277,21 @@ class SchedulerCore:
         req.cache_parent = hits[-1].serial if hits else ROOT
         if not req.is_admitted:
             req.is_admitted, req.num_cached_tokens = True, req.num_computed_tokens
-        return NewSlot(req.slot, req.req_id, req.prompt_len, req.params,
-                       np.array(req.token_ids[:req.num_computed_tokens], dtype=np.int32))
+        return NewSlot(
+            req.slot,
+            req.req_id,
+            req.prompt_len,
+            req.params,
+            np.array(req.token_ids[: req.num_computed_tokens], dtype=np.int32),
+        )
 
     def _blocks_needed(self, req: _Request, num_new: int) -> int:
         num_total = num_blocks_for(req.num_computed_tokens + num_new, self.block_size)
         return num_total - len(req.block_ids)
 
-    def _grant(self, req: _Request, num_new: int, needed: int, rows: list[_Row],
-               appends: list[tuple[int, int]]) -> None:
+    def _grant(
+        self, req: _Request, num_new: int, needed: int, rows: list[_Row], appends: list[tuple[int, int]]
+    ) -> None:
         new_block_ids = self.blocks.allocate(needed)
         req.block_ids.extend(new_block_ids)
         appends.extend((req.slot, b) for b in new_block_ids)
@@ -283,28 +307,37 @@ class SchedulerCore:
         extend_hashes(req.block_hashes, req.token_ids, bs, num_full)
         for i in range(req.num_hashed_blocks, num_full):
             req.cache_parent = self.blocks.cache_block(
-                req.block_ids[i], req.block_hashes[i], tuple(req.token_ids[i * bs:(i + 1) * bs]),
-                req.cache_parent)
+                req.block_ids[i],
+                req.block_hashes[i],
+                tuple(req.token_ids[i * bs : (i + 1) * bs]),
+                req.cache_parent,
+            )
         req.num_hashed_blocks = num_full
 
-    def _build_plan(self, rows: list[_Row], new_reqs: list[NewSlot],
-                    appends: list[tuple[int, int]]) -> StepPlan:
+    def _build_plan(
+        self, rows: list[_Row], new_reqs: list[NewSlot], appends: list[tuple[int, int]]
+    ) -> StepPlan:
         freed, self._freed_slots = self._freed_slots, []
-        prompt_rows = [r.req.params.prompt_logprobs is not None and r.start < r.req.prompt_len
-                       for r in rows]
-        prompt_targets = [_prompt_target(r.req, pos) for r, wanted in zip(rows, prompt_rows)
-                          if wanted for pos in range(r.start, r.start + r.num_new)]
+        prompt_rows = [r.req.params.prompt_logprobs is not None and r.start < r.req.prompt_len for r in rows]
+        prompt_targets = [
+            _prompt_target(r.req, pos)
+            for r, wanted in zip(rows, prompt_rows)
+            if wanted
+            for pos in range(r.start, r.start + r.num_new)
+        ]
         return StepPlan(
             new_reqs=new_reqs,
             freed_slots=np.array(freed, dtype=np.int32),
             slots=np.array([r.req.slot for r in rows], dtype=np.int32),
             num_new_tokens=np.array([r.num_new for r in rows], dtype=np.int32),
             num_computed_tokens=np.array([r.start for r in rows], dtype=np.int32),
-            input_ids=np.array([t for r in rows
-                                for t in r.req.token_ids[r.start:r.start + r.num_new]],
-                               dtype=np.int32),
-            do_sample=np.array([r.req.num_computed_tokens == r.req.num_tokens
-                                and r.req.params.max_tokens > 0 for r in rows], dtype=np.bool_),
+            input_ids=np.array(
+                [t for r in rows for t in r.req.token_ids[r.start : r.start + r.num_new]], dtype=np.int32
+            ),
+            do_sample=np.array(
+                [r.req.num_computed_tokens == r.req.num_tokens and r.req.params.max_tokens > 0 for r in rows],
+                dtype=np.bool_,
+            ),
             block_appends=np.array(appends, dtype=np.int32).reshape(-1, 2),
             prompt_logprobs_rows=np.array(prompt_rows, dtype=np.bool_),
             prompt_targets=np.array(prompt_targets, dtype=np.int32),
@@ -349,39 +382,57 @@ class SchedulerCore:
         """Raise ``InvariantError`` naming the first broken invariant (see the module docstring)."""
         running, waiting = self._running, self._waiting
         slots, arrivals = [r.slot for r in running], [r.arrival for r in running]
-        _require(len(running) + len(waiting) == len(self._reqs)
-                 and set(self._reqs) == {r.req_id for r in (*running, *waiting)},
-                 "request table differs from running + waiting")
+        _require(
+            len(running) + len(waiting) == len(self._reqs)
+            and set(self._reqs) == {r.req_id for r in (*running, *waiting)},
+            "request table differs from running + waiting",
+        )
         _require(arrivals == sorted(arrivals), f"running not in arrival order: {arrivals}")
-        _require(sorted(slots + self._free_slots) == list(range(self.max_num_seqs)),
-                 f"slots leaked or shared: running {slots}, free {sorted(self._free_slots)}")
-        _require(all(r.slot < 0 and r.num_computed_tokens == 0 and r.num_hashed_blocks == 0
-                     for r in waiting), "a waiting request holds a slot or cached tokens")
+        _require(
+            sorted(slots + self._free_slots) == list(range(self.max_num_seqs)),
+            f"slots leaked or shared: running {slots}, free {sorted(self._free_slots)}",
+        )
+        _require(
+            all(r.slot < 0 and r.num_computed_tokens == 0 and r.num_hashed_blocks == 0 for r in waiting),
+            "a waiting request holds a slot or cached tokens",
+        )
         for req in (*running, *waiting):
-            _require(req.num_computed_tokens <= req.num_tokens <= self.max_model_len,
-                     f"request {req.req_id}: {req.num_computed_tokens} computed of "
-                     f"{req.num_tokens} tokens, max_model_len {self.max_model_len}")
+            _require(
+                req.num_computed_tokens <= req.num_tokens <= self.max_model_len,
+                f"request {req.req_id}: {req.num_computed_tokens} computed of "
+                f"{req.num_tokens} tokens, max_model_len {self.max_model_len}",
+            )
             num_blocks = num_blocks_for(req.num_computed_tokens, self.block_size)
-            _require(len(req.block_ids) == num_blocks,
-                     f"request {req.req_id}: {len(req.block_ids)} blocks, expected {num_blocks}")
-            _require(self._in_flight is not None or req.num_computed_tokens < req.num_tokens,
-                     f"request {req.req_id} is fully computed but unfinished: it would stall")
+            _require(
+                len(req.block_ids) == num_blocks,
+                f"request {req.req_id}: {len(req.block_ids)} blocks, expected {num_blocks}",
+            )
+            _require(
+                self._in_flight is not None or req.num_computed_tokens < req.num_tokens,
+                f"request {req.req_id} is fully computed but unfinished: it would stall",
+            )
             self._check_cached_blocks(req)
         self.blocks.check_invariants(r.block_ids for r in running)
 
     def _check_cached_blocks(self, req: _Request) -> None:
         bs = self.block_size
-        _require(req.num_hashed_blocks <= req.num_computed_tokens // bs,
-                 f"request {req.req_id}: {req.num_hashed_blocks} blocks offered to the index, "
-                 f"only {req.num_computed_tokens} tokens computed")
+        _require(
+            req.num_hashed_blocks <= req.num_computed_tokens // bs,
+            f"request {req.req_id}: {req.num_hashed_blocks} blocks offered to the index, "
+            f"only {req.num_computed_tokens} tokens computed",
+        )
         for i, block_id in enumerate(req.block_ids):
             entry = self.blocks.cached_block(block_id)
             if entry is None:
                 continue
-            _require(i < req.num_hashed_blocks,
-                     f"request {req.req_id}: block {block_id} (#{i}) indexed before it was offered")
-            _require(entry.token_ids == tuple(req.token_ids[i * bs:(i + 1) * bs]),
-                     f"request {req.req_id}: cached block {block_id} (#{i}) stores other tokens")
+            _require(
+                i < req.num_hashed_blocks,
+                f"request {req.req_id}: block {block_id} (#{i}) indexed before it was offered",
+            )
+            _require(
+                entry.token_ids == tuple(req.token_ids[i * bs : (i + 1) * bs]),
+                f"request {req.req_id}: cached block {block_id} (#{i}) stores other tokens",
+            )
 
 
 def _prompt_target(req: _Request, pos: int) -> int:

@@ -20,6 +20,7 @@ is hashed at most once and a key names one block; an entry holds ``block_size`` 
 parent serial is smaller than its child's. The block manager owns the index and keeps the rest:
 an entry's block is referenced or free, and eviction from the free list drops the entry.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -37,13 +38,12 @@ def hash_block(parent_hash: bytes, token_ids: Sequence[int]) -> bytes:
     return digest.digest()
 
 
-def extend_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int,
-                  num_blocks: int) -> None:
+def extend_hashes(hashes: list[bytes], token_ids: Sequence[int], block_size: int, num_blocks: int) -> None:
     """Grow ``hashes``, the chain of keys of the leading full blocks of ``token_ids``, to
     ``num_blocks`` keys (tokens are only ever appended, so existing keys stay valid)."""
     for i in range(len(hashes), num_blocks):
         parent = hashes[-1] if hashes else b""
-        hashes.append(hash_block(parent, token_ids[i * block_size:(i + 1) * block_size]))
+        hashes.append(hash_block(parent, token_ids[i * block_size : (i + 1) * block_size]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,8 +51,8 @@ class CachedBlock:
     block_id: int
     block_hash: bytes
     token_ids: tuple[int, ...]
-    parent: int                      # serial of the entry computed before it, or ROOT
-    serial: int                      # unique over the index's lifetime, > ROOT
+    parent: int  # serial of the entry computed before it, or ROOT
+    serial: int  # unique over the index's lifetime, > ROOT
 
 
 class PrefixIndex:
@@ -70,29 +70,30 @@ class PrefixIndex:
     def get(self, block_id: int) -> CachedBlock | None:
         return self._by_block.get(block_id)
 
-    def match(self, hashes: Sequence[bytes], token_ids: Sequence[int],
-              block_size: int) -> list[CachedBlock]:
+    def match(self, hashes: Sequence[bytes], token_ids: Sequence[int], block_size: int) -> list[CachedBlock]:
         """The entries of the longest cached prefix: one per key of ``hashes`` until a miss."""
         hits: list[CachedBlock] = []
         parent = ROOT
         for i, block_hash in enumerate(hashes):
             entry = self._by_hash.get(block_hash)
-            if (entry is None or entry.parent != parent
-                    or entry.token_ids != tuple(token_ids[i * block_size:(i + 1) * block_size])):
+            if (
+                entry is None
+                or entry.parent != parent
+                or entry.token_ids != tuple(token_ids[i * block_size : (i + 1) * block_size])
+            ):
                 break
             hits.append(entry)
             parent = entry.serial
         return hits
 
-    def insert(self, block_id: int, block_hash: bytes, token_ids: tuple[int, ...],
-               parent: int) -> int:
+    def insert(self, block_id: int, block_hash: bytes, token_ids: tuple[int, ...], parent: int) -> int:
         """Index a fully computed block; return the serial its successor names as parent."""
         if block_id in self._by_block:
             raise RuntimeError(f"block {block_id} is already in the prefix index")
         old = self._by_hash.get(block_hash)
         if old is not None:
             if old.parent == parent and old.token_ids == token_ids:
-                return old.serial        # a twin is cached already; this block stays private
+                return old.serial  # a twin is cached already; this block stays private
             del self._by_block[old.block_id]
         entry = CachedBlock(block_id, block_hash, token_ids, parent, self._next_serial)
         self._next_serial += 1

@@ -6,6 +6,7 @@ window ending at the newest token and emits only what the window adds, holding b
 ends in an incomplete character. Stop strings are matched on the emitted text; text that might
 be the start of a stop string is held back until it is known not to be one.
 """
+
 from dataclasses import dataclass, field
 
 # Tokens of left context re-decoded with each step (enough for any merge rule to settle).
@@ -35,10 +36,10 @@ class TextStream:
     def add(self, token_ids: list[int]) -> None:
         """Appends generated ids; extends `text` by whatever complete characters they add."""
         self.ids.extend(token_ids)
-        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
-        full = self._decode(self.ids[self._prefix_offset:])
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.ids[self._prefix_offset :])
         if len(full) > len(prefix) and not full.endswith("\ufffd"):
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix) :]
             self._prefix_offset = self._read_offset
             self._read_offset = len(self.ids)
         self._check_stop()
@@ -47,10 +48,10 @@ class TextStream:
         """At the end of generation: accept whatever is left, incomplete characters included."""
         if self.stopped:
             return
-        prefix = self._decode(self.ids[self._prefix_offset:self._read_offset])
-        full = self._decode(self.ids[self._prefix_offset:])
+        prefix = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        full = self._decode(self.ids[self._prefix_offset :])
         if len(full) > len(prefix):
-            self.text += full[len(prefix):]
+            self.text += full[len(prefix) :]
             self._prefix_offset = self._read_offset = len(self.ids)
         self._check_stop()
 
@@ -59,8 +60,7 @@ class TextStream:
             return
         longest = max(map(len, self.stop))
         window_start = max(0, self.sent_len - longest + 1)
-        hits = [(i, len(s)) for i, s in ((self.text.find(s, window_start), s) for s in self.stop)
-                if i >= 0]
+        hits = [(i, len(s)) for i, s in ((self.text.find(s, window_start), s) for s in self.stop) if i >= 0]
         if hits:
             start, length = min(hits)
             self.text = self.text[: start + length if self.include_stop_str else start]
@@ -72,6 +72,6 @@ class TextStream:
         end = len(self.text)
         if self.stop and not final and not self.stopped:
             end = max(self.sent_len, end - (max(map(len, self.stop)) - 1))
-        delta = self.text[self.sent_len:end]
+        delta = self.text[self.sent_len : end]
         self.sent_len = end
         return delta

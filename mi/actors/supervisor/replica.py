@@ -6,6 +6,7 @@
 Children are fresh interpreters (`python -m mi.actors.worker SPEC`) that inherit only the ring
 fds they need. On CPU each worker is pinned to an equal share of the cores.
 """
+
 import asyncio
 import json
 import os
@@ -26,8 +27,7 @@ def cpu_shares(num_workers: int) -> tuple[int, list[list[int]]]:
     if num_workers == 1:
         return len(cores), [[]]
     share = max(1, len(cores) // num_workers)
-    return share, [[cores[(w * share + i) % len(cores)] for i in range(share)]
-                   for w in range(num_workers)]
+    return share, [[cores[(w * share + i) % len(cores)] for i in range(share)] for w in range(num_workers)]
 
 
 def _collective_slot_bytes(cfg: BackendConfig, model: dict) -> int:
@@ -47,12 +47,13 @@ def _child_env() -> dict:
 
 
 class Replica:
-    def __init__(self, index: int, cfg: BackendConfig, model: dict, eos_token_ids: list[int],
-                 run_dir: str):
+    def __init__(self, index: int, cfg: BackendConfig, model: dict, eos_token_ids: list[int], run_dir: str):
         self.index = index
         self.cfg = cfg
-        self.rings = {name: Ring.create(size, num_readers=cfg.tp if name == "plan" else 1)
-                      for name, size in _RING_BYTES.items()}
+        self.rings = {
+            name: Ring.create(size, num_readers=cfg.tp if name == "plan" else 1)
+            for name, size in _RING_BYTES.items()
+        }
         self.to_scheduler = Sender(self.rings["request"].writer(), m.CODEC)
         self.from_scheduler = Receiver(self.rings["output"].reader(0), m.CODEC)
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -60,17 +61,22 @@ class Replica:
         self.num_live = 0  # requests routed here and not finished: the routing load
         self.num_routed = 0
         self.stats: m.SchedulerCounters | None = None  # the latest SchedulerStats
-        self.collectives = (ShmCollectives.create(cfg.tp, _collective_slot_bytes(cfg, model))
-                            if cfg.device_type == "cpu" and cfg.tp > 1 and cfg.shm_collectives
-                            else None)
+        self.collectives = (
+            ShmCollectives.create(cfg.tp, _collective_slot_bytes(cfg, model))
+            if cfg.device_type == "cpu" and cfg.tp > 1 and cfg.shm_collectives
+            else None
+        )
         self._eos_token_ids = eos_token_ids
         self._dist_init_file = os.path.join(run_dir, f"dist-init-{index}")
 
-    def _spawn(self, name: str, module: str, spec: dict, rings: list[str],
-               extra_fds: list[int] = ()) -> None:
+    def _spawn(self, name: str, module: str, spec: dict, rings: list[str], extra_fds: list[int] = ()) -> None:
         fds = [fd for ring in rings for fd in self.rings[ring].fds()] + list(extra_fds)
-        proc = subprocess.Popen([sys.executable, "-m", module, json.dumps(spec)], pass_fds=fds,
-                                stdin=subprocess.DEVNULL, env=_child_env())
+        proc = subprocess.Popen(
+            [sys.executable, "-m", module, json.dumps(spec)],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            env=_child_env(),
+        )
         self.procs.append((f"replica {self.index} {name}", proc))
 
     def start(self, threads: int, cpu_ids: list[list[int]]) -> None:
@@ -79,25 +85,50 @@ class Replica:
         for rank in range(cfg.tp):
             device = "cpu" if cfg.device_type == "cpu" else f"cuda:{self.index * cfg.tp + rank}"
             spec = dict(
-                rank=rank, tp=cfg.tp, parent_pid=os.getpid(),
-                runner=dict(model_dir=cfg.model_dir, device=device, dtype=cfg.dtype,
-                            block_size=cfg.block_size, max_num_seqs=cfg.max_num_seqs,
-                            max_model_len=cfg.max_model_len, num_kv_blocks=cfg.num_kv_blocks,
-                            kv_cache_bytes=cfg.kv_cache_bytes),
-                plan_ring=rings["plan"].describe(), result_ring=rings["result"].describe(),
-                dist_init_file=self._dist_init_file, num_threads=threads, cpu_ids=cpu_ids[rank],
-                profile=cfg.profile, force_triton=cfg.force_triton,
-                collectives=self.collectives.describe() if self.collectives else None)
-            self._spawn(f"worker {rank}", "mi.actors.worker", spec, ["plan", "result"],
-                        self.collectives.fds() if self.collectives else [])
-        spec = dict(parent_pid=os.getpid(), request_ring=rings["request"].describe(),
-                    output_ring=rings["output"].describe(), plan_ring=rings["plan"].describe(),
-                    result_ring=rings["result"].describe(), block_size=cfg.block_size,
-                    max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-                    max_model_len=cfg.max_model_len, eos_token_ids=self._eos_token_ids,
-                    enable_prefix_caching=cfg.enable_prefix_caching,
-                    check_invariants=cfg.debug_invariants,
-                    ready_timeout=cfg.ready_timeout)
+                rank=rank,
+                tp=cfg.tp,
+                parent_pid=os.getpid(),
+                runner=dict(
+                    model_dir=cfg.model_dir,
+                    device=device,
+                    dtype=cfg.dtype,
+                    block_size=cfg.block_size,
+                    max_num_seqs=cfg.max_num_seqs,
+                    max_model_len=cfg.max_model_len,
+                    num_kv_blocks=cfg.num_kv_blocks,
+                    kv_cache_bytes=cfg.kv_cache_bytes,
+                ),
+                plan_ring=rings["plan"].describe(),
+                result_ring=rings["result"].describe(),
+                dist_init_file=self._dist_init_file,
+                num_threads=threads,
+                cpu_ids=cpu_ids[rank],
+                profile=cfg.profile,
+                force_triton=cfg.force_triton,
+                collectives=self.collectives.describe() if self.collectives else None,
+            )
+            self._spawn(
+                f"worker {rank}",
+                "mi.actors.worker",
+                spec,
+                ["plan", "result"],
+                self.collectives.fds() if self.collectives else [],
+            )
+        spec = dict(
+            parent_pid=os.getpid(),
+            request_ring=rings["request"].describe(),
+            output_ring=rings["output"].describe(),
+            plan_ring=rings["plan"].describe(),
+            result_ring=rings["result"].describe(),
+            block_size=cfg.block_size,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_model_len=cfg.max_model_len,
+            eos_token_ids=self._eos_token_ids,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            check_invariants=cfg.debug_invariants,
+            ready_timeout=cfg.ready_timeout,
+        )
         self._spawn("scheduler", "mi.actors.scheduler", spec, list(rings))
 
     async def wait_ready(self) -> None:
@@ -117,7 +148,7 @@ class Replica:
     async def stop(self, grace: float, log) -> None:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
-        for name, proc in self.procs:
+        for _, proc in self.procs:
             while proc.poll() is None and loop.time() < deadline:
                 await asyncio.sleep(0.05)
         for name, proc in self.procs:

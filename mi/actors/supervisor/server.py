@@ -3,6 +3,7 @@
 Every answer is one of the Structs of mi/api/backend_answers.py (or an error body), written with
 msgspec, so what the clients' decoder accepts is what this module sends.
 """
+
 import asyncio
 import contextlib
 import logging
@@ -30,15 +31,24 @@ from mi.config import BackendConfig
 
 log = logging.getLogger("mi.backend")
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                    "chat_template.jinja", "chat_template.json", "generation_config.json",
-                    "vocab.json", "merges.txt", "added_tokens.json")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
 _MAX_BODY_BYTES = 64 << 20
 
 
 def _json(obj, status: int = 200, headers=None) -> web.Response:
-    return web.Response(body=encode_answer(obj), status=status, headers=headers,
-                        content_type="application/json")
+    return web.Response(
+        body=encode_answer(obj), status=status, headers=headers, content_type="application/json"
+    )
 
 
 def _error(exc: ApiError) -> web.Response:
@@ -55,17 +65,26 @@ class BackendRoutes:
 
     async def model(self, request: web.Request) -> web.Response:
         cfg, model = self.sup.cfg, self.sup.mi_config["model"]
-        return _json(ModelInfo(
-            model_name=self.model_name, max_model_len=cfg.max_model_len,
-            vocab_size=model["vocab_size"], architecture=self.sup.mi_config["architecture"],
-            bos_token_id=model.get("bos_token_id"), eos_token_ids=tuple(self.sup.eos_token_ids),
-            tp=cfg.tp, num_replicas=cfg.num_replicas, block_size=cfg.block_size,
-            num_kv_blocks=self.sup.num_kv_blocks))
+        return _json(
+            ModelInfo(
+                model_name=self.model_name,
+                max_model_len=cfg.max_model_len,
+                vocab_size=model["vocab_size"],
+                architecture=self.sup.mi_config["architecture"],
+                bos_token_id=model.get("bos_token_id"),
+                eos_token_ids=tuple(self.sup.eos_token_ids),
+                tp=cfg.tp,
+                num_replicas=cfg.num_replicas,
+                block_size=cfg.block_size,
+                num_kv_blocks=self.sup.num_kv_blocks,
+            )
+        )
 
     async def tokenizer(self, request: web.Request) -> web.Response:
         model_dir = Path(self.sup.cfg.model_dir)
-        files = {name: (model_dir / name).read_text() for name in _TOKENIZER_FILES
-                 if (model_dir / name).is_file()}
+        files = {
+            name: (model_dir / name).read_text() for name in _TOKENIZER_FILES if (model_dir / name).is_file()
+        }
         return _json(TokenizerFiles(files))
 
     async def _body(self, request: web.Request) -> object:
@@ -87,8 +106,11 @@ class BackendRoutes:
             await response.prepare(request)
             # Prompt logprobs ride on the first line, so it waits for the prompt to be computed.
             first = await live.events.get() if live.num_prompt_logprobs is not None else None
-            start = StreamStart(live.request_id, tuple(live.prompt_ids),
-                                live.prompt_logprobs if live.num_prompt_logprobs is not None else None)
+            start = StreamStart(
+                live.request_id,
+                tuple(live.prompt_ids),
+                live.prompt_logprobs if live.num_prompt_logprobs is not None else None,
+            )
             await response.write(encode_answer(start) + b"\n")
             while True:
                 event = first if first is not None else await live.events.get()
@@ -114,18 +136,26 @@ class BackendRoutes:
             texts.append(event.text)
             logprobs += event.logprobs or []
             if event.finish_reason is not None:
-                return _json(GenerateResult(
-                    live.request_id, tuple(live.prompt_ids), tuple(live.ids), "".join(texts),
-                    event.finish_reason, event.usage or live.usage(),
-                    logprobs=logprobs if live.num_logprobs is not None else None,
-                    prompt_logprobs=live.prompt_logprobs if live.num_prompt_logprobs is not None else None,
-                ))
+                return _json(
+                    GenerateResult(
+                        live.request_id,
+                        tuple(live.prompt_ids),
+                        tuple(live.ids),
+                        "".join(texts),
+                        event.finish_reason,
+                        event.usage or live.usage(),
+                        logprobs=logprobs if live.num_logprobs is not None else None,
+                        prompt_logprobs=live.prompt_logprobs
+                        if live.num_prompt_logprobs is not None
+                        else None,
+                    )
+                )
 
     async def abort(self, request: web.Request) -> web.Response:
         try:
             body = await self._body(request)
             if not isinstance(body, dict) or not isinstance(body.get("request_id"), str):
-                raise invalid("request_id", "Expected {\"request_id\": string}.")
+                raise invalid("request_id", 'Expected {"request_id": string}.')
         except ApiError as exc:
             return _error(exc)
         return _json({"aborted": self.sup.abort(body["request_id"])})
@@ -138,9 +168,15 @@ def _auth_middleware(secret: str):
     @web.middleware
     async def check(request: web.Request, handler):
         if request.path != "/health" and not is_authorized(request.headers.get("Authorization"), secret):
-            return _error(ApiError(401, "Missing or wrong backend secret (Authorization: Bearer, "
-                                        "from the backend's cert file).", code="unauthorized"))
+            return _error(
+                ApiError(
+                    401,
+                    "Missing or wrong backend secret (Authorization: Bearer, from the backend's cert file).",
+                    code="unauthorized",
+                )
+            )
         return await handler(request)
+
     return check
 
 
@@ -161,8 +197,7 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
     sup = Supervisor(cfg, mi_config, tokenizer)
     secret = load_or_create_secret(cfg.cert_path)
     model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
-    runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True,
-                           access_log=None)
+    runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True, access_log=None)
     await runner.setup()
     unix_path = socket_path(cfg.port)
     stop = asyncio.Event()

@@ -8,6 +8,7 @@ text (incremental, UTF-8 safe, stop strings) and hands each request's events to 
 through an asyncio queue. A child that dies turns into an error for every request in flight and
 a shutdown, never a hang.
 """
+
 import asyncio
 import itertools
 import logging
@@ -53,8 +54,11 @@ class LiveRequest:
 
 
 def _logprob_entry(token_id: int, logprob: float, top_ids, top_logprobs, k: int) -> Logprob:
-    return Logprob(token_id, None if math.isnan(logprob) else logprob,
-                   tuple((int(i), float(lp)) for i, lp in zip(top_ids[:k], top_logprobs[:k])))
+    return Logprob(
+        token_id,
+        None if math.isnan(logprob) else logprob,
+        tuple((int(i), float(lp)) for i, lp in zip(top_ids[:k], top_logprobs[:k])),
+    )
 
 
 class Supervisor:
@@ -85,15 +89,19 @@ class Supervisor:
     # -- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
         cfg = self.cfg
-        threads, cpu_ids = (cpu_shares(cfg.num_devices) if cfg.device_type == "cpu"
-                            else (1, [[] for _ in range(cfg.num_devices)]))
+        threads, cpu_ids = (
+            cpu_shares(cfg.num_devices)
+            if cfg.device_type == "cpu"
+            else (1, [[] for _ in range(cfg.num_devices)])
+        )
         for index in range(cfg.num_replicas):
             replica = Replica(index, cfg, self.mi_config["model"], self.eos_token_ids, self._run_dir)
             self.replicas.append(replica)
-            replica.start(threads, cpu_ids[index * cfg.tp:(index + 1) * cfg.tp])
+            replica.start(threads, cpu_ids[index * cfg.tp : (index + 1) * cfg.tp])
         self._tasks.append(asyncio.create_task(self._watch_children()))
-        ready = asyncio.create_task(asyncio.wait_for(
-            asyncio.gather(*(r.wait_ready() for r in self.replicas)), cfg.ready_timeout))
+        ready = asyncio.create_task(
+            asyncio.wait_for(asyncio.gather(*(r.wait_ready() for r in self.replicas)), cfg.ready_timeout)
+        )
         failed = asyncio.create_task(self.failure.wait())
         await asyncio.wait({ready, failed}, return_when=asyncio.FIRST_COMPLETED)
         failed.cancel()
@@ -116,8 +124,14 @@ class Supervisor:
             self.state = "dead"
         for live in list(self._requests.values()):
             self._forget(live)
-            live.events.put_nowait(ApiError(500, "The backend failed while serving this request.",
-                                            type="server_error", code="backend_failed"))
+            live.events.put_nowait(
+                ApiError(
+                    500,
+                    "The backend failed while serving this request.",
+                    type="server_error",
+                    code="backend_failed",
+                )
+            )
         self.failure.set()
 
     async def _watch_children(self) -> None:
@@ -133,14 +147,17 @@ class Supervisor:
     def submit(self, req: GenerateRequest) -> LiveRequest:
         """Validates what needs the tokenizer or the KV size, then queues the request."""
         if self.state != "ok":
-            raise ApiError(503, f"The backend is {self.state}.", code="backend_unavailable",
-                           retry_after=1)
+            raise ApiError(503, f"The backend is {self.state}.", code="backend_unavailable", retry_after=1)
         if req.request_id in self._by_request_id:
             raise ApiError(400, f"request_id {req.request_id!r} is already in use.", "request_id")
         replica = min(self.replicas, key=lambda r: r.num_live)
         if replica.num_live >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
-            raise ApiError(503, "The server is overloaded: too many requests are queued.",
-                           code="overloaded", retry_after=1)
+            raise ApiError(
+                503,
+                "The server is overloaded: too many requests are queued.",
+                code="overloaded",
+                retry_after=1,
+            )
         if req.prompt_ids is not None:
             prompt_ids = list(req.prompt_ids)
         else:
@@ -148,17 +165,24 @@ class Supervisor:
         check_context_len(len(prompt_ids), req.max_tokens, self.cfg.max_model_len)
         needed = -(-(len(prompt_ids) + max(req.max_tokens, 1) - 1) // self.cfg.block_size)
         if needed > self.num_kv_blocks:
-            raise ApiError(400, f"The request needs {needed} KV-cache blocks but the backend has "
-                           f"{self.num_kv_blocks}; shorten the prompt or max_tokens.", "max_tokens")
-        text = TextStream(self.tokenizer, prompt_ids, req.stop, req.skip_special_tokens,
-                          req.include_stop_str_in_output)
-        live = LiveRequest(req.request_id, next(self._req_ids), replica, prompt_ids, text,
-                           req.logprobs, req.prompt_logprobs)
+            raise ApiError(
+                400,
+                f"The request needs {needed} KV-cache blocks but the backend has "
+                f"{self.num_kv_blocks}; shorten the prompt or max_tokens.",
+                "max_tokens",
+            )
+        text = TextStream(
+            self.tokenizer, prompt_ids, req.stop, req.skip_special_tokens, req.include_stop_str_in_output
+        )
+        live = LiveRequest(
+            req.request_id, next(self._req_ids), replica, prompt_ids, text, req.logprobs, req.prompt_logprobs
+        )
         params = req.sampling_params()
         if params.seed is None:
             params = msgspec.structs.replace(params, seed=secrets.randbits(63))
-        replica.to_scheduler.send(m.AddRequest(
-            req_id=live.req_id, prompt_ids=np.asarray(prompt_ids, dtype=np.int32), params=params))
+        replica.to_scheduler.send(
+            m.AddRequest(req_id=live.req_id, prompt_ids=np.asarray(prompt_ids, dtype=np.int32), params=params)
+        )
         replica.num_live += 1
         replica.num_routed += 1
         self.num_prompt_tokens += len(prompt_ids)
@@ -172,8 +196,12 @@ class Supervisor:
             return False
         if self.state == "ok":
             live.replica.to_scheduler.send(m.AbortRequest(req_id=live.req_id))
-        self._finish(live, StreamDelta((), live.text.take_delta(final=True), "abort",
-                                       live.usage(), logprobs=self._no_logprobs(live)))
+        self._finish(
+            live,
+            StreamDelta(
+                (), live.text.take_delta(final=True), "abort", live.usage(), logprobs=self._no_logprobs(live)
+            ),
+        )
         return True
 
     def cancel(self, live: LiveRequest) -> None:
@@ -197,8 +225,9 @@ class Supervisor:
 
     def _on_outputs(self, msg: m.TokenOutputs) -> None:
         has_logprobs = len(msg.logprobs) > 0
-        for i, (req_id, token_id, code) in enumerate(zip(
-                msg.req_ids.tolist(), msg.token_ids.tolist(), msg.finish_reasons.tolist())):
+        for i, (req_id, token_id, code) in enumerate(
+            zip(msg.req_ids.tolist(), msg.token_ids.tolist(), msg.finish_reasons.tolist())
+        ):
             live = self._requests.get(req_id)
             if live is None:
                 continue  # finished here already (stop string, client abort)
@@ -210,19 +239,31 @@ class Supervisor:
                 live.text.add(list(new_ids))
                 self.num_generated_tokens += 1
                 if has_logprobs and live.num_logprobs is not None:
-                    logprobs.append(_logprob_entry(token_id, float(msg.logprobs[i]), msg.top_ids[i],
-                                                   msg.top_logprobs[i], live.num_logprobs))
+                    logprobs.append(
+                        _logprob_entry(
+                            token_id,
+                            float(msg.logprobs[i]),
+                            msg.top_ids[i],
+                            msg.top_logprobs[i],
+                            live.num_logprobs,
+                        )
+                    )
             finish = m.FINISH_REASON_NAMES.get(code)
             if finish is None and live.text.stopped:
                 finish = "stop"
                 live.replica.to_scheduler.send(m.AbortRequest(req_id=req_id))
             if finish is None:
-                live.events.put_nowait(StreamDelta(new_ids, live.text.take_delta(final=False),
-                                                   None, logprobs=logprobs))
+                live.events.put_nowait(
+                    StreamDelta(new_ids, live.text.take_delta(final=False), None, logprobs=logprobs)
+                )
                 continue
             live.text.flush()
-            self._finish(live, StreamDelta(new_ids, live.text.take_delta(final=True), finish,
-                                           live.usage(), logprobs=logprobs))
+            self._finish(
+                live,
+                StreamDelta(
+                    new_ids, live.text.take_delta(final=True), finish, live.usage(), logprobs=logprobs
+                ),
+            )
 
     def _on_prompt_logprobs(self, msg: m.PromptLogprobs) -> None:
         live = self._requests.get(msg.req_id)
@@ -230,10 +271,13 @@ class Supervisor:
             return
         if msg.start_pos == 0:
             live.prompt_logprobs = [None]
-        targets = live.prompt_ids[msg.start_pos + 1:msg.start_pos + 1 + len(msg.logprobs)]
+        targets = live.prompt_ids[msg.start_pos + 1 : msg.start_pos + 1 + len(msg.logprobs)]
         live.prompt_logprobs += [
-            _logprob_entry(t, float(msg.logprobs[j]), msg.top_ids[j], msg.top_logprobs[j],
-                           live.num_prompt_logprobs) for j, t in enumerate(targets)]
+            _logprob_entry(
+                t, float(msg.logprobs[j]), msg.top_ids[j], msg.top_logprobs[j], live.num_prompt_logprobs
+            )
+            for j, t in enumerate(targets)
+        ]
 
     async def _pump_outputs(self, replica: Replica) -> None:
         while True:
@@ -258,8 +302,7 @@ class Supervisor:
 
     def stats(self) -> dict:
         """GET /v1/stats: scheduler counters summed over replicas, plus the supervisor's own."""
-        counters = [{} if r.stats is None else msgspec.structs.asdict(r.stats)
-                    for r in self.replicas]
+        counters = [{} if r.stats is None else msgspec.structs.asdict(r.stats) for r in self.replicas]
         summed = Counter()
         for counts in counters:
             summed.update(counts)
@@ -274,9 +317,15 @@ class Supervisor:
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generated_tokens,
             "requests_finished_total": {r: self.finished[r] for r in ("stop", "length", "abort")},
-            "replicas": [{"index": r.index, "num_requests_live": r.num_live,
-                          "requests_routed_total": r.num_routed, **counts}
-                         for r, counts in zip(self.replicas, counters)],
+            "replicas": [
+                {
+                    "index": r.index,
+                    "num_requests_live": r.num_live,
+                    "requests_routed_total": r.num_routed,
+                    **counts,
+                }
+                for r, counts in zip(self.replicas, counters)
+            ],
         }
 
     # -- shutdown ---------------------------------------------------------------------------

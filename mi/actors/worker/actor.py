@@ -6,6 +6,7 @@ a time, and blocking on the ring's eventfd keeps an idle worker at ~0% CPU.
 
 Started by the supervisor as `python -m mi.actors.worker SPEC_JSON` with the ring fds inherited.
 """
+
 import json
 import os
 import sys
@@ -51,11 +52,11 @@ def _init_tensor_parallel(spec: WorkerSpec) -> TensorParallel:
     if spec.tp == 1:
         return TensorParallel(profile=spec.profile)
     backend = "nccl" if spec.runner.device.startswith("cuda") else "gloo"
-    dist.init_process_group(backend, init_method=f"file://{spec.dist_init_file}",
-                            rank=spec.rank, world_size=spec.tp)
+    dist.init_process_group(
+        backend, init_method=f"file://{spec.dist_init_file}", rank=spec.rank, world_size=spec.tp
+    )
     shm = ShmCollectives.attach(spec.collectives, spec.rank) if spec.collectives else None
-    return TensorParallel(rank=spec.rank, size=spec.tp, group=dist.group.WORLD, shm=shm,
-                          profile=spec.profile)
+    return TensorParallel(rank=spec.rank, size=spec.tp, group=dist.group.WORLD, shm=shm, profile=spec.profile)
 
 
 def run(spec: WorkerSpec) -> None:
@@ -82,9 +83,13 @@ def run(spec: WorkerSpec) -> None:
         if isinstance(msg, Shutdown):
             if spec.profile and num_steps:
                 collective = runner.tp.collective_seconds
-                print(f"mi-profile worker {spec.rank}: {num_steps} steps, {step_seconds:.3f} s "
-                      f"in steps, {collective:.3f} s in collectives "
-                      f"({collective / step_seconds:.1%})", file=sys.stderr, flush=True)
+                print(
+                    f"mi-profile worker {spec.rank}: {num_steps} steps, {step_seconds:.3f} s "
+                    f"in steps, {collective:.3f} s in collectives "
+                    f"({collective / step_seconds:.1%})",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return
         if not isinstance(msg, StepPlan):
             raise TypeError(f"worker got unexpected {type(msg).__name__}")
@@ -93,8 +98,7 @@ def run(spec: WorkerSpec) -> None:
             result = runner.execute(msg)
         except Exception as exc:
             if results is not None:
-                results.send(ActorFailed(actor=f"worker {spec.rank}",
-                                         reason=f"{type(exc).__name__}: {exc}"))
+                results.send(ActorFailed(actor=f"worker {spec.rank}", reason=f"{type(exc).__name__}: {exc}"))
             raise
         num_steps += 1
         step_seconds += time.perf_counter() - started
@@ -111,4 +115,3 @@ def main() -> None:
     except Exception:
         traceback.print_exc()
         sys.exit(1)
-

@@ -7,6 +7,7 @@ The scheduler owns block tables; the worker keeps a mirror that StepPlan diffs u
 
 Everything per step is built with array ops over the batch (no per-request Python loop).
 """
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,23 +51,33 @@ class ModelRunner:
         dtype = getattr(torch, cfg.dtype)
         model_cfg = load_mi_config(cfg.model_dir)["model"]
         self.model = load_model(cfg.model_dir, tp, self.device, dtype)
-        self.cos_sin = rotary_cos_sin(model_cfg["head_dim"], cfg.max_model_len, model_cfg["rope_theta"],
-                                      model_cfg.get("rope_scaling"), self.device)
+        self.cos_sin = rotary_cos_sin(
+            model_cfg["head_dim"],
+            cfg.max_model_len,
+            model_cfg["rope_theta"],
+            model_cfg.get("rope_scaling"),
+            self.device,
+        )
 
         kv_bytes = cfg.kv_cache_bytes
         if kv_bytes < 0:  # auto: most of what the weights left free on the GPU
             kv_bytes = int(torch.cuda.mem_get_info(self.device)[0] * _GPU_KV_FRACTION)
         self.num_kv_blocks = cfg.num_kv_blocks or kv_bytes // kv_block_bytes(
-            model_cfg, tp.size, cfg.block_size, dtype)
+            model_cfg, tp.size, cfg.block_size, dtype
+        )
         if self.num_kv_blocks < 1:
             raise ValueError("the KV cache budget is smaller than one block; raise --kv-cache-memory")
         num_kv_heads = model_cfg["num_key_value_heads"] // tp.size or 1
         shape = (self.num_kv_blocks, cfg.block_size, num_kv_heads, model_cfg["head_dim"])
         # Zeroed, not empty: masked-out keys still meet V rows in the matmul, and garbage NaNs there
         # would poison the output (0 * NaN = NaN).
-        self.kv_caches = [(torch.zeros(shape, dtype=dtype, device=self.device),
-                           torch.zeros(shape, dtype=dtype, device=self.device))
-                          for _ in range(model_cfg["num_hidden_layers"])]
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
+            for _ in range(model_cfg["num_hidden_layers"])
+        ]
 
         max_blocks_per_seq = -(-cfg.max_model_len // cfg.block_size)
         self.block_tables = np.zeros((cfg.max_num_seqs, max_blocks_per_seq), dtype=np.int64)
@@ -110,9 +121,15 @@ class ModelRunner:
 
         dev = lambda a: to_device(a, self.device)  # noqa: E731
         meta = AttentionMetadata(
-            slot_mapping=dev(slot_mapping), block_tables=dev(tables), seq_lens=dev(seq_lens),
-            token_seq_idx=dev(token_seq_idx), token_query_idx=dev(token_query_idx),
-            positions=dev(positions), max_query_len=int(num_new.max()), max_seq_len=max_seq_len)
+            slot_mapping=dev(slot_mapping),
+            block_tables=dev(tables),
+            seq_lens=dev(seq_lens),
+            token_seq_idx=dev(token_seq_idx),
+            token_query_idx=dev(token_query_idx),
+            positions=dev(positions),
+            max_query_len=int(num_new.max()),
+            max_seq_len=max_seq_len,
+        )
         return meta, seq_lens, token_seq_idx, token_slots, positions
 
     @torch.inference_mode()
@@ -163,9 +180,13 @@ def _numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
 
 def _empty_result(step_id: int, token_ids: np.ndarray | None = None) -> dict:
     none_f = np.zeros(0, dtype=np.float32)
-    return dict(step_id=step_id,
-                token_ids=token_ids if token_ids is not None else np.zeros(0, dtype=np.int32),
-                logprobs=none_f, top_ids=np.zeros((0, 0), np.int32),
-                top_logprobs=np.zeros((0, 0), np.float32), prompt_logprobs=none_f,
-                prompt_top_ids=np.zeros((0, 0), np.int32),
-                prompt_top_logprobs=np.zeros((0, 0), np.float32))
+    return dict(
+        step_id=step_id,
+        token_ids=token_ids if token_ids is not None else np.zeros(0, dtype=np.int32),
+        logprobs=none_f,
+        top_ids=np.zeros((0, 0), np.int32),
+        top_logprobs=np.zeros((0, 0), np.float32),
+        prompt_logprobs=none_f,
+        prompt_top_ids=np.zeros((0, 0), np.int32),
+        prompt_top_logprobs=np.zeros((0, 0), np.float32),
+    )

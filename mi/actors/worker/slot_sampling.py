@@ -18,6 +18,7 @@ from the prefix cache are never inputs, so the scheduler names them once on admi
     sparse, one row per (slot, token) pair:
         logit bias    (slot, token, bias)         min_tokens bans (slot, token) of EOS / stop ids
 """
+
 from operator import attrgetter
 
 import numpy as np
@@ -27,9 +28,15 @@ from mi.actors.messages import NewSlot
 from mi.ops.sampling import SamplingTensors
 
 _PARAMS = {  # SamplingParams field -> dtype of its per-slot array
-    "temperature": np.float32, "top_p": np.float32, "top_k": np.int64, "min_p": np.float32,
-    "seed": np.int64, "repetition_penalty": np.float32, "presence_penalty": np.float32,
-    "frequency_penalty": np.float32, "min_tokens": np.int64,
+    "temperature": np.float32,
+    "top_p": np.float32,
+    "top_k": np.int64,
+    "min_p": np.float32,
+    "seed": np.int64,
+    "repetition_penalty": np.float32,
+    "presence_penalty": np.float32,
+    "frequency_penalty": np.float32,
+    "min_tokens": np.int64,
 }
 _NUM_LOGPROBS = ("logprobs", "prompt_logprobs")  # int | None -> int64, -1 for None
 _EMPTY_TABLE = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
@@ -49,8 +56,11 @@ def _table(slots: np.ndarray, token_ids: list[np.ndarray], values: list[np.ndarr
     if not token_ids:
         return _EMPTY_TABLE
     counts = np.array([len(ids) for ids in token_ids], dtype=np.int64)
-    return (np.repeat(slots, counts), np.concatenate(token_ids).astype(np.int64),
-            np.concatenate(values).astype(np.float32))
+    return (
+        np.repeat(slots, counts),
+        np.concatenate(token_ids).astype(np.int64),
+        np.concatenate(values).astype(np.float32),
+    )
 
 
 class SlotSampling:
@@ -76,16 +86,25 @@ class SlotSampling:
         for name in _NUM_LOGPROBS:
             p[name][slots] = [-1 if n is None else n for n in map(attrgetter(name), sampling)]
         p["num_prompt_tokens"][slots] = [new.num_prompt_tokens for new in new_slots]
-        self.is_penalized[slots] = ((p["repetition_penalty"][slots] != 1)
-                                    | (p["presence_penalty"][slots] != 0)
-                                    | (p["frequency_penalty"][slots] != 0))
+        self.is_penalized[slots] = (
+            (p["repetition_penalty"][slots] != 1)
+            | (p["presence_penalty"][slots] != 0)
+            | (p["frequency_penalty"][slots] != 0)
+        )
         biases = [params.logit_bias for params in sampling]
-        self.bias = self._replace(self.bias, slots, _table(
-            slots, [np.fromiter(bias.keys(), np.int64, len(bias)) for bias in biases],
-            [np.fromiter(bias.values(), np.float32, len(bias)) for bias in biases]))
+        self.bias = self._replace(
+            self.bias,
+            slots,
+            _table(
+                slots,
+                [np.fromiter(bias.keys(), np.int64, len(bias)) for bias in biases],
+                [np.fromiter(bias.values(), np.float32, len(bias)) for bias in biases],
+            ),
+        )
         bans = [new.ban_token_ids for new in new_slots]
-        self.bans = self._replace(self.bans, slots, _table(
-            slots, bans, [np.full(len(ids), -np.inf, np.float32) for ids in bans]))
+        self.bans = self._replace(
+            self.bans, slots, _table(slots, bans, [np.full(len(ids), -np.inf, np.float32) for ids in bans])
+        )
         if self.is_penalized[slots].any() and self.output_counts is None:
             shape = (len(self.is_penalized), self.vocab_size)
             self.output_counts = torch.zeros(shape, dtype=torch.int32, device=self.device)
@@ -97,9 +116,11 @@ class SlotSampling:
             cached = [new.cached_token_ids for new in new_slots]
             lengths = np.array([len(ids) for ids in cached], dtype=np.int64)
             if lengths.sum():
-                self.observe(np.repeat(slots, lengths),
-                             np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths),
-                             np.concatenate(cached).astype(np.int64))
+                self.observe(
+                    np.repeat(slots, lengths),
+                    np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths),
+                    np.concatenate(cached).astype(np.int64),
+                )
 
     @staticmethod
     def _replace(table, slots, new):
@@ -118,8 +139,9 @@ class SlotSampling:
         dev = self.device
         self.prompt_mask[to_device(slots[is_prompt], dev), to_device(ids[is_prompt], dev)] = True
         gen_slots, gen_ids = to_device(slots[~is_prompt], dev), to_device(ids[~is_prompt], dev)
-        self.output_counts.index_put_((gen_slots, gen_ids),
-                                      torch.ones_like(gen_ids, dtype=torch.int32), accumulate=True)
+        self.output_counts.index_put_(
+            (gen_slots, gen_ids), torch.ones_like(gen_ids, dtype=torch.int32), accumulate=True
+        )
 
     def _sparse_rows(self, table, slot_to_row: np.ndarray):
         """The entries of `table` whose slot maps to a batch row (>= 0), as (row, token, value)
@@ -149,12 +171,17 @@ class SlotSampling:
             bias = bias or bans
         num_logprobs = int(p["logprobs"][slots].max()) if len(slots) else -1
         return SamplingTensors(
-            temperature=to_dev(p["temperature"][slots]), top_p=to_dev(p["top_p"][slots]),
-            top_k=to_dev(p["top_k"][slots]), min_p=to_dev(p["min_p"][slots]),
-            seeds=to_dev(p["seed"][slots]), positions=to_dev(positions),
+            temperature=to_dev(p["temperature"][slots]),
+            top_p=to_dev(p["top_p"][slots]),
+            top_k=to_dev(p["top_k"][slots]),
+            min_p=to_dev(p["min_p"][slots]),
+            seeds=to_dev(p["seed"][slots]),
+            positions=to_dev(positions),
             repetition_penalty=to_dev(p["repetition_penalty"][slots]) if penalized else None,
             presence_penalty=to_dev(p["presence_penalty"][slots]) if penalized else None,
             frequency_penalty=to_dev(p["frequency_penalty"][slots]) if penalized else None,
             output_counts=self.output_counts[index] if penalized else None,
             prompt_mask=self.prompt_mask[index] if penalized else None,
-            logit_bias=bias, num_top_logprobs=num_logprobs)
+            logit_bias=bias,
+            num_top_logprobs=num_logprobs,
+        )

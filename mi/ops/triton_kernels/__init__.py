@@ -5,6 +5,7 @@ Importing this package imports triton and decorates the kernels: under TRITON_IN
 by triton at that moment) they run on CPU tensors through the interpreter, otherwise they are
 compiled for CUDA. mi.ops.dispatch imports it lazily, on the first call that uses triton.
 """
+
 from mi.ops.triton_kernels.kv_cache import write_kv_cache
 from mi.ops.triton_kernels.paged_attention import paged_attention
 from mi.ops.triton_kernels.rms_norm import rms_norm

@@ -3,6 +3,7 @@
 Every check runs on tensor metadata only (dtype, shape, stride, device), never on values, so a
 guard costs no device sync. A failed check raises ValueError naming the op and the argument.
 """
+
 import torch
 import triton
 
@@ -62,8 +63,11 @@ def check_device(op: str, kernel, **tensors: torch.Tensor) -> None:
         if device != first:
             fail(op, f"{name} is on {device} but {first_name} is on {first}")
     if is_compiled(kernel) and first.type != "cuda":
-        fail(op, f"tensors are on {first}; the compiled kernel needs CUDA "
-                 "(set TRITON_INTERPRET=1 before importing mi.ops.triton_kernels to run on CPU)")
+        fail(
+            op,
+            f"tensors are on {first}; the compiled kernel needs CUDA "
+            "(set TRITON_INTERPRET=1 before importing mi.ops.triton_kernels to run on CPU)",
+        )
 
 
 def num_warps_for(block: int) -> int:

@@ -5,6 +5,7 @@ Token n's K/V heads [K, D] go to cache row `slot_mapping[n]` of the cache viewed
 read through their strides (unit last-dim stride), so views split off a fused qkv projection are
 stored without a copy. Slots are not range-checked (that would need a device sync).
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -13,9 +14,21 @@ from mi.ops.triton_kernels import _guard
 
 
 @triton.jit
-def _write_kv_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_ptr, stride_kn,
-                           stride_kh, stride_vn, stride_vh, num_kv_heads,
-                           HEAD_DIM: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr):
+def _write_kv_cache_kernel(
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_mapping_ptr,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    num_kv_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + token).to(tl.int64)
     heads = tl.arange(0, BLOCK_K)[:, None]
@@ -28,8 +41,9 @@ def _write_kv_cache_kernel(k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_mapping_
     tl.store(v_cache_ptr + dst, v, mask=mask)
 
 
-def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                   slot_mapping: torch.Tensor) -> None:
+def write_kv_cache(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """k, v [N, K, D] -> k_cache, v_cache [num_blocks, block_size, K, D] at slot_mapping [N]."""
     op = "write_kv_cache"
     tensors = {"k": k, "v": v, "k_cache": k_cache, "v_cache": v_cache}
@@ -44,8 +58,11 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     if v.shape != k.shape:
         _guard.fail(op, f"v shape {tuple(v.shape)} != k shape {tuple(k.shape)}")
     if v_cache.shape != k_cache.shape or k_cache.shape[2:] != (num_kv_heads, head_dim):
-        _guard.fail(op, f"caches must both be (num_blocks, block_size, {num_kv_heads}, {head_dim}),"
-                        f" got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+        _guard.fail(
+            op,
+            f"caches must both be (num_blocks, block_size, {num_kv_heads}, {head_dim}),"
+            f" got {tuple(k_cache.shape)} and {tuple(v_cache.shape)}",
+        )
     if slot_mapping.shape[0] != num_tokens:
         _guard.fail(op, f"slot_mapping must be ({num_tokens},), got {tuple(slot_mapping.shape)}")
     _guard.check_unit_stride(op, "k", k)
@@ -57,6 +74,17 @@ def write_kv_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_ca
     if num_tokens == 0:
         return
     _write_kv_cache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        num_kv_heads, HEAD_DIM=head_dim, BLOCK_K=triton.next_power_of_2(num_kv_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim))
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_K=triton.next_power_of_2(num_kv_heads),
+        BLOCK_D=triton.next_power_of_2(head_dim),
+    )

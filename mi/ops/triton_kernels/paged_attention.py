@@ -25,6 +25,7 @@ sequence order (token_seq_idx non-decreasing), meta.max_query_len >= every seque
 count, every sequence has seq_len >= 1 and its block table covers seq_len keys, positions are
 < seq_len.
 """
+
 import math
 
 import torch
@@ -39,11 +40,31 @@ BLOCK_N = 32  # keys per inner-loop step; a key tile may span several KV blocks
 
 @triton.jit
 def _paged_attention_kernel(
-        q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-        positions_ptr, scale_log2, stride_qn, stride_qh, stride_cache_block, stride_cache_row,
-        stride_cache_head, stride_table, block_size, num_queries_per_kv, num_heads,
-        HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_G: tl.constexpr,
-        BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr):
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    query_start_ptr,
+    positions_ptr,
+    scale_log2,
+    stride_qn,
+    stride_qh,
+    stride_cache_block,
+    stride_cache_row,
+    stride_cache_head,
+    stride_table,
+    block_size,
+    num_queries_per_kv,
+    num_heads,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     seq = tl.program_id(0).to(tl.int64)
     tile = tl.program_id(1)
     kv_head = tl.program_id(2).to(tl.int64)
@@ -61,8 +82,11 @@ def _paged_attention_kernel(
         dim_valid = dims < HEAD_DIM
 
         q_mask = row_valid[:, None] & dim_valid[None, :]
-        q = tl.load(q_ptr + token[:, None] * stride_qn + head[:, None] * stride_qh + dims[None, :],
-                    mask=q_mask, other=0.0)  # [R, BLOCK_D]
+        q = tl.load(
+            q_ptr + token[:, None] * stride_qn + head[:, None] * stride_qh + dims[None, :],
+            mask=q_mask,
+            other=0.0,
+        )  # [R, BLOCK_D]
         q_pos = tl.load(positions_ptr + token, mask=row_valid, other=-1).to(tl.int64)  # [R]
         kv_len = tl.minimum(seq_len, tl.max(q_pos, axis=0) + 1)
 
@@ -74,16 +98,18 @@ def _paged_attention_kernel(
             keys = key_start + tl.arange(0, BLOCK_N)
             key_valid = keys < kv_len
             block_ids = tl.load(table + keys // block_size, mask=key_valid, other=0).to(tl.int64)
-            key_offsets = (block_ids * stride_cache_block + (keys % block_size) * stride_cache_row
-                           + kv_head * stride_cache_head)  # [BLOCK_N]
+            key_offsets = (
+                block_ids * stride_cache_block
+                + (keys % block_size) * stride_cache_row
+                + kv_head * stride_cache_head
+            )  # [BLOCK_N]
             kv_mask = key_valid[:, None] & dim_valid[None, :]
-            k = tl.load(k_cache_ptr + key_offsets[:, None] + dims[None, :], mask=kv_mask,
-                        other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_cache_ptr + key_offsets[:, None] + dims[None, :], mask=kv_mask,
-                        other=0.0)
+            k = tl.load(
+                k_cache_ptr + key_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0
+            )  # [BLOCK_N, BLOCK_D]
+            v = tl.load(v_cache_ptr + key_offsets[:, None] + dims[None, :], mask=kv_mask, other=0.0)
             if DOT_FP32:
-                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)),
-                                input_precision="ieee")
+                scores = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
             else:
                 scores = tl.dot(q, tl.trans(k))
             visible = (keys[None, :] <= q_pos[:, None]) & key_valid[None, :]  # [R, BLOCK_N]
@@ -105,14 +131,14 @@ def _paged_attention_kernel(
 
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         out_rows = token * (num_heads * HEAD_DIM) + head * HEAD_DIM  # out is contiguous [N, H, D]
-        tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=q_mask)
+        tl.store(out_ptr + out_rows[:, None] + dims[None, :], out.to(out_ptr.dtype.element_ty), mask=q_mask)
 
 
 def query_start_loc(meta: AttentionMetadata) -> torch.Tensor:
     """[B + 1] int64: first packed token of each sequence, then N (token_seq_idx is sorted)."""
-    bounds = torch.arange(meta.seq_lens.shape[0] + 1, dtype=meta.token_seq_idx.dtype,
-                          device=meta.token_seq_idx.device)
+    bounds = torch.arange(
+        meta.seq_lens.shape[0] + 1, dtype=meta.token_seq_idx.dtype, device=meta.token_seq_idx.device
+    )
     return torch.searchsorted(meta.token_seq_idx, bounds)
 
 
@@ -125,9 +151,14 @@ def _tile_sizes(max_query_len: int, num_queries_per_kv: int) -> tuple[int, int]:
     return max(block_m, 16 // block_g, 1), block_g
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    out: torch.Tensor | None = None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Causal attention of the new tokens q [N, H, D] over each sequence's cached K/V
     [num_blocks, block_size, K, D] (already holding this step's keys). Returns [N, H, D]
     contiguous in q's dtype (or writes `out`)."""
@@ -138,8 +169,12 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     _guard.check_same_dtype(op, "q", q, k_cache=k_cache, v_cache=v_cache)
     _guard.check_ndim(op, "q", q, 3)
     _guard.check_ndim(op, "k_cache", k_cache, 4)
-    index_tensors = {"block_tables": (meta.block_tables, 2), "seq_lens": (meta.seq_lens, 1),
-                     "token_seq_idx": (meta.token_seq_idx, 1), "positions": (meta.positions, 1)}
+    index_tensors = {
+        "block_tables": (meta.block_tables, 2),
+        "seq_lens": (meta.seq_lens, 1),
+        "token_seq_idx": (meta.token_seq_idx, 1),
+        "positions": (meta.positions, 1),
+    }
     for name, (t, ndim) in index_tensors.items():
         _guard.check_dtype(op, f"meta.{name}", t, _guard.INDEX_DTYPES)
         _guard.check_ndim(op, f"meta.{name}", t, ndim)
@@ -168,8 +203,15 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     _guard.check_out(op, out, tuple(q.shape), q.dtype)
-    _guard.check_device(op, _paged_attention_kernel, q=q, k_cache=k_cache, v_cache=v_cache,
-                        out=out, **{f"meta.{name}": t for name, (t, _) in index_tensors.items()})
+    _guard.check_device(
+        op,
+        _paged_attention_kernel,
+        q=q,
+        k_cache=k_cache,
+        v_cache=v_cache,
+        out=out,
+        **{f"meta.{name}": t for name, (t, _) in index_tensors.items()},
+    )
     if num_tokens == 0 or num_seqs == 0:
         return out
 
@@ -177,12 +219,30 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     block_m, block_g = _tile_sizes(meta.max_query_len, num_queries_per_kv)
     grid = (num_seqs, triton.cdiv(max(meta.max_query_len, 1), block_m), num_kv_heads)
     _paged_attention_kernel[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.seq_lens, query_start_loc(meta),
-        meta.positions, float(scale) * math.log2(math.e), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), meta.block_tables.stride(0),
-        block_size, num_queries_per_kv, num_heads,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_G=block_g, BLOCK_N=BLOCK_N,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        meta.block_tables,
+        meta.seq_lens,
+        query_start_loc(meta),
+        meta.positions,
+        float(scale) * math.log2(math.e),
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        meta.block_tables.stride(0),
+        block_size,
+        num_queries_per_kv,
+        num_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_M=block_m,
+        BLOCK_G=block_g,
+        BLOCK_N=BLOCK_N,
         BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        DOT_FP32=q.dtype == torch.float32 or (
-            q.dtype == torch.bfloat16 and not _guard.is_compiled(_paged_attention_kernel)))
+        DOT_FP32=q.dtype == torch.float32
+        or (q.dtype == torch.bfloat16 and not _guard.is_compiled(_paged_attention_kernel)),
+    )
     return out

@@ -9,6 +9,7 @@ Input layout: up to 3 dims with any strides except a unit last-dim stride, so a 
 split off a fused qkv projection (q/k norm) is read in place; more dims must be contiguous.
 The output is always a new (or the given) contiguous tensor.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -19,8 +20,9 @@ MAX_HIDDEN = 1 << 16  # one row must fit one program
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, inner_size, stride_outer, stride_inner, hidden,
-                     eps, BLOCK: tl.constexpr):
+def _rms_norm_kernel(
+    x_ptr, weight_ptr, out_ptr, inner_size, stride_outer, stride_inner, hidden, eps, BLOCK: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + (row // inner_size) * stride_outer + (row % inner_size) * stride_inner
     cols = tl.arange(0, BLOCK)
@@ -33,8 +35,9 @@ def _rms_norm_kernel(x_ptr, weight_ptr, out_ptr, inner_size, stride_outer, strid
     tl.store(out_ptr + row * hidden + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
-             out: torch.Tensor | None = None) -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """x [..., hidden], weight [hidden] (same dtype) -> [..., hidden] contiguous, x's dtype."""
     op = "rms_norm"
     _guard.check_dtype(op, "x", x, _guard.FLOAT_DTYPES)
@@ -69,6 +72,15 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float,
         return out
     block = triton.next_power_of_2(hidden)
     _rms_norm_kernel[(num_rows,)](
-        x3, weight, out, x3.shape[1], x3.stride(0), x3.stride(1), hidden, float(eps),
-        BLOCK=block, num_warps=_guard.num_warps_for(block))
+        x3,
+        weight,
+        out,
+        x3.shape[1],
+        x3.stride(0),
+        x3.stride(1),
+        hidden,
+        float(eps),
+        BLOCK=block,
+        num_warps=_guard.num_warps_for(block),
+    )
     return out

@@ -12,6 +12,7 @@ With x = [x1 | x2] (halves of D), out = [x1 * cos1 - x2 * sin1 | x2 * cos2 + x1 
 cos/sin are rounded to the input dtype first, as the reference does; the products and the sum
 are in float32 with one rounding at the end.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -20,8 +21,21 @@ from mi.ops.triton_kernels import _guard
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, token, stride_n, stride_h, num_heads, cos1, cos2, sin1, sin2,
-                  HALF: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    token,
+    stride_n,
+    stride_h,
+    num_heads,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    HALF: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     heads = tl.arange(0, BLOCK_H)[:, None]
     cols = tl.arange(0, BLOCK_HALF)[None, :]
     mask = (heads < num_heads) & (cols < HALF)
@@ -35,10 +49,24 @@ def _rotate_heads(x_ptr, out_ptr, token, stride_n, stride_h, num_heads, cos1, co
 
 
 @triton.jit
-def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_ptr,
-                   stride_qn, stride_qh, stride_kn, stride_kh, num_q_heads, num_k_heads,
-                   HALF: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr,
-                   BLOCK_HALF: tl.constexpr):
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    positions_ptr,
+    cos_sin_ptr,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    num_q_heads,
+    num_k_heads,
+    HALF: tl.constexpr,
+    BLOCK_QH: tl.constexpr,
+    BLOCK_KH: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
     token = tl.program_id(0).to(tl.int64)
     position = tl.load(positions_ptr + token).to(tl.int64)
     cols = tl.arange(0, BLOCK_HALF)[None, :]
@@ -49,15 +77,45 @@ def _rotary_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, positions_ptr, cos_sin_pt
     cos2 = tl.load(row + HALF + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
     sin1 = tl.load(row + 2 * HALF + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
     sin2 = tl.load(row + 3 * HALF + cols, mask=col_mask, other=0.0).to(dtype).to(tl.float32)
-    _rotate_heads(q_ptr, q_out_ptr, token, stride_qn, stride_qh, num_q_heads, cos1, cos2, sin1,
-                  sin2, HALF, BLOCK_QH, BLOCK_HALF)
-    _rotate_heads(k_ptr, k_out_ptr, token, stride_kn, stride_kh, num_k_heads, cos1, cos2, sin1,
-                  sin2, HALF, BLOCK_KH, BLOCK_HALF)
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        token,
+        stride_qn,
+        stride_qh,
+        num_q_heads,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        HALF,
+        BLOCK_QH,
+        BLOCK_HALF,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        token,
+        stride_kn,
+        stride_kh,
+        num_k_heads,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        HALF,
+        BLOCK_KH,
+        BLOCK_HALF,
+    )
 
 
-def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor,
-                 out: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def apply_rotary(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """q [N, H, D], k [N, K, D], positions [N] (int32/int64, each < max_len), cos_sin
     [max_len, 2, D] float32 -> new rotated (q, k), contiguous, in q's dtype.
 
@@ -87,18 +145,35 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_
     _guard.check_contiguous(op, "positions", positions)
     _guard.check_contiguous(op, "cos_sin", cos_sin)
     if out is None:
-        out = (torch.empty(q.shape, dtype=q.dtype, device=q.device),
-               torch.empty(k.shape, dtype=k.dtype, device=k.device))
+        out = (
+            torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device),
+        )
     q_out, k_out = out
     _guard.check_out(op, q_out, tuple(q.shape), q.dtype)
     _guard.check_out(op, k_out, tuple(k.shape), k.dtype)
-    _guard.check_device(op, _rotary_kernel, q=q, k=k, positions=positions, cos_sin=cos_sin,
-                        q_out=q_out, k_out=k_out)
+    _guard.check_device(
+        op, _rotary_kernel, q=q, k=k, positions=positions, cos_sin=cos_sin, q_out=q_out, k_out=k_out
+    )
     if num_tokens == 0:
         return q_out, k_out
     half = head_dim // 2
     _rotary_kernel[(num_tokens,)](
-        q, k, q_out, k_out, positions, cos_sin, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
-        num_q_heads, num_k_heads, HALF=half, BLOCK_QH=triton.next_power_of_2(num_q_heads),
-        BLOCK_KH=triton.next_power_of_2(num_k_heads), BLOCK_HALF=triton.next_power_of_2(half))
+        q,
+        k,
+        q_out,
+        k_out,
+        positions,
+        cos_sin,
+        q.stride(0),
+        q.stride(1),
+        k.stride(0),
+        k.stride(1),
+        num_q_heads,
+        num_k_heads,
+        HALF=half,
+        BLOCK_QH=triton.next_power_of_2(num_q_heads),
+        BLOCK_KH=triton.next_power_of_2(num_k_heads),
+        BLOCK_HALF=triton.next_power_of_2(half),
+    )
     return q_out, k_out

@@ -5,6 +5,7 @@ multiplied by `up` in float32 and rounded once: the same values as the reference
 `F.silu(gate) * up` in the input dtype (a float16/bfloat16 product is exact in float32).
 A 2-D input may have any row stride; more dims must be contiguous. The output is contiguous.
 """
+
 import torch
 import triton
 import triton.language as tl
@@ -38,8 +39,9 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
     elif gate_up.is_contiguous():
         rows = gate_up.view(-1, gate_up.shape[-1])
     else:
-        _guard.fail(op, f"gate_up with {gate_up.ndim} dims must be contiguous, "
-                        f"got strides {gate_up.stride()}")
+        _guard.fail(
+            op, f"gate_up with {gate_up.ndim} dims must be contiguous, got strides {gate_up.stride()}"
+        )
     inner_size = gate_up.shape[-1] // 2
     out_shape = (*gate_up.shape[:-1], inner_size)
     if out is None:
@@ -50,6 +52,7 @@ def silu_and_mul(gate_up: torch.Tensor, out: torch.Tensor | None = None) -> torc
         return out
     block = min(MAX_BLOCK, triton.next_power_of_2(inner_size))
     grid = (rows.shape[0], triton.cdiv(inner_size, block))
-    _silu_and_mul_kernel[grid](rows, out, rows.stride(0), inner_size, BLOCK=block,
-                               num_warps=_guard.num_warps_for(block))
+    _silu_and_mul_kernel[grid](
+        rows, out, rows.stride(0), inner_size, BLOCK=block, num_warps=_guard.num_warps_for(block)
+    )
     return out
