@@ -1,4 +1,4 @@
-"""The OpenAI `/v1/chat/completions` protocol: the request and answer Structs, and the one
+"""The OpenAI `/v1/chat/completions` protocol: the request Structs and the one
 conversion from a request to backend `GenerateRequest`s.
 
 `parse_chat_request` decodes and checks the body into a `ChatPlan`; the frontend renders
@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 import msgspec
-from msgspec import UNSET, Meta, UnsetType
+from msgspec import Meta
 
 from mi.api.backend import GenerateRequest
 from mi.api.errors import ApiError, decode_body
 from mi.api.openai_common import (
-    CompletionUsage,
     Limits,
     StreamOptions,
     check_limits,
@@ -40,14 +39,7 @@ from mi.api.openai_common import (
 from mi.api.sampling import INT32_MAX, NumLogprobs, SamplingParams
 
 __all__ = [
-    "AssistantMessage",
-    "ChatChoice",
-    "ChatChunkChoice",
-    "ChatCompletionChunk",
     "ChatCompletionRequest",
-    "ChatCompletionResponse",
-    "ChatDelta",
-    "ChatLogprobs",
     "ChatMessage",
     "ChatPlan",
     "parse_chat_request",
@@ -374,80 +366,3 @@ def parse_chat_request(
     )
     SamplingParams.check_vocab(req, vocab_size)  # the sampling fields are SamplingParams' own
     return plan
-
-
-# -- answers ------------------------------------------------------------------------------------
-
-
-class TopLogprob(msgspec.Struct, frozen=True):
-    token: str
-    logprob: float
-    bytes: Annotated[list[int], Meta(description="The token's raw bytes (part of a UTF-8 character, maybe).")]
-
-
-class ChatTokenLogprob(msgspec.Struct, frozen=True):
-    token: str
-    logprob: float
-    bytes: list[int]
-    top_logprobs: Annotated[list[TopLogprob], Meta(description="Exactly top_logprobs alternatives.")]
-
-
-class ChatLogprobs(msgspec.Struct, frozen=True):
-    content: list[ChatTokenLogprob]
-    refusal: None = None
-
-
-class AssistantMessage(msgspec.Struct, frozen=True, kw_only=True):
-    role: Literal["assistant"] = "assistant"
-    content: str
-    refusal: None = None
-    tool_calls: Annotated[list[dict[str, Any]], Meta(description="Always empty.")] = []
-
-
-class ChatChoice(msgspec.Struct, frozen=True):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletionResponse(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer without `stream`: every choice, in index order."""
-
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: CompletionUsage
-
-
-class ChatDelta(msgspec.Struct, frozen=True):
-    """The first chunk of a choice has `{"role": "assistant", "content": ""}`, the last may be `{}`."""
-
-    role: Literal["assistant"] | UnsetType = UNSET
-    content: str | UnsetType = UNSET
-
-
-class ChatChunkChoice(msgspec.Struct, frozen=True):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None
-    finish_reason: Annotated[
-        Literal["stop", "length"] | None,
-        Meta(
-            description="Null in every chunk but the last of its choice.",
-        ),
-    ]
-
-
-class ChatCompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
-    """One streamed event of one choice; with `stream_options.include_usage` every chunk has
-    `usage: null` and a last chunk has no choices and the usage."""
-
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChatChunkChoice]
-    usage: CompletionUsage | None | UnsetType = UNSET

@@ -1,4 +1,4 @@
-"""The OpenAI `/v1/completions` protocol: the request and answer Structs, and the one conversion
+"""The OpenAI `/v1/completions` protocol: the request Struct and the one conversion
 from a request to backend `GenerateRequest`s.
 
 `parse_completion_request` decodes a body into a `CompletionRequest` (types and bounds, checked
@@ -19,15 +19,14 @@ Completions specifics:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Literal
+from typing import Annotated
 
 import msgspec
-from msgspec import UNSET, Meta, UnsetType
+from msgspec import Meta
 
 from mi.api.backend import GenerateRequest
 from mi.api.errors import ApiError, decode_body, invalid
 from mi.api.openai_common import (
-    CompletionUsage,
     Limits,
     StreamOptions,
     check_limits,
@@ -39,12 +38,8 @@ from mi.api.openai_common import (
 from mi.api.sampling import INT32_MAX, SamplingParams, TokenId
 
 __all__ = [
-    "CompletionChoice",
-    "CompletionChunk",
-    "CompletionLogprobs",
     "CompletionPlan",
     "CompletionRequest",
-    "CompletionResponse",
     "parse_completion_request",
 ]
 
@@ -250,52 +245,3 @@ def parse_completion_request(
     model = check_model(req.model, served_names)
     prompts, reqs = req.to_generate_requests(completion_id, vocab_size=vocab_size, limits=limits)
     return CompletionPlan(req, model, prompts, reqs)
-
-
-# -- answers ------------------------------------------------------------------------------------
-
-
-class CompletionLogprobs(msgspec.Struct, frozen=True):
-    """Per token of the choice's text (the echoed prompt first): its text, logprob, the top
-    alternatives plus itself by text, and its offset in the text. The first prompt token has no
-    logprob (null)."""
-
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
-
-
-class CompletionChoice(msgspec.Struct, frozen=True):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None
-    finish_reason: Annotated[
-        Literal["stop", "length"] | None,
-        Meta(
-            description="Null in every streamed chunk but the last of its choice.",
-        ),
-    ]
-
-
-class CompletionResponse(msgspec.Struct, frozen=True, kw_only=True):
-    """The answer without `stream`: every choice, in index order."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage
-
-
-class CompletionChunk(msgspec.Struct, frozen=True, kw_only=True):
-    """One streamed event: a text delta of one choice; with `stream_options.include_usage`
-    every chunk has `usage: null` and a last chunk has no choices and the usage."""
-
-    id: str
-    object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
-    choices: list[CompletionChoice]
-    usage: CompletionUsage | None | UnsetType = UNSET

@@ -17,11 +17,7 @@ import functools
 import msgspec
 import msgspec.inspect
 
-from mi.api.chat import (
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-)
+from mi.api.chat import ChatCompletionRequest
 from mi.api.errors import ErrorResponse
 from mi.api.info import (
     DetokenizeRequest,
@@ -31,7 +27,13 @@ from mi.api.info import (
     TokenizeResponse,
     VersionResponse,
 )
-from mi.api.openai import CompletionChunk, CompletionRequest, CompletionResponse
+from mi.api.openai import CompletionRequest
+from mi.api.openai_answers import (
+    ChatCompletionChunk,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionResponse,
+)
 from mi.api.openai_common import ModelCard, ModelList
 
 __all__ = ["openapi_document"]

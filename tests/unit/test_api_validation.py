@@ -24,21 +24,19 @@ from mi.api.backend import (
     parse_generate_request,
     socket_path,
 )
-from mi.api.chat import (
+from mi.api.chat import parse_chat_request
+from mi.api.errors import ApiError, error_body
+from mi.api.logprobs import chat_logprobs, completion_logprobs
+from mi.api.openai import parse_completion_request
+from mi.api.openai_answers import (
     AssistantMessage,
     ChatChoice,
     ChatChunkChoice,
     ChatCompletionChunk,
     ChatDelta,
-    parse_chat_request,
-)
-from mi.api.errors import ApiError, error_body
-from mi.api.logprobs import chat_logprobs, completion_logprobs
-from mi.api.openai import (
     CompletionChoice,
     CompletionChunk,
     CompletionResponse,
-    parse_completion_request,
 )
 from mi.api.openai_common import Limits, model_list, seed_for_choice, usage_info
 from mi.api.openapi import openapi_document

@@ -1,6 +1,6 @@
 """`POST /v1/completions` and `POST /v1/chat/completions`: one backend generate per choice.
 
-Both endpoints run the same machinery; a `_Format` (completions or chat) turns backend results
+Both endpoints run the same machinery; a `Format` (completions or chat) turns backend results
 and stream pieces into the endpoint's answer Structs (mi/api/openai.py, chat.py).
 
 Invariants:
@@ -20,37 +20,17 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
 import aiohttp
-import msgspec
 from aiohttp import web
 
+from mi.actors.frontend.formats import ChatFormat, CompletionFormat, Format, Piece, UsageTotal
 from mi.actors.frontend.state import STATE, FrontendState, json_response, read_json
-from mi.actors.frontend.tokenizer import FrontendTokenizer
-from mi.api.backend import GenerateRequest, GenerateResult, StreamDelta, StreamStart
-from mi.api.chat import (
-    AssistantMessage,
-    ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
-    ChatCompletionResponse,
-    ChatDelta,
-    ChatLogprobs,
-    ChatPlan,
-    parse_chat_request,
-)
+from mi.api.backend import GenerateRequest, StreamDelta, StreamStart
+from mi.api.chat import parse_chat_request
 from mi.api.errors import ApiError
-from mi.api.logprobs import chat_logprobs, completion_logprobs
-from mi.api.openai import (
-    CompletionChoice,
-    CompletionChunk,
-    CompletionLogprobs,
-    CompletionPlan,
-    CompletionResponse,
-    parse_completion_request,
-)
-from mi.api.openai_common import CompletionUsage, new_id, usage_info
+from mi.api.openai import parse_completion_request
+from mi.api.openai_common import new_id
 from mi.api.sse import DONE, encode_event
 from mi.sdk.transport import Backend
 
@@ -59,147 +39,6 @@ __all__ = ["chat_completions", "completions"]
 log = logging.getLogger("mi.frontend")
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass
-class _Piece:
-    """Text of one choice not yet written, with its logprob positions (token id, entry)."""
-
-    text: str = ""
-    positions: list = field(default_factory=list)
-
-    def __add__(self, other: _Piece) -> _Piece:
-        return _Piece(self.text + other.text, self.positions + other.positions)
-
-
-def _positions(ids, entries: list | None) -> list:
-    return list(zip(ids, entries if entries is not None else [None] * len(ids)))
-
-
-# -- formats ------------------------------------------------------------------------------------
-
-
-class _CompletionFormat:
-    def __init__(self, creq: CompletionPlan, cid: str, tok: FrontendTokenizer | None) -> None:
-        self.creq, self.cid, self.tok = creq, cid, tok
-        self.n, self.include_usage = creq.n, creq.include_usage
-        self.created = int(time.time())
-        self._offsets: dict[int, int] = {}
-
-    def opening_chunks(self) -> list[CompletionChunk]:
-        return []
-
-    def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> _Piece | None:
-        """The echoed prompt of choice `index` (None without echo)."""
-        if not self.creq.echo:
-            return None
-        prompt = self.creq.prompts[index // self.n]
-        req = self.creq.generate_requests[index]
-        text = prompt if isinstance(prompt, str) else self.tok.decode(prompt, req.skip_special_tokens)
-        positions = _positions(prompt_ids, prompt_logprobs) if self.creq.logprobs is not None else []
-        return _Piece(text, positions)
-
-    def piece(self, ids, logprobs: list | None, text: str) -> _Piece:
-        return _Piece(text, _positions(ids, logprobs) if self.creq.logprobs is not None else [])
-
-    def _logprobs(self, index: int, piece: _Piece) -> CompletionLogprobs | None:
-        if self.creq.logprobs is None:
-            return None
-        obj, self._offsets[index] = completion_logprobs(
-            piece.positions, self.tok, self._offsets.get(index, 0)
-        )
-        return msgspec.convert(obj, CompletionLogprobs)
-
-    def _chunk(self, choices: list[CompletionChoice], usage=None) -> CompletionChunk:
-        return CompletionChunk(
-            id=self.cid,
-            created=self.created,
-            model=self.creq.model,
-            choices=choices,
-            usage=usage if self.include_usage else msgspec.UNSET,
-        )
-
-    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> CompletionChunk:
-        return self._chunk([CompletionChoice(index, piece.text, self._logprobs(index, piece), finish_reason)])
-
-    def choice(self, index: int, result: GenerateResult) -> CompletionChoice:
-        piece = self.prompt_piece(index, result.prompt_ids, result.prompt_logprobs) or _Piece()
-        piece += self.piece(result.ids, result.logprobs, result.text)
-        return CompletionChoice(index, piece.text, self._logprobs(index, piece), result.finish_reason)
-
-    def response(self, choices: list[CompletionChoice], usage: CompletionUsage) -> CompletionResponse:
-        return CompletionResponse(
-            id=self.cid, created=self.created, model=self.creq.model, choices=choices, usage=usage
-        )
-
-    def usage_chunk(self, usage: CompletionUsage) -> CompletionChunk:
-        return self._chunk([], usage)
-
-
-class _ChatFormat:
-    def __init__(self, creq: ChatPlan, cid: str, tok: FrontendTokenizer) -> None:
-        self.creq, self.cid, self.tok = creq, cid, tok
-        self.n, self.include_usage = creq.n, creq.include_usage
-        self.created = int(time.time())
-
-    def _chunk(self, choices: list[ChatChunkChoice], usage=None) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            id=self.cid,
-            created=self.created,
-            model=self.creq.model,
-            choices=choices,
-            usage=usage if self.include_usage else msgspec.UNSET,
-        )
-
-    def _logprobs(self, positions: list) -> ChatLogprobs | None:
-        return (
-            msgspec.convert(chat_logprobs(positions, self.tok), ChatLogprobs) if self.creq.logprobs else None
-        )
-
-    def opening_chunks(self) -> list[ChatCompletionChunk]:
-        return [
-            self._chunk([ChatChunkChoice(i, ChatDelta("assistant", ""), None, None)]) for i in range(self.n)
-        ]
-
-    def prompt_piece(self, index: int, prompt_ids, prompt_logprobs: list | None) -> None:
-        return None
-
-    def piece(self, ids, logprobs: list | None, text: str) -> _Piece:
-        return _Piece(text, _positions(ids, logprobs) if self.creq.logprobs else [])
-
-    def chunk(self, index: int, piece: _Piece, finish_reason: str | None) -> ChatCompletionChunk:
-        delta = ChatDelta(content=piece.text) if piece.text else ChatDelta()
-        return self._chunk([ChatChunkChoice(index, delta, self._logprobs(piece.positions), finish_reason)])
-
-    def choice(self, index: int, result: GenerateResult) -> ChatChoice:
-        logprobs = self._logprobs(_positions(result.ids, result.logprobs))
-        return ChatChoice(index, AssistantMessage(content=result.text), logprobs, result.finish_reason)
-
-    def response(self, choices: list[ChatChoice], usage: CompletionUsage) -> ChatCompletionResponse:
-        return ChatCompletionResponse(
-            id=self.cid, created=self.created, model=self.creq.model, choices=choices, usage=usage
-        )
-
-    def usage_chunk(self, usage: CompletionUsage) -> ChatCompletionChunk:
-        return self._chunk([], usage)
-
-
-_Format = _CompletionFormat | _ChatFormat
-
-
-class _Usage:
-    def __init__(self, n: int) -> None:
-        self.n = n
-        self.prompt_tokens = self.completion_tokens = self.cached_tokens = 0
-
-    def add(self, index: int, usage) -> None:
-        if index % self.n == 0:
-            self.prompt_tokens += usage.prompt_tokens
-            self.cached_tokens += usage.cached_tokens
-        self.completion_tokens += usage.completion_tokens
-
-    def info(self) -> CompletionUsage:
-        return usage_info(self.prompt_tokens, self.completion_tokens, self.cached_tokens)
 
 
 # -- handlers -----------------------------------------------------------------------------------
@@ -223,7 +62,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
     tok = await state.tokenizers.get() if needs_tokenizer else None
     return await _generate(
-        request, state, _CompletionFormat(creq, cid, tok), creq.generate_requests, creq.stream, start
+        request, state, CompletionFormat(creq, cid, tok), creq.generate_requests, creq.stream, start
     )
 
 
@@ -247,7 +86,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     cid = new_id("chatcmpl")
     reqs = creq.generate_requests(prompt_ids, cid, max_tokens)
     try:
-        return await _generate(request, state, _ChatFormat(creq, cid, tok), reqs, creq.stream, start)
+        return await _generate(request, state, ChatFormat(creq, cid, tok), reqs, creq.stream, start)
     except ApiError as err:
         if err.param == "prompt":  # the backend's name for what the messages rendered to
             err.param = "messages"
@@ -257,7 +96,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _generate(
     request: web.Request,
     state: FrontendState,
-    fmt: _Format,
+    fmt: Format,
     reqs: tuple[GenerateRequest, ...],
     stream: bool,
     start: float,
@@ -265,7 +104,7 @@ async def _generate(
     if stream:
         return await _stream(request, state, fmt, reqs, start)
     results = await _run_all(state.backend, reqs, state.backend.generate)
-    usage = _Usage(fmt.n)
+    usage = UsageTotal(fmt.n)
     for index, result in enumerate(results):
         _check_not_aborted(result.finish_reason)
         usage.add(index, result.usage)
@@ -315,12 +154,12 @@ class _HoldBack:
     """Per choice, the last text piece not yet written (see the module invariant)."""
 
     def __init__(self) -> None:
-        self._held: dict[int, _Piece] = {}
+        self._held: dict[int, Piece] = {}
 
-    def hold(self, index: int, piece: _Piece) -> None:
+    def hold(self, index: int, piece: Piece) -> None:
         self._held[index] = piece
 
-    def add(self, index: int, piece: _Piece, finish_reason: str | None) -> list[tuple[_Piece, str | None]]:
+    def add(self, index: int, piece: Piece, finish_reason: str | None) -> list[tuple[Piece, str | None]]:
         """The pieces to write now, in order, each with its finish_reason."""
         held = self._held.pop(index, None)
         if held is None:
@@ -340,7 +179,7 @@ class _HoldBack:
 
 
 async def _stream(
-    request: web.Request, state: FrontendState, fmt: _Format, reqs: tuple[GenerateRequest, ...], start: float
+    request: web.Request, state: FrontendState, fmt: Format, reqs: tuple[GenerateRequest, ...], start: float
 ) -> web.StreamResponse:
     backend, metrics = state.backend, state.metrics
     streams = await _run_all(backend, reqs, backend.stream, lambda resp: resp.release())
@@ -360,7 +199,7 @@ async def _stream(
     pumps = [asyncio.ensure_future(pump(i, resp)) for i, resp in enumerate(streams)]
     finished: set[int] = set()
     held = _HoldBack()
-    usage = _Usage(fmt.n)
+    usage = UsageTotal(fmt.n)
     last_token_at: dict[int, float] = {}
     try:
         await response.prepare(request)
