@@ -14,7 +14,7 @@ os.environ.setdefault("MI_CERT", os.path.join(tempfile.mkdtemp(prefix="mi-test-c
 
 from servers import ServedModel, start_backend, start_frontend
 
-_TIERS = ("unit", "kernels", "model", "e2e")
+_TIERS = ("unit", "kernels", "model", "e2e", "reliability")
 
 
 def pytest_collection_modifyitems(items):
