@@ -23,13 +23,7 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
     the result in place.
     """
     out = logits.float()
-    has_work = (
-        st.logit_bias is not None
-        or st.repetition_penalty is not None
-        or st.frequency_penalty is not None
-        or st.presence_penalty is not None
-    )
-    if not has_work:
+    if not st.has_penalties:
         return out
     if out is logits:
         out = out.clone()

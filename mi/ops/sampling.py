@@ -9,13 +9,19 @@ Invariants:
   so a request's tokens depend only on its own logits, parameters, seed and position — never on
   what else is in the batch, on the batch order, or on a preemption that recomputes it. Every
   step below is row-local, and rows that sample are gathered into a sub-batch by index only.
-- A row with temperature 0 gets exactly the argmax of its processed logits.
+- A row with temperature below GREEDY_TEMPERATURE gets exactly the argmax of its processed
+  logits.
+- A row whose logits cannot be sampled is reported in `SamplerOutput.failed_rows` with the reason,
+  never answered with an arbitrary token: raw logits with a NaN or an infinity (the model's fault),
+  or processed logits whose best value is not finite once divided by the temperature (the
+  parameters' fault: a NaN or +inf from an extreme penalty, or every token banned). The check is
+  two row reductions folded into the one sync, and costs no extra sync when all is well.
 - Work that no row needs is skipped, decided with one device-to-host sync per call (top_p adds
   a second, to choose between a top-k window and a full sort).
 - Filters cut at a threshold, so a token tied with the last kept one is kept too.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,6 +29,21 @@ from mi.ops.logprobs import token_logprobs
 from mi.ops.penalties import apply_penalties
 
 _TOP_P_WINDOW = 256  # top_p looks for its cut among this many best tokens before sorting all
+
+# Below this temperature a row is greedy. Sampling there is greedy anyway but for near-ties (at
+# T = 1e-5 a logit gap of 1e-3 gives exp(-gap / T) = e^-100, below float32's smallest normal),
+# and a smaller T is where the division broke: an ordinary logit over 1e-40 (a float32 denormal)
+# overflows to inf, and the softmax of a row holding inf is NaN. At 1e-5, float32 holds
+# logit / T for any |logit| < 3e33. vLLM draws the same line (_SAMPLING_EPS).
+GREEDY_TEMPERATURE = 1e-5
+
+MODEL_NOT_FINITE = "The model produced NaN or infinite logits for this request."
+PARAMS_NOT_FINITE = (
+    "No token can be sampled with these parameters: they make the logits NaN or infinite "
+    "(an extreme repetition_penalty, for one) or ban every token (min_tokens with stop_token_ids "
+    "covering the vocabulary)."
+)
+_FAILURE_REASONS = (None, MODEL_NOT_FINITE, PARAMS_NOT_FINITE)  # by the codes of _failure_codes
 
 _MASK64 = (1 << 64) - 1
 
@@ -69,7 +90,7 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
 class SamplingTensors:
     """Per-row sampling parameters for one step; every tensor on the logits' device, B rows."""
 
-    temperature: torch.Tensor  # [B] float32, 0 = greedy
+    temperature: torch.Tensor  # [B] float32, < GREEDY_TEMPERATURE = greedy
     top_p: torch.Tensor  # [B] float32 in (0, 1], 1 = off
     top_k: torch.Tensor  # [B] int64, <= 0 (or >= V) = off
     min_p: torch.Tensor  # [B] float32 in [0, 1], 0 = off
@@ -83,6 +104,16 @@ class SamplingTensors:
     # (row ids [M] int64, token ids [M] int64, bias [M] float32); -inf bans a token.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     num_top_logprobs: int = -1  # -1: no logprobs; k >= 0: chosen token's logprob + top k
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether any row has logit processing before temperature (mi.ops.penalties)."""
+        return not (
+            self.logit_bias is None
+            and self.repetition_penalty is None
+            and self.frequency_penalty is None
+            and self.presence_penalty is None
+        )
 
     def __post_init__(self):
         num_rows = self.temperature.shape[0]
@@ -117,6 +148,8 @@ class SamplerOutput:
     logprobs: torch.Tensor | None  # [B] float32: raw log_softmax at the chosen token
     top_ids: torch.Tensor | None  # [B, k] int64, best first
     top_logprobs: torch.Tensor | None  # [B, k] float32, raw log_softmax
+    # row -> why it could not be sampled (its token id and logprobs are then meaningless)
+    failed_rows: dict[int, str] = field(default_factory=dict)
 
 
 def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
@@ -126,22 +159,28 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         return _empty_output(logits, st.num_top_logprobs)
     processed = apply_penalties(logits, st)  # [B, V] float32
 
-    do_sample = st.temperature > 0
+    do_sample = st.temperature >= GREEDY_TEMPERATURE
     use_top_k = do_sample & (st.top_k > 0) & (st.top_k < vocab_size)
     use_top_p = do_sample & (st.top_p < 1)
     use_min_p = do_sample & (st.min_p > 0)
-    # NOTE: one device-to-host sync for every decision below: which rows sample, the largest
-    # active top_k (0: none) and whether any row uses top_p / min_p.
+    # NOTE: one device-to-host sync for every decision below: which rows sample, which fail, the
+    # largest active top_k (0: none) and whether any row uses top_p / min_p.
     flags = torch.cat(
         [
             do_sample.long(),
+            _failure_codes(logits, processed, st, do_sample),
             torch.where(use_top_k, st.top_k, 0).amax(0, keepdim=True),
             torch.stack([use_top_p.any(), use_min_p.any()]).long(),
         ]
     ).cpu()
-    is_sampled = flags[:num_rows].bool()
-    max_k, any_top_p, any_min_p = flags[num_rows:].tolist()
+    failure_codes = flags[num_rows : 2 * num_rows]
+    # A failed row is left out of sampling: it takes the (meaningless) argmax path.
+    is_sampled = flags[:num_rows].bool() & (failure_codes == 0)
+    max_k, any_top_p, any_min_p = flags[2 * num_rows :].tolist()
     num_sampled = int(is_sampled.sum())
+    failed_rows = {}
+    if failure_codes.any():
+        failed_rows = {row: _FAILURE_REASONS[code] for row, code in enumerate(failure_codes.tolist()) if code}
 
     if num_sampled < num_rows:
         token_ids = processed.argmax(dim=-1)
@@ -166,9 +205,25 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         token_ids = sampled if rows is None else token_ids.index_copy(0, rows, sampled)
 
     if st.num_top_logprobs < 0:
-        return SamplerOutput(token_ids, None, None, None)
+        return SamplerOutput(token_ids, None, None, None, failed_rows)
     chosen, top_ids, top_logprobs = token_logprobs(logits, token_ids, st.num_top_logprobs)
-    return SamplerOutput(token_ids, chosen, top_ids, top_logprobs)
+    return SamplerOutput(token_ids, chosen, top_ids, top_logprobs, failed_rows)
+
+
+def _failure_codes(
+    logits: torch.Tensor, processed: torch.Tensor, st: SamplingTensors, do_sample: torch.Tensor
+) -> torch.Tensor:
+    """[B] int64: 0 = the row can be sampled, else an index into _FAILURE_REASONS.
+
+    NaN propagates through min and max, so the raw row's (min, max) is finite exactly when every
+    raw logit is. The processed row may hold -inf (a banned token) but its best value divided by
+    the temperature must be finite: then the softmax of the scaled row is well defined.
+    """
+    lowest, highest = torch.aminmax(logits, dim=-1)
+    model_ok = lowest.isfinite() & highest.isfinite()
+    best = processed.amax(dim=-1) if st.has_penalties else highest.float()
+    params_ok = (best / torch.where(do_sample, st.temperature, 1.0)).isfinite()
+    return torch.where(model_ok, torch.where(params_ok, 0, 2), 1)
 
 
 def _empty_output(logits: torch.Tensor, k: int) -> SamplerOutput:

@@ -170,6 +170,75 @@ def test_temperature_zero_is_exact_argmax():
     assert torch.equal(sample(logits, make_st(32, temperature=0.0)).token_ids, logits.argmax(-1))
 
 
+@pytest.mark.parametrize("temperature", [1e-40, 1e-30, 1e-6])
+def test_temperature_below_the_epsilon_is_greedy(temperature):
+    # 1e-40 is valid input; logits / T overflowed to inf, the softmax gave NaN, and every row
+    # drew token 0.
+    logits = torch.randn(32, 1000) * 5
+    out = sample(logits, make_st(32, temperature=temperature))
+    assert torch.equal(out.token_ids, logits.argmax(-1)) and out.failed_rows == {}
+    assert sample(logits, make_st(32, temperature=sampling_module.GREEDY_TEMPERATURE)).failed_rows == {}
+
+
+# --- rows that cannot be sampled ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_model_logits_fail_their_row_only(temperature, bad):
+    logits = torch.randn(6, 300)
+    good = sample(logits, make_st(6, temperature=temperature, top_p=0.9))
+    broken = logits.clone()
+    broken[1, 17] = bad
+    broken[4] = bad
+    out = sample(broken, make_st(6, temperature=temperature, top_p=0.9))
+    assert out.failed_rows == {1: sampling_module.MODEL_NOT_FINITE, 4: sampling_module.MODEL_NOT_FINITE}
+    rest = [0, 2, 3, 5]
+    assert torch.equal(out.token_ids[rest], good.token_ids[rest])  # the others sample as without them
+
+
+def test_non_finite_low_precision_logits_are_caught():
+    logits = torch.randn(3, 300).to(torch.bfloat16)
+    logits[2, 5] = float("nan")
+    assert sample(logits, make_st(3)).failed_rows == {2: sampling_module.MODEL_NOT_FINITE}
+
+
+def _seen_everywhere(num_rows: int, vocab_size: int) -> dict:
+    return {
+        "prompt_mask": torch.ones(num_rows, vocab_size, dtype=torch.bool),
+        "output_counts": torch.zeros(num_rows, vocab_size, dtype=torch.int32),
+    }
+
+
+@pytest.mark.parametrize(
+    "penalty, temperature",
+    [
+        (float("inf"), 1.0),  # 0 * inf: NaN for every positive logit
+        (1e-45, 0.0),  # 1.4e-45 in float32: positive logits / it are +inf
+        (1e-35, 1e-4),  # finite after the penalty, +inf once divided by the temperature
+    ],
+)
+def test_parameters_that_break_the_logits_fail_their_row_only(penalty, temperature):
+    logits = torch.randn(3, 200).abs() + 1  # positive, so the penalty divides every one
+    penalties = torch.tensor([1.0, penalty, 1.0])
+    st = make_st(3, temperature=temperature, repetition_penalty=penalties, **_seen_everywhere(3, 200))
+    out = sample(logits, st)
+    assert out.failed_rows == {1: sampling_module.PARAMS_NOT_FINITE}
+    alone = sample(logits[[0, 2]], make_st(2, temperature=temperature, seeds=torch.tensor([0, 2])))
+    assert torch.equal(out.token_ids[[0, 2]], alone.token_ids)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_row_with_every_token_banned_fails(temperature):
+    # min_tokens bans EOS and stop_token_ids with -inf; a stop list covering the vocabulary bans all.
+    vocab_size = 50
+    rows = torch.tensor([1] * vocab_size)
+    tokens = torch.arange(vocab_size)
+    bias = (rows, tokens, torch.full((vocab_size,), float("-inf")))
+    out = sample(torch.randn(2, vocab_size), make_st(2, temperature=temperature, logit_bias=bias))
+    assert out.failed_rows == {1: sampling_module.PARAMS_NOT_FINITE}
+
+
 # --- logit_bias and penalties ---------------------------------------------------------------------
 
 
