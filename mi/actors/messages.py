@@ -3,7 +3,7 @@
 Channels (one writer each):
     supervisor -> scheduler   AddRequest, AbortRequest, Shutdown
     scheduler  -> supervisor  SchedulerReady, TokenOutputs, PromptLogprobs, RequestRejected,
-                              SchedulerStats, ActorFailed
+                              RequestFailed, SchedulerStats, ActorFailed
     scheduler  -> workers     StepPlan (broadcast), Shutdown
     worker 0   -> scheduler   WorkerReady, StepResult, ActorFailed
 
@@ -37,6 +37,7 @@ __all__ = [
     "Message",
     "NewSlot",
     "PromptLogprobs",
+    "RequestFailed",
     "RequestRejected",
     "SchedulerCounters",
     "SchedulerReady",
@@ -146,6 +147,10 @@ class StepResult(_Part, tag=10):
     prompt_logprobs: Float32s  # [T], aligned with StepPlan.prompt_targets
     prompt_top_ids: Int32s  # [T, k2]
     prompt_top_logprobs: Float32s  # [T, k2]
+    # Plan rows (indices into `slots`) whose request failed this step: their entries above are
+    # meaningless, and the scheduler ends them with RequestFailed. The rest of the batch is valid.
+    failed_rows: Int32s  # [F]
+    failure_reasons: list[str]  # [F], a sentence for the client each (no internals)
 
 
 class PromptLogprobs(_Part, tag=11):
@@ -156,6 +161,14 @@ class PromptLogprobs(_Part, tag=11):
     logprobs: Float32s  # [n]; NaN where the target is not a prompt token
     top_ids: Int32s  # [n, k]
     top_logprobs: Float32s  # [n, k]
+
+
+class RequestFailed(_Part, tag=13):
+    """A request the engine failed to serve (request-scoped: the rest of the replica goes on).
+    The supervisor answers it with a 500 `server_error` carrying `reason`."""
+
+    req_id: int
+    reason: str
 
 
 class SchedulerCounters(_Part):
@@ -182,6 +195,7 @@ Message = (
     | SchedulerReady
     | TokenOutputs
     | RequestRejected
+    | RequestFailed
     | ActorFailed
     | StepPlan
     | StepResult

@@ -4,7 +4,8 @@
     supervisor ◄──outputs─── scheduler ◄──StepResult (rank 0)─── workers
 
 Per iteration: drain requests and aborts (blocking only when there is no work), schedule one
-step, send the plan, wait for the sampled ids, send the outputs. A synchronous loop: the actor
+step, send the plan, wait for the sampled ids, send the outputs. A request the worker failed
+(StepResult.failed_rows) ends with RequestFailed; the rest of the batch goes on. A synchronous loop: the actor
 waits on one ring at a time, and a blocked ring read sleeps on an eventfd (idle CPU ~0%).
 Stats go to the supervisor at most every STATS_INTERVAL seconds while busy, and always right
 before the scheduler goes idle (so a drained backend reports zero running requests).
@@ -164,9 +165,12 @@ class SchedulerActor:
             raise SystemExit(1)
         if not isinstance(result, m.StepResult) or result.step_id != self.step_id:
             raise TypeError(f"expected StepResult for step {self.step_id}, got {result!r:.200}")
+        failed = dict(zip(result.failed_rows.tolist(), result.failure_reasons))
+        for row, reason in failed.items():  # first: the supervisor then ignores their other outputs
+            self.outputs.send(m.RequestFailed(req_id=plan.req_ids[row], reason=reason))
         if len(result.prompt_logprobs):
             self._send_prompt_logprobs(plan, result)
-        outputs = self.core.update(plan, result.token_ids.tolist())
+        outputs = self.core.update(plan, result.token_ids.tolist(), failed)
         if outputs:
             self.outputs.send(_outputs_message(plan, result, outputs))
         if time.monotonic() - self._stats_sent_at > STATS_INTERVAL:

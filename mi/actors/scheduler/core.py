@@ -31,7 +31,7 @@ from __future__ import annotations
 import bisect
 import heapq
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -209,11 +209,15 @@ class SchedulerCore:
         self._in_flight = self._build_plan(rows, new_reqs, appends)
         return self._in_flight
 
-    def update(self, plan: StepPlan, sampled_token_ids: Sequence[int]) -> list[RequestOutput]:
+    def update(
+        self, plan: StepPlan, sampled_token_ids: Sequence[int], failed_rows: Collection[int] = ()
+    ) -> list[RequestOutput]:
         """Apply the tokens sampled for ``plan`` (one per request with ``do_sample``, in order).
 
         A max_tokens=0 request whose prompt is now computed finishes with ``token_id`` -1 and
-        ``finish_reason`` "length"."""
+        ``finish_reason`` "length". The requests of ``failed_rows`` (plan rows) are dropped
+        without an output (the caller reports them) and their blocks are not indexed: a step
+        that failed may have written NaN into their KV."""
         if plan is not self._in_flight:
             raise RuntimeError("update for a plan that is not the one in flight")
         num_sampled = int(np.count_nonzero(plan.do_sample))
@@ -222,11 +226,14 @@ class SchedulerCore:
         self._in_flight = None
         sampled = iter(map(int, sampled_token_ids))
         outputs = []
-        for req_id, do_sample in zip(plan.req_ids, plan.do_sample.tolist()):
+        for row, (req_id, do_sample) in enumerate(zip(plan.req_ids, plan.do_sample.tolist())):
             req = self._reqs[req_id]
+            token_id = next(sampled) if do_sample else -1
+            if row in failed_rows:
+                self._drop(req)
+                continue
             self._cache_computed_blocks(req)
             if do_sample:
-                token_id = next(sampled)
                 req.token_ids.append(token_id)
                 reason = self._finish_reason(req, token_id)
             elif req.num_computed_tokens == req.num_tokens:  # max_tokens 0: prompt scored

@@ -293,6 +293,12 @@ class Supervisor:
                 if live is not None:
                     self._forget(live)
                     live.events.put_nowait(ApiError(400, msg.reason))
+            elif isinstance(msg, m.RequestFailed):
+                live = self._requests.get(msg.req_id)
+                if live is not None:
+                    log.warning("request %s failed: %s", live.request_id, msg.reason)
+                    self._forget(live)
+                    live.events.put_nowait(ApiError(500, msg.reason, code="request_failed"))
             elif isinstance(msg, m.ActorFailed):
                 self._fail(f"replica {replica.index} {msg.actor}: {msg.reason}")
                 return

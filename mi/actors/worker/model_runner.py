@@ -8,19 +8,21 @@ The scheduler owns block tables; the worker keeps a mirror that StepPlan diffs u
 Everything per step is built with array ops over the batch (no per-request Python loop).
 """
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from mi.actors.messages import StepPlan, StepResult
+from mi.actors.worker.row_faults import sample_rows_alone
 from mi.actors.worker.slot_sampling import SlotSampling, to_device
 from mi.convert import load_mi_config
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, rotary_cos_sin
 from mi.ops.logprobs import prompt_logprobs
-from mi.ops.sampling import sample
+from mi.ops.sampling import SamplerOutput, sample
 
 _GPU_KV_FRACTION = 0.9
 
@@ -157,8 +159,10 @@ class ModelRunner:
 
         slots = plan.slots[sample_rows].astype(np.int64)
         # The sampled token's position (= sequence length so far) keys its random noise.
-        out = sample(logits, self.sampling.tensors(slots, seq_lens[sample_rows]))
+        out = self._sample(logits, slots, seq_lens[sample_rows])
         result = _empty_result(plan.step_id, _numpy(out.token_ids, np.int32))
+        result["failed_rows"] = sample_rows[list(out.failed_rows)].astype(np.int32)
+        result["failure_reasons"] = list(out.failed_rows.values())
         if out.logprobs is not None:
             result["logprobs"] = _numpy(out.logprobs, np.float32)
             result["top_ids"] = _numpy(out.top_ids, np.int32)
@@ -172,6 +176,22 @@ class ModelRunner:
             result["prompt_top_ids"] = _numpy(top_ids, np.int32)
             result["prompt_top_logprobs"] = _numpy(top_logprobs, np.float32)
         return StepResult(**result)
+
+    def _sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> SamplerOutput:
+        """The batch's tokens; if sampling the batch raises, its rows alone (row_faults.py)."""
+        try:
+            return sample(logits, self.sampling.tensors(slots, positions))
+        except Exception as exc:
+            batch_error = exc
+        num_top_logprobs = int(self.sampling.params["logprobs"][slots].max())
+
+        def sample_row(row: int) -> SamplerOutput:
+            one = slice(row, row + 1)
+            st = self.sampling.tensors(slots[one], positions[one])
+            # Every row's logprobs as wide as the batch's, so the rows stack.
+            return sample(logits[one], dataclasses.replace(st, num_top_logprobs=num_top_logprobs))
+
+        return sample_rows_alone(len(slots), sample_row, batch_error)
 
 
 def _numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
@@ -189,4 +209,6 @@ def _empty_result(step_id: int, token_ids: np.ndarray | None = None) -> dict:
         prompt_logprobs=none_f,
         prompt_top_ids=np.zeros((0, 0), np.int32),
         prompt_top_logprobs=np.zeros((0, 0), np.float32),
+        failed_rows=np.zeros(0, np.int32),
+        failure_reasons=[],
     )
