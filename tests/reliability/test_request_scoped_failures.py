@@ -7,23 +7,27 @@ the scheduler core and one worker step in process, on the real code.
 
 import asyncio
 import json
+import shutil
 import time
+from types import SimpleNamespace
 
 import aiohttp
 import numpy as np
 import pytest
 import torch
+from aiohttp.test_utils import TestClient, TestServer
 
 import mi.actors.worker.model_runner as model_runner_module
 from mi.actors import messages as m
 from mi.actors.scheduler.core import SchedulerCore
+from mi.actors.supervisor.server import make_app
 from mi.actors.worker.model_runner import ModelRunner, RunnerConfig
 from mi.actors.worker.row_faults import SAMPLING_FAILED
 from mi.api.sampling import SamplingParams
 from mi.models.parallel import TensorParallel
 from mi.ops.sampling import PARAMS_NOT_FINITE
 
-from servers import backend_headers
+from servers import backend_headers, start_backend
 
 VOCAB_SIZE = 500  # the tiny models' (mi.models.tiny)
 PROMPT = "the quick brown fox jumps over the lazy dog, and then the dog runs after the fox"
@@ -243,3 +247,77 @@ def test_non_finite_model_logits_reach_the_step_result(runner, monkeypatch):
     result = runner.execute(_prefill(4, [11, 12]))
     assert result.failed_rows.tolist() == [1]
     assert "NaN or infinite logits" in result.failure_reasons[0]
+
+
+# --- the backend's catch-all -----------------------------------------------------------------------
+
+
+def test_an_unexpected_error_in_a_backend_handler_is_an_error_body(converted, tmp_path):
+    # A model directory whose tokenizer file an operator broke after start-up: GET /v1/tokenizer
+    # reads it on each request and raises. Before: aiohttp's plain-text 500.
+    model_dir = shutil.copytree(converted("llama", 1), tmp_path / "model")
+    proc, port = start_backend(model_dir)
+    try:
+        (model_dir / "tokenizer_config.json").write_bytes(b"\xff\xfe not utf-8")
+        url = f"http://127.0.0.1:{port}"
+
+        async def get(path):
+            async with aiohttp.ClientSession(headers=backend_headers()) as session:
+                async with session.get(url + path) as resp:
+                    return resp.status, resp.content_type, await resp.json(content_type=None)
+
+        status, content_type, body = asyncio.run(get("/v1/tokenizer"))
+        assert (status, content_type) == (500, "application/json"), body
+        _assert_clean_error(body["error"])
+        assert body["error"]["type"] == "server_error" and body["error"]["code"] == "internal_error"
+        assert str(tmp_path) not in json.dumps(body)
+        proc.wait_for_output("unexpected error in GET /v1/tokenizer", timeout=30)
+        assert proc.output.count("Traceback") == 1, proc.output
+        assert asyncio.run(get("/health"))[0] == 200
+        status, _, body = asyncio.run(get("/v1/nothing"))
+        assert status == 404 and body["error"]["type"] == "invalid_request_error"
+    finally:
+        proc.stop()
+
+
+class _FailingEvents:
+    async def get(self):
+        raise RuntimeError("internal state at /srv/secret/path, object at 0x7f3a2c001e80")
+
+
+class _SupervisorWithABug:
+    """Just what the routes read of a Supervisor; its request's event queue raises. No input from
+    outside makes a started stream raise any more, so this stands in, on the real app factory."""
+
+    state, vocab_size = "ok", VOCAB_SIZE
+
+    def submit(self, req):
+        return SimpleNamespace(
+            request_id=req.request_id, prompt_ids=[5, 6], num_prompt_logprobs=None, events=_FailingEvents()
+        )
+
+    def cancel(self, live):
+        pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_unexpected_error_in_generate_is_an_error_body_or_the_last_line(stream, caplog):
+    async def call():
+        app = make_app(_SupervisorWithABug(), "tiny", "s3cret")
+        async with TestClient(TestServer(app), headers={"Authorization": "Bearer s3cret"}) as client:
+            resp = await client.post("/v1/generate", json={"prompt_ids": [5, 6], "stream": stream})
+            return resp.status, await resp.read()
+
+    status, raw = asyncio.run(call())
+    if stream:
+        assert status == 200  # the status line went out with the start line
+        start, last = raw.splitlines()
+        assert json.loads(start)["prompt_ids"] == [5, 6]
+    else:
+        assert status == 500
+        last = raw
+    error = json.loads(last)["error"]
+    _assert_clean_error(error)
+    assert error["type"] == "server_error" and error["code"] == "internal_error"
+    [record] = [r for r in caplog.records if r.name == "mi.backend"]
+    assert record.exc_info is not None  # the traceback is logged, once

@@ -1,7 +1,10 @@
 """The backend's HTTP face (docs/backend-api.md): routes over a Supervisor, and the serve loop.
 
 Every answer is one of the Structs of mi/api/backend_answers.py (or an error body), written with
-msgspec, so what the clients' decoder accepts is what this module sends.
+msgspec, so what the clients' decoder accepts is what this module sends. Every failure, expected
+or not, is an OpenAI error body: an unexpected exception in a handler becomes a 500 with a fixed
+message (never a traceback, a path or an address; the traceback goes to the log, once), and in a
+stream that has started, its last line.
 """
 
 import asyncio
@@ -55,6 +58,31 @@ def _error(exc: ApiError) -> web.Response:
     return _json(exc.body(), exc.status, exc.headers())
 
 
+_INTERNAL_ERROR = ApiError(500, "The backend had an error processing this request.", code="internal_error")
+_HTTP_MESSAGES = {
+    404: "Unknown route.",
+    405: "This method is not allowed on this route.",
+    413: "The body is too large.",
+}
+
+
+@web.middleware
+async def _errors(request: web.Request, handler) -> web.StreamResponse:
+    """The OpenAI error body for aiohttp's own errors (routing, body size) and for any exception
+    a handler did not expect."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = _HTTP_MESSAGES.get(exc.status, exc.reason)
+        headers = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+        return _json(ApiError(exc.status, message).body(), exc.status, headers)
+    except Exception:
+        log.exception("unexpected error in %s %s", request.method, request.path[:200])
+        return _error(_INTERNAL_ERROR)
+
+
 class BackendRoutes:
     def __init__(self, sup: Supervisor, model_name: str):
         self.sup = sup
@@ -104,28 +132,37 @@ class BackendRoutes:
                 return await self._collect(live)
             response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
             await response.prepare(request)
-            # Prompt logprobs ride on the first line, so it waits for the prompt to be computed.
-            first = await live.events.get() if live.num_prompt_logprobs is not None else None
-            start = StreamStart(
-                live.request_id,
-                tuple(live.prompt_ids),
-                live.prompt_logprobs if live.num_prompt_logprobs is not None else None,
-            )
-            await response.write(encode_answer(start) + b"\n")
-            while True:
-                event = first if first is not None else await live.events.get()
-                first = None
-                if isinstance(event, ApiError):
-                    await response.write(encode_answer(event.body()) + b"\n")
-                    break
-                await response.write(encode_answer(event) + b"\n")
-                if event.finish_reason is not None:
-                    break
+            try:
+                await self._stream_lines(response, live)
+            except ConnectionResetError:
+                raise
+            except Exception:  # the status line is gone: the error is the stream's last line
+                log.exception("unexpected error in a generate stream")
+                await response.write(encode_answer(_INTERNAL_ERROR.body()) + b"\n")
             await response.write_eof()
             return response
         finally:
             # The client went away (handler cancelled) or writing failed: free its KV blocks now.
             self.sup.cancel(live)
+
+    async def _stream_lines(self, response: web.StreamResponse, live) -> None:
+        # Prompt logprobs ride on the first line, so it waits for the prompt to be computed.
+        first = await live.events.get() if live.num_prompt_logprobs is not None else None
+        start = StreamStart(
+            live.request_id,
+            tuple(live.prompt_ids),
+            live.prompt_logprobs if live.num_prompt_logprobs is not None else None,
+        )
+        await response.write(encode_answer(start) + b"\n")
+        while True:
+            event = first if first is not None else await live.events.get()
+            first = None
+            if isinstance(event, ApiError):
+                await response.write(encode_answer(event.body()) + b"\n")
+                return
+            await response.write(encode_answer(event) + b"\n")
+            if event.finish_reason is not None:
+                return
 
     async def _collect(self, live) -> web.Response:
         texts, logprobs = [], []
@@ -182,7 +219,7 @@ def _auth_middleware(secret: str):
 
 def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
     routes = BackendRoutes(sup, model_name)
-    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[_auth_middleware(secret)])
+    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[_errors, _auth_middleware(secret)])
     app.router.add_get("/health", routes.health)
     app.router.add_get("/v1/model", routes.model)
     app.router.add_get("/v1/tokenizer", routes.tokenizer)
