@@ -3,7 +3,8 @@
     mi-backend --model OUT --device all|N --port 12222
 
 Prints `service start at localhost:PORT` once it accepts requests; SIGTERM or Ctrl-C stops it
-cleanly (exit 0).
+cleanly (exit 0). Before loading anything it checks the host (x86-64 only, `mi.arch`) and the
+cert file (`mi.auth.check_cert`, creating it when absent): a failed check is one line, exit 2.
 """
 
 import argparse
@@ -11,6 +12,8 @@ import asyncio
 import logging
 import sys
 
+from mi.arch import check_memory_ordering
+from mi.auth import check_cert, load_or_create_secret
 from mi.config import BackendConfig, Environment, cert_path, parse_bytes, read_environment
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -169,10 +172,16 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), stream=sys.stderr, format="mi-backend %(levelname)s %(message)s"
     )
     try:
+        check_memory_ordering()
+        env = read_environment()
+        cert = cert_path(args.cert, env)
+        for warning in check_cert(cert):
+            print(f"mi-backend: warning: {warning}", file=sys.stderr, flush=True)
+        load_or_create_secret(cert)  # here, so a cert that cannot be written is a start-up error too
         from mi.convert import load_mi_config
 
         mi_config = load_mi_config(args.model)
-        cfg = config_from_args(args, mi_config, read_environment())
+        cfg = config_from_args(args, mi_config, env)
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.model)

@@ -2,7 +2,9 @@
 
     python -m mi.frontend.launch --backend 12222 --server-port 13000 [--host 127.0.0.1]
 
-Prints `frontend start at http://HOST:PORT` once listening; SIGTERM or SIGINT exits 0.
+Prints `frontend start at http://HOST:PORT` once listening; SIGTERM or SIGINT exits 0. A backend
+cert file that must not be used (empty, unreadable, open to others: `mi.auth.check_cert`) is a
+one-line error at start, exit 2; an absent one is fine (the backend creates it).
 Environment (read once, by `mi.config.read_environment`): MI_API_KEY (the default of
 --api-key), MI_CERT (the default of --backend-cert).
 """
@@ -17,6 +19,7 @@ import sys
 
 from mi.actors.frontend.app import FrontendConfig, serve
 from mi.api.openai_common import Limits
+from mi.auth import CertError, check_cert
 from mi.config import Environment, cert_path, parse_bytes, read_environment
 
 
@@ -146,6 +149,12 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
+    try:
+        for warning in check_cert(config.backend_cert):
+            print(f"mi-frontend: warning: {warning}", file=sys.stderr, flush=True)
+    except CertError as exc:
+        print(f"mi-frontend: error: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         import uvloop

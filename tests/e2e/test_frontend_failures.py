@@ -516,6 +516,7 @@ def test_chat_client_disconnect_aborts_the_backend_request(url, served_model):
 def test_frontend_with_a_wrong_backend_secret_answers_503(served_model, tmp_path):
     cert = tmp_path / "cert"
     cert.write_text("not-the-backend-secret\n")
+    cert.chmod(0o600)  # mi-frontend refuses a cert that others can read
     proc, url = start_frontend(served_model.backend_port, "--backend-cert", str(cert))
     try:
         for path, body in (
