@@ -44,6 +44,14 @@ def _flag(environ: Mapping[str, str], name: str) -> bool:
     return value == "1"
 
 
+def _choice(environ: Mapping[str, str], name: str, choices: tuple[str, ...]) -> str:
+    """The variable's value, one of `choices`; unset or empty is the first."""
+    value = environ.get(name, "") or choices[0]
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Environment:
     """The `MI_*` variables, parsed (a bad value is a ValueError naming it)."""
@@ -51,8 +59,8 @@ class Environment:
     cert: str | None = None  # MI_CERT: the backend's secret file (default of --cert, --backend-cert, cert=)
     api_key: str | None = None  # MI_API_KEY: the default of mi-frontend --api-key
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
-    force_triton: bool = False  # MI_FORCE_TRITON=1: workers run the triton kernels also on CPU
     force_triton: bool = False  # MI_FORCE_TRITON=1: the triton kernels also on CPU (TRITON_INTERPRET=1)
+    cpu_linear: str = "onednn"  # MI_CPU_LINEAR: "onednn" (packed weights) or "torch" (nn.Linear)
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -63,6 +71,7 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         api_key=environ.get("MI_API_KEY") or None,
         profile=_flag(environ, "MI_PROFILE"),
         force_triton=_flag(environ, "MI_FORCE_TRITON"),
+        cpu_linear=_choice(environ, "MI_CPU_LINEAR", ("onednn", "torch")),
     )
 
 
@@ -96,6 +105,7 @@ class BackendConfig:
     debug_invariants: bool = False  # schedulers run check_invariants() whenever they go idle
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
     force_triton: bool = False  # MI_FORCE_TRITON=1: workers run the triton kernels also on CPU
+    cpu_linear: str = "onednn"  # MI_CPU_LINEAR: how CPU workers run linear layers (mi/ops/cpu_linear.py)
 
     def __post_init__(self):
         checks = [

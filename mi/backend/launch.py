@@ -163,6 +163,7 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
         debug_invariants=args.debug_invariants,
         profile=env.profile,
         force_triton=env.force_triton,
+        cpu_linear=env.cpu_linear,
     )
 
 

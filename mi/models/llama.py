@@ -17,6 +17,7 @@ from torch import nn
 
 from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, apply_rotary, paged_attention, rms_norm, silu_and_mul, write_kv_cache
+from mi.ops.cpu_linear import PackedLinear, pack_linears
 
 
 @dataclass(frozen=True)
@@ -145,8 +146,16 @@ class CausalLM(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(cfg, tp)
         self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None  # tied: the embedding is the head (until pack_for_cpu)
         if not cfg.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.padded_vocab_size // tp.size, bias=False)
+
+    def pack_for_cpu(self) -> None:
+        """Every linear layer, the LM head included, in oneDNN's layout (mi/ops/cpu_linear.py).
+        A tied head gets a packed copy of the embedding: the lookup needs the plain rows."""
+        if self.lm_head is None:
+            self.lm_head = PackedLinear(self.embed_tokens.weight, None)
+        pack_linears(self)
 
     def forward(
         self,
@@ -163,6 +172,9 @@ class CausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [S, E] -> logits [S, vocab_size] (padding columns dropped)."""
-        weight = self.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
-        logits = self.tp.all_gather_last_dim(F.linear(hidden, weight))  # [S, V'] per rank
+        if self.lm_head is None:
+            local_logits = F.linear(hidden, self.embed_tokens.weight)
+        else:
+            local_logits = self.lm_head(hidden)
+        logits = self.tp.all_gather_last_dim(local_logits)  # [S, V'] per rank
         return logits[:, : self.cfg.vocab_size]

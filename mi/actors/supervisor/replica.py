@@ -97,6 +97,7 @@ class Replica:
                     max_model_len=cfg.max_model_len,
                     num_kv_blocks=cfg.num_kv_blocks,
                     kv_cache_bytes=cfg.kv_cache_bytes,
+                    cpu_linear=cfg.cpu_linear,
                 ),
                 plan_ring=rings["plan"].describe(),
                 result_ring=rings["result"].describe(),

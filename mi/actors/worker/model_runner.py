@@ -37,6 +37,7 @@ class RunnerConfig:
     max_model_len: int
     num_kv_blocks: int  # 0: size from kv_cache_bytes
     kv_cache_bytes: int  # -1: auto (GPU)
+    cpu_linear: str = "onednn"  # "onednn": packed weights on CPU (mi/ops/cpu_linear.py); "torch"
 
 
 def kv_block_bytes(model_cfg: dict, tp: int, block_size: int, dtype: torch.dtype) -> int:
@@ -52,7 +53,7 @@ class ModelRunner:
         self.device = torch.device(cfg.device)
         dtype = getattr(torch, cfg.dtype)
         model_cfg = load_mi_config(cfg.model_dir)["model"]
-        self.model = load_model(cfg.model_dir, tp, self.device, dtype)
+        self.model = load_model(cfg.model_dir, tp, self.device, dtype, cfg.cpu_linear)
         self.cos_sin = rotary_cos_sin(
             model_cfg["head_dim"],
             cfg.max_model_len,

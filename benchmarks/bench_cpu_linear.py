@@ -1,0 +1,130 @@
+"""Linear layers on CPU: torch's nn.Linear against oneDNN-packed weights, side by side in one run.
+
+    python benchmarks/bench_cpu_linear.py [--rows 1 2 4 8 16 32 128] [--layers 12]
+
+1. One projection at a time, for the matrices of the 125M Llama shape (hidden 768, 12 query / 4
+   KV heads, intermediate 2048, vocabulary 32000): `--layers` distinct copies are cycled so every
+   call reads its weight from memory, not from cache, as in a forward pass. Prints GB/s of weight
+   streamed and the packed / torch speed ratio per row count.
+2. The whole forward pass of that model (random weights, one decode token per row at context 160,
+   the reference paged attention), both ways, in tokens per second.
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mi.models.llama import CausalLM, ModelConfig
+from mi.models.parallel import TensorParallel
+from mi.ops import AttentionMetadata, rotary_cos_sin
+from mi.ops.cpu_linear import PackedLinear
+
+SHAPES = {
+    "qkv_proj": (1280, 768),
+    "o_proj": (768, 768),
+    "gate_up_proj": (4096, 768),
+    "down_proj": (768, 2048),
+}
+HEAD = (32000, 768)
+BENCH_125M = ModelConfig(
+    vocab_size=32000,
+    padded_vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_key_value_heads=4,
+    head_dim=64,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    rope_scaling=None,
+    max_position_embeddings=2048,
+    tie_word_embeddings=True,
+    attention_bias=False,
+    qk_norm=False,
+)
+
+
+def median_seconds(fn, repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def projections(rows_list: list[int], num_copies: int, repeats: int) -> None:
+    print(f"## one projection, weights cycled over {num_copies} copies (GB/s of weight read)")
+    print(f"{'matrix':14s} {'MB':>6s} " + " ".join(f"{f'rows={m}':>20s}" for m in rows_list))
+    for name, (out_dim, in_dim) in {**SHAPES, "lm_head": HEAD}.items():
+        copies = num_copies if name != "lm_head" else 2
+        weights = [torch.randn(out_dim, in_dim) for _ in range(copies)]
+        packed = [PackedLinear(w, None) for w in weights]
+        megabytes = out_dim * in_dim * 4 / 1e6
+        cells = []
+        for rows in rows_list:
+            x = torch.randn(rows, in_dim)
+            plain = median_seconds(lambda x=x, ws=weights: [F.linear(x, w) for w in ws], repeats) / copies
+            fast = median_seconds(lambda x=x, ps=packed: [p(x) for p in ps], repeats) / copies
+            cells.append(
+                f"{megabytes / 1e3 / plain:5.1f}→{megabytes / 1e3 / fast:5.1f} ({plain / fast:4.2f}×)"
+            )
+        print(f"{name:14s} {megabytes:6.1f} " + " ".join(f"{c:>20s}" for c in cells))
+
+
+def forward_passes(rows_list: list[int], repeats: int) -> None:
+    cfg = BENCH_125M
+    torch.manual_seed(0)
+    model = CausalLM(cfg, TensorParallel()).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.normal_(0.0, 0.02)
+    block_size, context = 16, 160
+    blocks_per_seq = context // block_size
+    num_blocks = max(rows_list) * blocks_per_seq
+    shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+    caches = [(torch.zeros(shape), torch.zeros(shape)) for _ in range(cfg.num_hidden_layers)]
+    cos_sin = rotary_cos_sin(cfg.head_dim, 2048, cfg.rope_theta)
+
+    def step(rows: int) -> None:
+        tables = torch.arange(rows * blocks_per_seq).view(rows, blocks_per_seq)
+        meta = AttentionMetadata(
+            slot_mapping=tables[:, -1] * block_size + block_size - 1,
+            block_tables=tables,
+            seq_lens=torch.full((rows,), context),
+            token_seq_idx=torch.arange(rows),
+            token_query_idx=torch.zeros(rows, dtype=torch.int64),
+            positions=torch.full((rows,), context - 1),
+            max_query_len=1,
+            max_seq_len=context,
+        )
+        with torch.inference_mode():
+            model.compute_logits(model(torch.randint(0, cfg.vocab_size, (rows,)), caches, meta, cos_sin))
+
+    plain = {rows: rows / median_seconds(lambda rows=rows: step(rows), repeats) for rows in rows_list}
+    model.pack_for_cpu()
+    packed = {rows: rows / median_seconds(lambda rows=rows: step(rows), repeats) for rows in rows_list}
+    print("\n## forward pass of the 125M shape, decode tokens/s (one token per row, context 160)")
+    print(f"{'rows':>5s} {'nn.Linear':>10s} {'oneDNN':>10s} {'ratio':>6s}")
+    for rows in rows_list:
+        print(f"{rows:5d} {plain[rows]:10.1f} {packed[rows]:10.1f} {packed[rows] / plain[rows]:5.2f}×")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 128])
+    parser.add_argument("--layers", type=int, default=12, help="distinct weight copies per matrix")
+    parser.add_argument("--repeats", type=int, default=11)
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    projections(args.rows, args.layers, args.repeats)
+    forward_passes([r for r in args.rows if r <= 32], args.repeats)
+
+
+if __name__ == "__main__":
+    main()
