@@ -21,6 +21,7 @@ from mi.convert import load_mi_config
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, rotary_cos_sin
+from mi.ops.attention import plan_attention_groups
 from mi.ops.logprobs import prompt_logprobs
 from mi.ops.sampling import SamplerOutput, sample
 
@@ -123,6 +124,9 @@ class ModelRunner:
         tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
 
         dev = lambda a: to_device(a, self.device)  # noqa: E731
+        groups, group_order = None, None
+        if self.device.type == "cpu":  # the torch reference runs there; triton needs no plan
+            groups, group_order = plan_attention_groups(num_new, seq_lens, tables, block_size, self.device)
         meta = AttentionMetadata(
             slot_mapping=dev(slot_mapping),
             block_tables=dev(tables),
@@ -132,6 +136,8 @@ class ModelRunner:
             positions=dev(positions),
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
+            groups=groups,
+            group_order=group_order,
         )
         return meta, seq_lens, token_seq_idx, token_slots, positions
 
