@@ -41,11 +41,11 @@ PEERS = ("vLLM", "llama.cpp", "HF")
 FIGURES = (
     # label, point key, statistic (None: a scalar)
     ("output tok/s (higher is better)", "output_throughput", None),
-    ("requests/s", "request_throughput", None),
-    ("TTFT p50 ms", "ttft_ms", "p50"),
-    ("TPOT mean ms", "tpot_ms", "mean"),
-    ("ITL p50 ms", "itl_ms", "p50"),
-    ("ITL p99 ms", "itl_ms", "p99"),
+    ("requests/s (higher is better)", "request_throughput", None),
+    ("TTFT p50 ms (lower is better)", "ttft_ms", "p50"),
+    ("TPOT mean ms (lower is better)", "tpot_ms", "mean"),
+    ("ITL p50 ms (lower is better)", "itl_ms", "p50"),
+    ("ITL p99 ms (lower is better)", "itl_ms", "p99"),
 )
 
 

@@ -258,34 +258,48 @@ def _size(name: str) -> Size:
     return SIZES[name]
 
 
+def tiny_config(arch: str = "llama", size: str = "tiny", overrides: dict | None = None):
+    """The HF config of a random `arch` model of preset `size` (no tokenizer training, no weights:
+    the special tokens are ids 0..7 and the vocabulary is the preset's, as the trainer checks)."""
+    preset = _size(size)
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
+    if arch not in preset.archs:
+        raise ValueError(f"size {size!r} is built for {', '.join(preset.archs)} only, not {arch!r}")
+    config_cls, _, dims = _ARCHS[arch]
+    dims = {"num_hidden_layers": 2, **dims, **preset.overrides, **(overrides or {})}
+    rope_theta = dims.pop("rope_theta")
+    return config_cls(
+        vocab_size=preset.vocab_size,
+        max_position_embeddings=2048,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        bos_token_id=SPECIAL_TOKENS.index(BOS),
+        eos_token_id=SPECIAL_TOKENS.index(EOS),
+        pad_token_id=SPECIAL_TOKENS.index(PAD),
+        dtype="float32",
+        **dims,
+    )
+
+
 def build_tiny_model(
     out_dir, arch: str = "llama", seed: int = 0, overrides: dict | None = None, size: str = "tiny"
 ) -> pathlib.Path:
     """Write a random `arch` model of preset `size` with its tokenizer to `out_dir`; return the
     path. `overrides` replaces config fields (e.g. hidden_size, num_hidden_layers) on top of the
     preset's."""
-    preset = _size(size)
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; expected one of {', '.join(ARCHS)}")
-    if arch not in preset.archs:
-        raise ValueError(f"size {size!r} is built for {', '.join(preset.archs)} only, not {arch!r}")
-    config_cls, model_cls, dims = _ARCHS[arch]
+    config = tiny_config(arch, size, overrides)
     tokenizer = build_tokenizer(size)
     bos_id, eos_id, pad_id = (tokenizer.convert_tokens_to_ids(t) for t in (BOS, EOS, PAD))
     end_id = tokenizer.convert_tokens_to_ids(END)
-    dims = {"num_hidden_layers": 2, **dims, **preset.overrides, **(overrides or {})}
-    rope_theta = dims.pop("rope_theta")
-    config = config_cls(
-        vocab_size=len(tokenizer),
-        max_position_embeddings=2048,
-        initializer_range=0.1,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        dtype="float32",
-        **dims,
-    )
+    if (len(tokenizer), bos_id, eos_id, pad_id) != (
+        config.vocab_size,
+        config.bos_token_id,
+        config.eos_token_id,
+        config.pad_token_id,
+    ):
+        raise RuntimeError("the trained tokenizer does not match the preset's vocabulary")
+    model_cls = _ARCHS[arch][1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_cls(config).to(torch.float32).eval()
