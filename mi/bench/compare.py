@@ -132,9 +132,8 @@ def format_table(results: dict, workload: dict, load_labels: list[str]) -> str:
             ratios = [
                 values["mi"] / values[p] if values["mi"] is not None and values[p] else None for p in peers
             ]
-            rows.append(
-                [f"{workload['source']}, {label}", name, *map(_cell, values.values()), *map(_cell, ratios)]
-            )
+            cells = [_cell(v) if isinstance(results.get(s), list) else "not run" for s, v in values.items()]
+            rows.append([f"{workload['source']}, {label}", name, *cells, *map(_cell, ratios)])
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     for i, label in enumerate(load_labels):
         served, offline = (_figure(results[s][i], "output_throughput", None) for s in ("mi", "mi offline"))

@@ -123,6 +123,19 @@ def test_an_unreachable_server_counts_failed_requests_and_exits_1(served_model, 
     assert point["ttft_ms"]["p50"] is None
 
 
+def test_requests_the_server_refuses_are_counted_with_its_message(served_model, tmp_path):
+    out = tmp_path / "refused.json"
+    result = bench(
+        "--base-url", served_model.frontend_url, "--tokenizer", str(served_model.hf_dir),
+        "--num-requests", "2", "--input-len", "4", "--output-len", "4000", "--json", str(out),
+    )  # fmt: skip
+    assert result.returncode == 1
+    (point,) = json.loads(out.read_text())["points"]
+    assert (point["completed"], point["failed"], sum(point["errors"].values())) == (0, 2, 2)
+    for message in point["errors"]:  # the message names each prompt's own length
+        assert message.startswith("HTTP 400: ") and "maximum context length is 2048 tokens" in message
+
+
 def test_roofline_measures_this_machine_and_the_model(served_model, tmp_path):
     out = tmp_path / "roofline.json"
     result = bench(
@@ -182,6 +195,7 @@ def test_compare_runs_mi_and_hf_and_reports_the_peers_not_run(tiny_model_dirs, t
     out = tmp_path / "compare.json"
     result = bench(
         "compare", "--model", str(tiny_model_dirs("llama")), "--hf",
+        "--llamacpp-python", sys.executable, "--gguf", str(tmp_path / "absent.gguf"),  # no llama_cpp here
         "--num-requests", "2", "--input-len", "4", "--output-len", "4", "--concurrency", "2",
         "--ignore-eos", "--work-dir", str(tmp_path / "work"), "--json", str(out),
     )  # fmt: skip
@@ -192,9 +206,11 @@ def test_compare_runs_mi_and_hf_and_reports_the_peers_not_run(tiny_model_dirs, t
         (point,) = systems[name]
         assert (point["completed"], point["total_output_tokens"]) == (2, 8)
     (hf,) = systems["HF"]
-    assert hf["total_output_tokens"] == 8 and hf["output_throughput"] > 0
+    assert hf["total_output_tokens"] == 8 and hf["output_throughput"] > 0 and hf["batch_size"] == 2
     assert systems["vLLM"] == "not run (no --vllm-python)"
-    assert systems["llama.cpp"] == "not run (needs --llamacpp-python and --gguf)"
+    assert systems["llama.cpp"] == f"not run (failed to start: see {tmp_path / 'work'})"
+    assert "llama.cpp exited (1)" in result.stderr and "No module named" in result.stderr
     assert "| random tokens, 4 -> 4, concurrency 2 | output tok/s (higher is better) |" in result.stdout
+    assert "| not run | not run |" in result.stdout  # the vLLM and llama.cpp cells
     assert "mi / HF" in result.stdout and "serve / offline output tok/s, concurrency 2:" in result.stdout
     assert (tmp_path / "work" / "mi-backend.log").is_file() and (tmp_path / "work" / "mi-tp1").is_dir()
