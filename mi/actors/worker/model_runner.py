@@ -21,7 +21,7 @@ from mi.convert import load_mi_config
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, rotary_cos_sin
-from mi.ops.attention import plan_attention_groups
+from mi.ops.attention_plan import ScratchBuffer, build_plan
 from mi.ops.logprobs import prompt_logprobs
 from mi.ops.sampling import SamplerOutput, sample
 
@@ -52,7 +52,7 @@ class ModelRunner:
         self.cfg = cfg
         self.tp = tp
         self.device = torch.device(cfg.device)
-        dtype = getattr(torch, cfg.dtype)
+        self.dtype = dtype = getattr(torch, cfg.dtype)
         model_cfg = load_mi_config(cfg.model_dir)["model"]
         self.model = load_model(cfg.model_dir, tp, self.device, dtype, cfg.cpu_linear)
         self.cos_sin = rotary_cos_sin(
@@ -71,8 +71,10 @@ class ModelRunner:
         )
         if self.num_kv_blocks < 1:
             raise ValueError("the KV cache budget is smaller than one block; raise --kv-cache-memory")
-        num_kv_heads = model_cfg["num_key_value_heads"] // tp.size or 1
-        shape = (self.num_kv_blocks, cfg.block_size, num_kv_heads, model_cfg["head_dim"])
+        self.num_kv_heads = model_cfg["num_key_value_heads"] // tp.size or 1
+        self.head_dim = model_cfg["head_dim"]
+        self.attention_scratch = ScratchBuffer()
+        shape = (self.num_kv_blocks, cfg.block_size, self.num_kv_heads, model_cfg["head_dim"])
         # Zeroed, not empty: masked-out keys still meet V rows in the matmul, and garbage NaNs there
         # would poison the output (0 * NaN = NaN).
         self.kv_caches = [
@@ -124,9 +126,19 @@ class ModelRunner:
         tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
 
         dev = lambda a: to_device(a, self.device)  # noqa: E731
-        groups, group_order = None, None
-        if self.device.type == "cpu":  # the torch reference runs there; triton needs no plan
-            groups, group_order = plan_attention_groups(num_new, seq_lens, tables, block_size, self.device)
+        plan = None
+        if self.device.type == "cpu":  # the reference attention's grouping; triton reads blocks in place
+            plan = build_plan(
+                num_new,
+                seq_lens,
+                tables,
+                block_size,
+                self.num_kv_heads,
+                self.head_dim,
+                self.dtype,
+                self.device,
+                self.attention_scratch,
+            )
         meta = AttentionMetadata(
             slot_mapping=dev(slot_mapping),
             block_tables=dev(tables),
@@ -136,8 +148,7 @@ class ModelRunner:
             positions=dev(positions),
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
-            groups=groups,
-            group_order=group_order,
+            plan=plan,
         )
         return meta, seq_lens, token_seq_idx, token_slots, positions
 
