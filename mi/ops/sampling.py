@@ -56,6 +56,7 @@ def _to_int64(value: int) -> int:
 _GOLDEN = _to_int64(0x9E3779B97F4A7C15)
 _MIX1 = _to_int64(0xBF58476D1CE4E5B9)
 _MIX2 = _to_int64(0x94D049BB133111EB)
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest float32 below 1
 
 
 def _shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
@@ -83,7 +84,10 @@ def uniform_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab_size: int)
     token = torch.arange(vocab_size, dtype=torch.int64, device=seeds.device)
     bits = _splitmix64(row[:, None] ^ token[None, :])
     mantissa = _shift_right(bits, 40)  # 24 random bits
-    return mantissa.float().add_(0.5).mul_(1.0 / (1 << 24))
+    # NOTE: float32 rounds (2**24 - 1) + 0.5 up to 2**24, i.e. u = 1 and E = -log(u) = 0: a
+    # filtered-out token then scored 0 / 0 = NaN, which argmax takes as the winner. The clamp
+    # changes that one value and no other.
+    return mantissa.float().add_(0.5).mul_(1.0 / (1 << 24)).clamp_max_(_BELOW_ONE)
 
 
 @dataclass(frozen=True)

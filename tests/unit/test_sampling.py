@@ -2,6 +2,8 @@
 isolation, raw logprobs and low-precision inputs, and the worker's per-slot sampling state that
 feeds the sampler. CPU, a few seconds."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -431,7 +433,8 @@ def reference_uniform(seed: int, position: int, token: int) -> float:
 
     row = splitmix64(splitmix64(seed & mask) ^ (position & mask))
     mantissa = splitmix64(row ^ token) >> 40  # 24 bits
-    return float((np.float32(mantissa) + np.float32(0.5)) * np.float32(1 / (1 << 24)))
+    uniform = (np.float32(mantissa) + np.float32(0.5)) * np.float32(1 / (1 << 24))
+    return float(min(uniform, np.float32(1 - 2**-24)))
 
 
 def test_uniform_noise_matches_the_reference():
@@ -441,6 +444,23 @@ def test_uniform_noise_matches_the_reference():
     for row, (seed, position) in enumerate(zip(seeds.tolist(), positions.tolist())):
         for token in (0, 1, 33, 69):
             assert float(noise[row, token]) == reference_uniform(seed, position, token)
+
+
+def test_uniform_noise_stays_below_one():
+    # At (12345, 621, 20601) the 24 random bits are all ones: (2**24 - 1) + 0.5 rounds to 2**24
+    # in float32, u was 1, E = -log(u) = 0, and a token with probability 0 scored 0 / 0 = NaN,
+    # which argmax picks: top_k=1 answered token 20601, not the argmax (~0.1% of rows at V=32000).
+    seeds, positions = torch.tensor([12345]), torch.tensor([621])
+    assert reference_uniform(12345, 621, 20601) == float(np.float32(1 - 2**-24))
+    assert float(uniform_noise(seeds, positions, 32000)[0, 20601]) == reference_uniform(12345, 621, 20601)
+    logits = torch.randn(1, 32000)
+    logits[0, 20601] = -50.0
+    st = make_st(1, seeds=seeds, positions=positions)
+    assert sample(logits, dataclasses.replace(st, top_k=torch.tensor([1]))).token_ids.tolist() == [
+        int(logits.argmax())
+    ]
+    banned = (torch.tensor([0]), torch.tensor([20601]), torch.tensor([float("-inf")]))
+    assert sample(logits, dataclasses.replace(st, logit_bias=banned)).token_ids.tolist() != [20601]
 
 
 def test_uniform_noise_is_a_function_of_seed_position_and_token():
