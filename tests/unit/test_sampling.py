@@ -9,14 +9,16 @@ import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+import mi.ops.draw as draw_module
 import mi.ops.logprobs as logprobs_module
 import mi.ops.sampling as sampling_module
 from mi.actors import messages as m
 from mi.actors.worker.slot_sampling import SlotSampling
 from mi.api.sampling import SamplingParams
+from mi.ops.draw import uniform_noise
 from mi.ops.logprobs import prompt_logprobs
 from mi.ops.penalties import apply_penalties
-from mi.ops.sampling import SamplingTensors, sample, uniform_noise
+from mi.ops.sampling import SamplingTensors, sample
 
 
 @pytest.fixture(autouse=True)
@@ -108,7 +110,7 @@ def reference_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
 
 @pytest.mark.parametrize("window", [256, 8])
 def test_top_p_nucleus_beyond_the_window(monkeypatch, window):
-    monkeypatch.setattr(sampling_module, "_TOP_P_WINDOW", window)
+    monkeypatch.setattr(draw_module, "_TOP_P_WINDOW", window)
     num_rows = 3000
     row_probs = torch.arange(40, 0, -1.0) ** 0.5 + torch.linspace(0, 0.1, 40)  # no ties
     row_probs = row_probs / row_probs.sum()
@@ -393,7 +395,7 @@ def st_of(rows: dict, index: torch.Tensor, **extra) -> tuple[torch.Tensor, Sampl
 @pytest.mark.parametrize("penalties, window", [(False, 256), (True, 256), (False, 8)])
 def test_seeded_row_is_the_same_alone_and_in_a_shuffled_batch(monkeypatch, penalties, window):
     # window 8: some rows find their top_p cut in the window alone, but sort fully in the batch.
-    monkeypatch.setattr(sampling_module, "_TOP_P_WINDOW", window)
+    monkeypatch.setattr(draw_module, "_TOP_P_WINDOW", window)
     gen = torch.Generator().manual_seed(2)
     rows = random_rows(17, 256, gen)
     if not penalties:
