@@ -1,7 +1,8 @@
 """The sampler races on candidates (a row's top_k, or the top_p window that holds its cut) instead
-of the whole vocabulary; it must give every row the token and logprobs it got before. Each test
-draws seeded random batches and compares `sample` with the frozen pre-candidate sampler
-(tests/sampling_oracle.py) bit for bit, and checks that the candidate path really ran."""
+of the whole vocabulary, and penalizes only the tokens a row has seen; it must give every row the
+token and logprobs it got before. The tests draw seeded random batches and compare `sample` with
+the frozen pre-candidate sampler (tests/sampling_oracle.py) bit for bit, and check that the
+candidate path really ran."""
 
 import pytest
 import sampling_oracle
@@ -10,6 +11,7 @@ import torch
 import mi.ops.draw as draw_module
 import mi.ops.sampling as sampling_module
 from mi.ops.draw import row_argmax, token_noise, uniform_noise
+from mi.ops.penalties import apply_penalties
 from mi.ops.sampling import SamplingTensors, sample
 
 
@@ -238,3 +240,44 @@ def test_row_argmax_is_argmax(vocab_size):
     x[4] = float("nan")
     x[5, -1] = float("nan")
     assert torch.equal(row_argmax(x), x.argmax(dim=-1))
+
+
+@pytest.mark.parametrize("which", ["all", "repetition", "frequency", "presence", "prompt only"])
+def test_penalties_on_seen_tokens_equal_the_dense_penalties(which):
+    # apply_penalties works on the entries a row has seen; the oracle on all [B, V]. They agree
+    # but for the sign of a zero logit (x - 0 * f is -0.0 - -0.0 = +0.0 on the dense path).
+    gen = torch.Generator().manual_seed(8)
+    num_rows, vocab_size = 12, 500
+    logits = torch.randn(num_rows, vocab_size, generator=gen) * 3
+    logits[0, :5] = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), float("nan")])
+    counts = torch.randint(0, 4, (num_rows, vocab_size), generator=gen, dtype=torch.int32)
+    counts *= torch.rand(num_rows, vocab_size, generator=gen) < 0.05
+    fields = dict(
+        temperature=torch.ones(num_rows),
+        top_p=torch.ones(num_rows),
+        top_k=torch.zeros(num_rows, dtype=torch.int64),
+        min_p=torch.zeros(num_rows),
+        seeds=torch.arange(num_rows),
+        positions=torch.arange(num_rows),
+        repetition_penalty=torch.tensor([1.0, 1.3, 0.7, float("inf"), 1e-30] + [1.2] * 7),
+        presence_penalty=torch.rand(num_rows, generator=gen) * 4 - 2,
+        frequency_penalty=torch.rand(num_rows, generator=gen) * 4 - 2,
+        output_counts=counts,
+        prompt_mask=torch.rand(num_rows, vocab_size, generator=gen) < 0.1,
+        logit_bias=(
+            torch.tensor([1, 1, 2]),
+            torch.tensor([3, 3, 9]),
+            torch.tensor([1.0, float("-inf"), 5.0]),
+        ),
+    )
+    drop = {
+        "all": (),
+        "repetition": ("presence_penalty", "frequency_penalty"),
+        "frequency": ("repetition_penalty", "presence_penalty", "prompt_mask"),
+        "presence": ("repetition_penalty", "frequency_penalty", "prompt_mask"),
+        "prompt only": ("presence_penalty", "frequency_penalty", "output_counts"),
+    }[which]
+    st = SamplingTensors(**{name: value for name, value in fields.items() if name not in drop})
+    new, old = apply_penalties(logits, st), sampling_oracle.apply_penalties(logits, st)
+    assert not torch.equal(new, logits)
+    torch.testing.assert_close(new + 0.0, old + 0.0, rtol=0, atol=0, equal_nan=True)
