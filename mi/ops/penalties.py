@@ -3,7 +3,7 @@ presence penalties (vLLM's order).
 
 Invariants: the input logits are never modified; a penalty whose tensor is None costs nothing;
 a row whose parameters are neutral (penalty 1, frequency 0, presence 0, no bias entry) gets its
-logits back bit for bit.
+logits back bit for bit; a token the row has not seen keeps its logit (plus its bias).
 """
 
 from __future__ import annotations
@@ -34,23 +34,27 @@ def apply_penalties(logits: torch.Tensor, st: SamplingTensors) -> torch.Tensor:
         # accumulate=True sums duplicate (row, token) entries instead of keeping an arbitrary one.
         out.index_put_((row_ids, token_ids), bias.float(), accumulate=True)
 
-    was_generated = None  # [B, V] bool, only built when a penalty reads it
-    needs_generated = st.repetition_penalty is not None or st.presence_penalty is not None
-    if needs_generated and st.output_counts is not None:
-        was_generated = st.output_counts > 0
+    if st.repetition_penalty is None and st.frequency_penalty is None and st.presence_penalty is None:
+        return out
+    # The penalties change only tokens a row has seen (prompt or output), a few hundred of the
+    # vocabulary: they run on those entries, gathered, not on [B, V]. NOTE: nonzero() is a
+    # device-to-host sync on a GPU.
+    generated = None if st.output_counts is None else st.output_counts.bool()  # counts are >= 0
+    touched = _or(st.prompt_mask, generated) if st.repetition_penalty is not None else generated
+    rows, token_ids = touched.nonzero(as_tuple=True)
+    values = out[rows, token_ids]
     if st.repetition_penalty is not None:
-        seen = _or(st.prompt_mask, was_generated)
-        penalty = st.repetition_penalty[:, None]
+        penalty = st.repetition_penalty[rows]
         # Positive logits divided, negative multiplied. NOTE: the clamp form is bit-identical to
-        # where(out > 0, out / penalty, out * penalty) but branch-free: on CPU a where() over a
-        # mask of random signs runs ~7x slower.
-        penalized = out.clamp_min(0).div_(penalty).add_(out.clamp_max(0).mul_(penalty))
-        out = torch.where(seen, penalized, out)
-
-    if st.frequency_penalty is not None:
-        out -= st.output_counts.float().mul_(st.frequency_penalty[:, None])
-    if st.presence_penalty is not None:
-        out -= was_generated * st.presence_penalty[:, None]
+        # where(out > 0, out / penalty, out * penalty) but branch-free.
+        values = values.clamp_min(0).div_(penalty).add_(values.clamp_max(0).mul_(penalty))
+    if st.frequency_penalty is not None or st.presence_penalty is not None:
+        counts = st.output_counts[rows, token_ids]
+        if st.frequency_penalty is not None:
+            values -= counts.float().mul_(st.frequency_penalty[rows])
+        if st.presence_penalty is not None:
+            values -= (counts > 0) * st.presence_penalty[rows]
+    out[rows, token_ids] = values
     return out
 
 

@@ -2,19 +2,23 @@
 isolation, raw logprobs and low-precision inputs, and the worker's per-slot sampling state that
 feeds the sampler. CPU, a few seconds."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
 from transformers import RepetitionPenaltyLogitsProcessor
 
+import mi.ops.draw as draw_module
 import mi.ops.logprobs as logprobs_module
 import mi.ops.sampling as sampling_module
 from mi.actors import messages as m
 from mi.actors.worker.slot_sampling import SlotSampling
 from mi.api.sampling import SamplingParams
+from mi.ops.draw import uniform_noise
 from mi.ops.logprobs import prompt_logprobs
 from mi.ops.penalties import apply_penalties
-from mi.ops.sampling import SamplingTensors, sample, uniform_noise
+from mi.ops.sampling import SamplingTensors, sample
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +110,7 @@ def reference_nucleus(probs: torch.Tensor, top_p: float) -> set[int]:
 
 @pytest.mark.parametrize("window", [256, 8])
 def test_top_p_nucleus_beyond_the_window(monkeypatch, window):
-    monkeypatch.setattr(sampling_module, "_TOP_P_WINDOW", window)
+    monkeypatch.setattr(draw_module, "_TOP_P_WINDOW", window)
     num_rows = 3000
     row_probs = torch.arange(40, 0, -1.0) ** 0.5 + torch.linspace(0, 0.1, 40)  # no ties
     row_probs = row_probs / row_probs.sum()
@@ -391,7 +395,7 @@ def st_of(rows: dict, index: torch.Tensor, **extra) -> tuple[torch.Tensor, Sampl
 @pytest.mark.parametrize("penalties, window", [(False, 256), (True, 256), (False, 8)])
 def test_seeded_row_is_the_same_alone_and_in_a_shuffled_batch(monkeypatch, penalties, window):
     # window 8: some rows find their top_p cut in the window alone, but sort fully in the batch.
-    monkeypatch.setattr(sampling_module, "_TOP_P_WINDOW", window)
+    monkeypatch.setattr(draw_module, "_TOP_P_WINDOW", window)
     gen = torch.Generator().manual_seed(2)
     rows = random_rows(17, 256, gen)
     if not penalties:
@@ -431,7 +435,8 @@ def reference_uniform(seed: int, position: int, token: int) -> float:
 
     row = splitmix64(splitmix64(seed & mask) ^ (position & mask))
     mantissa = splitmix64(row ^ token) >> 40  # 24 bits
-    return float((np.float32(mantissa) + np.float32(0.5)) * np.float32(1 / (1 << 24)))
+    uniform = (np.float32(mantissa) + np.float32(0.5)) * np.float32(1 / (1 << 24))
+    return float(min(uniform, np.float32(1 - 2**-24)))
 
 
 def test_uniform_noise_matches_the_reference():
@@ -441,6 +446,23 @@ def test_uniform_noise_matches_the_reference():
     for row, (seed, position) in enumerate(zip(seeds.tolist(), positions.tolist())):
         for token in (0, 1, 33, 69):
             assert float(noise[row, token]) == reference_uniform(seed, position, token)
+
+
+def test_uniform_noise_stays_below_one():
+    # At (12345, 621, 20601) the 24 random bits are all ones: (2**24 - 1) + 0.5 rounds to 2**24
+    # in float32, u was 1, E = -log(u) = 0, and a token with probability 0 scored 0 / 0 = NaN,
+    # which argmax picks: top_k=1 answered token 20601, not the argmax (~0.1% of rows at V=32000).
+    seeds, positions = torch.tensor([12345]), torch.tensor([621])
+    assert reference_uniform(12345, 621, 20601) == float(np.float32(1 - 2**-24))
+    assert float(uniform_noise(seeds, positions, 32000)[0, 20601]) == reference_uniform(12345, 621, 20601)
+    logits = torch.randn(1, 32000)
+    logits[0, 20601] = -50.0
+    st = make_st(1, seeds=seeds, positions=positions)
+    assert sample(logits, dataclasses.replace(st, top_k=torch.tensor([1]))).token_ids.tolist() == [
+        int(logits.argmax())
+    ]
+    banned = (torch.tensor([0]), torch.tensor([20601]), torch.tensor([float("-inf")]))
+    assert sample(logits, dataclasses.replace(st, logit_bias=banned)).token_ids.tolist() != [20601]
 
 
 def test_uniform_noise_is_a_function_of_seed_position_and_token():
