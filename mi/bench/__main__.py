@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+
+
+def _interrupt_on_sigterm(signum, frame):
+    # SIGTERM's default ends the process on the spot; as KeyboardInterrupt, the `finally` blocks
+    # that stop the servers mi-bench started (mi/bench/servers.py) run first.
+    raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -10,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     from mi.bench.commands import BenchError, cmd_offline, cmd_roofline, cmd_serve
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     if args.command == "compare":
         from mi.bench.compare import cmd_compare
 

@@ -214,3 +214,37 @@ def test_compare_runs_mi_and_hf_and_reports_the_peers_not_run(tiny_model_dirs, t
     assert "| not run | not run |" in result.stdout  # the vLLM and llama.cpp cells
     assert "mi / HF" in result.stdout and "serve / offline output tok/s, concurrency 2:" in result.stdout
     assert (tmp_path / "work" / "mi-backend.log").is_file() and (tmp_path / "work" / "mi-tp1").is_dir()
+
+
+def test_sigterm_stops_the_servers_compare_started(tiny_model_dirs, tmp_path):
+    """A benchmark stopped with SIGTERM (a CI timeout, `kill`) leaves no mi-backend behind."""
+    import signal
+    import time
+
+    import psutil
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mi.bench", "compare", "--model", str(tiny_model_dirs("llama")),
+         "--num-requests", "1000", "--input-len", "4", "--output-len", "64", "--concurrency", "1",
+         "--ignore-eos", "--work-dir", str(tmp_path / "work"), "--no-progress"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        servers = []
+        while time.monotonic() < deadline and len(servers) < 2:
+            servers = [
+                child
+                for child in psutil.Process(proc.pid).children(recursive=True)
+                if any(name in " ".join(child.cmdline()) for name in ("mi.backend", "mi.frontend"))
+            ]
+            time.sleep(0.5)
+        assert len(servers) == 2, "compare did not start mi-backend and mi-frontend"
+        time.sleep(2)  # let the load run
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 130, proc.stderr.read()
+        gone, alive = psutil.wait_procs(servers, timeout=30)
+        assert not alive, f"still running after compare exited: {[p.cmdline() for p in alive]}"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
