@@ -30,18 +30,21 @@ CASES = {
     "top_k 50": {"top_k": 50},
     "top_k 50 + top_p 0.9 + min_p 0.05": {"top_k": 50, "top_p": 0.9, "min_p": 0.05},
     "top_p 0.9": {"top_p": 0.9},
+    "half temperature only, half top_k 50 + top_p 0.9": {"top_k": 50, "top_p": 0.9, "half": True},
     "everything (+ penalties, bias, logprobs 5)": {"top_k": 50, "top_p": 0.9, "min_p": 0.05, "all": True},
 }
 
 
 def batch(num_rows: int, vocab_size: int, params: dict, gen: torch.Generator):
     params = dict(params)
-    everything = params.pop("all", False)
+    everything, half = params.pop("all", False), params.pop("half", False)
     values = {"temperature": 0.8, "top_p": 1.0, "top_k": 0, "min_p": 0.0, **params}
     fields = {
         name: torch.full((num_rows,), value, dtype=torch.int64 if name == "top_k" else torch.float32)
         for name, value in values.items()
     }
+    if half:  # the first half of the rows without filters
+        fields["top_k"][: num_rows // 2], fields["top_p"][: num_rows // 2] = 0, 1.0
     fields["seeds"] = torch.randint(0, 2**62, (num_rows,), generator=gen)
     fields["positions"] = torch.randint(0, 4096, (num_rows,), generator=gen)
     if everything:
