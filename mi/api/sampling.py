@@ -100,7 +100,10 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
     repetition_penalty: Annotated[
         float,
         Meta(
-            gt=0.0,
+            # Bounded so that no float32 logit below ~1e32 is divided or multiplied into infinity:
+            # outside these bounds a request could only fail at sampling time, as a 500.
+            ge=1e-6,
+            le=1e6,
             description="Divides positive (multiplies negative) logits of tokens in the prompt or "
             "the output; 1 is off.",
         ),

@@ -38,9 +38,8 @@ GREEDY_TEMPERATURE = 1e-5
 
 MODEL_NOT_FINITE = "The model produced NaN or infinite logits for this request."
 PARAMS_NOT_FINITE = (
-    "No token can be sampled with these parameters: they make the logits NaN or infinite "
-    "(an extreme repetition_penalty, for one) or ban every token (min_tokens with stop_token_ids "
-    "covering the vocabulary)."
+    "No token can be sampled with these parameters: they make the logits NaN or infinite, or "
+    "ban every token (min_tokens with stop_token_ids covering the vocabulary)."
 )
 _FAILURE_REASONS = (None, MODEL_NOT_FINITE, PARAMS_NOT_FINITE)  # by the codes of _failure_codes
 

@@ -217,6 +217,9 @@ def test_generate_stop_accepts_a_single_string_and_null():
         ({"prompt": "a", "min_tokens": -1}, "min_tokens"),
         ({"prompt": "a", "min_p": 1.5}, "min_p"),
         ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty"),
+        # these made the logits infinite: the request could only fail at sampling, as a 500
+        ({"prompt": "a", "repetition_penalty": 5e-324}, "repetition_penalty"),
+        ({"prompt": "a", "repetition_penalty": 1e39}, "repetition_penalty"),
         ({"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
         ({"prompt": "a", "frequency_penalty": -3}, "frequency_penalty"),
         ({"prompt": "a", "logit_bias": [1]}, "logit_bias"),
