@@ -1,7 +1,8 @@
 """`mi-bench compare`: ours and each peer, one after another, on the same model and workload.
 
 Order: mi (mi-backend + mi-frontend: the OpenAI sweep through the frontend, then the offline
-sweep straight to the backend, both on one running backend), then vLLM, llama.cpp's server and
+sweep straight to the backend, on a fresh backend so that its prompts do not hit the prefix cache
+the first sweep filled), then vLLM, llama.cpp's server and
 HF `generate`, each only when asked for. Only one system runs at a time (the machine's cores
 are shared by all). A peer that is not asked for, or cannot run, is reported as "not run" with
 why; a peer that fails to start is reported, and the others still run.
@@ -69,6 +70,12 @@ def _run_mi(args, prompts, load_list, work_dir: Path) -> dict:
             served = run_async(serve_points(_target(args, url), prompts, load_list, args))
         finally:
             frontend.stop()
+    finally:
+        backend.stop()
+    # A fresh backend: on the same one, every prompt would hit the prefix cache the served run
+    # filled, and offline's TTFT and throughput would measure the cache, not the engine.
+    backend, port = start_mi_backend(model_dir, work_dir, args.backend_args)
+    try:
         offline = run_async(offline_points(str(port), prompts, load_list, args))
     finally:
         backend.stop()
