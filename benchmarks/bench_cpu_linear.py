@@ -19,33 +19,42 @@ import torch.nn.functional as F
 
 from mi.models.llama import CausalLM, ModelConfig
 from mi.models.parallel import TensorParallel
+from mi.models.tiny import tiny_config
 from mi.ops import AttentionMetadata, rotary_cos_sin
 from mi.ops.cpu_linear import PackedLinear
 
-SHAPES = {
-    "qkv_proj": (1280, 768),
-    "o_proj": (768, 768),
-    "gate_up_proj": (4096, 768),
-    "down_proj": (768, 2048),
+
+def bench_125m_config() -> ModelConfig:
+    """The model `python -m mi.models.tiny --size bench-125m` builds, as the worker sees it."""
+    hf = tiny_config("llama", "bench-125m")
+    return ModelConfig(
+        vocab_size=hf.vocab_size,
+        padded_vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        intermediate_size=hf.intermediate_size,
+        num_hidden_layers=hf.num_hidden_layers,
+        num_attention_heads=hf.num_attention_heads,
+        num_key_value_heads=hf.num_key_value_heads,
+        head_dim=hf.head_dim,
+        rms_norm_eps=hf.rms_norm_eps,
+        rope_theta=hf.rope_parameters["rope_theta"],
+        rope_scaling=None,
+        max_position_embeddings=hf.max_position_embeddings,
+        tie_word_embeddings=hf.tie_word_embeddings,
+        attention_bias=hf.attention_bias,
+        qk_norm=False,
+    )
+
+
+BENCH_125M = bench_125m_config()
+_QKV_ROWS = (BENCH_125M.num_attention_heads + 2 * BENCH_125M.num_key_value_heads) * BENCH_125M.head_dim
+SHAPES = {  # [out, in] of each projection
+    "qkv_proj": (_QKV_ROWS, BENCH_125M.hidden_size),
+    "o_proj": (BENCH_125M.hidden_size, BENCH_125M.num_attention_heads * BENCH_125M.head_dim),
+    "gate_up_proj": (2 * BENCH_125M.intermediate_size, BENCH_125M.hidden_size),
+    "down_proj": (BENCH_125M.hidden_size, BENCH_125M.intermediate_size),
 }
-HEAD = (32000, 768)
-BENCH_125M = ModelConfig(
-    vocab_size=32000,
-    padded_vocab_size=32000,
-    hidden_size=768,
-    intermediate_size=2048,
-    num_hidden_layers=12,
-    num_attention_heads=12,
-    num_key_value_heads=4,
-    head_dim=64,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-    rope_scaling=None,
-    max_position_embeddings=2048,
-    tie_word_embeddings=True,
-    attention_bias=False,
-    qk_norm=False,
-)
+HEAD = (BENCH_125M.vocab_size, BENCH_125M.hidden_size)
 
 
 def median_seconds(fn, repeats: int) -> float:
