@@ -1,7 +1,7 @@
 """CPU paged attention: the padded single box (before issue 9) against the grouped plan, per call.
 
     python benchmarks/bench_attention.py [--rounds 30] [--budget 3] [--threads 2] [--forward]
-                                         [--skip-old-prefill]
+                                         [--skip-old-prefill] [--decode-kernels]
 
 One attention layer of the 125M Llama shape (12 query / 4 KV heads, head dim 64, float32, the
 backend's default block size 16, blocks handed out in a random order), on mixed steps:
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from mi.models import llama
 from mi.models.parallel import TensorParallel
 from mi.ops import rotary_cos_sin
-from mi.ops.attention import AttentionMetadata, paged_attention
+from mi.ops.attention import AttentionMetadata, _decode_by_matmul, paged_attention
 from mi.ops.attention_plan import build_plan
 
 NUM_HEADS, NUM_KV_HEADS, HEAD_DIM, BLOCK_SIZE = 12, 4, 64, 16
@@ -207,6 +207,36 @@ def forward_passes(gen, rounds: int, budget_s: float) -> None:
     llama.paged_attention = dispatched
 
 
+def decode_kernels(gen, rounds: int, budget_s: float) -> None:
+    """One decode box's kernel alone, on keys already gathered head-major: CPU SDPA against the
+    batched matmul that paged_attention uses from DECODE_MATMUL_MIN_SEQS sequences up."""
+    print(f"\n{'decode box (gathered keys)':42s} {'sdpa':>9s} {'matmul':>8s} {'sdpa/mm':>8s}")
+    for max_len in (64, 256, 1024):
+        for num_seqs in (1, 2, 4, 8, 16, 32, 64):
+            q = torch.randn(num_seqs, NUM_HEADS, HEAD_DIM, generator=gen)
+            keys, values = (
+                torch.randn(num_seqs, NUM_KV_HEADS, max_len, HEAD_DIM, generator=gen) for _ in "kv"
+            )
+            mask = torch.zeros(num_seqs, 1, 1, max_len)
+            variants = {
+                "sdpa": partial(
+                    F.scaled_dot_product_attention,
+                    q[:, :, None],
+                    keys,
+                    values,
+                    attn_mask=mask,
+                    scale=HEAD_DIM**-0.5,
+                    enable_gqa=True,
+                ),
+                "matmul": partial(_decode_by_matmul, q, keys, values, mask, HEAD_DIM**-0.5),
+            }
+            best = best_ms(variants, rounds, budget_s)
+            name = f"{num_seqs} decodes at L={max_len}"
+            print(
+                f"{name:42s} {best['sdpa']:9.3f} {best['matmul']:8.3f} {best['sdpa'] / best['matmul']:8.2f}"
+            )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -215,6 +245,7 @@ def main() -> None:
     parser.add_argument("--budget", type=float, default=3.0, help="seconds per step before stopping early")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--forward", action="store_true", help="also time the whole 125M forward pass")
+    parser.add_argument("--decode-kernels", action="store_true", help="also SDPA vs matmul on decode boxes")
     parser.add_argument(
         "--skip-old-prefill", action="store_true", help="skip the old code on the 2048 prefill (~10 s a call)"
     )
@@ -233,6 +264,8 @@ def main() -> None:
             time_step(name, groups, gen, args)
         if args.forward:
             forward_passes(gen, min(args.rounds, 8), args.budget * 3)
+        if args.decode_kernels:
+            decode_kernels(gen, args.rounds, args.budget / 3)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ the references elsewhere.
 
 from mi.ops.attention import AttentionMetadata
 from mi.ops.dispatch import apply_rotary, paged_attention, rms_norm, silu_and_mul, write_kv_cache
-from mi.ops.rotary import rotary_cos_sin
+from mi.ops.rotary import rotary_cos_sin, rotary_rows
 from mi.ops.sampling import sample
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "paged_attention",
     "rms_norm",
     "rotary_cos_sin",
+    "rotary_rows",
     "sample",
     "silu_and_mul",
     "write_kv_cache",

@@ -41,6 +41,9 @@ class AttentionMetadata:
     # The CPU reference's grouping of this step's sequences (built once per step by the worker);
     # None: built per call. The triton kernel does not use it.
     plan: AttentionPlan | None = None
+    # The CPU reference rotary's cos/sin at each token's position (mi.ops.rotary.rotary_rows),
+    # gathered once per step by the worker; None: gathered per call. The triton kernel reads the table.
+    rotary_rows: torch.Tensor | None = None
 
 
 def write_kv_cache(
@@ -89,7 +92,15 @@ def paged_attention(
             keys.view(n, num_kv_heads, max_l, head_dim),
             values.view(n, num_kv_heads, max_l, head_dim),
         )
-        queries = q.index_select(0, box.query_index).view(n, max_q, num_heads, head_dim)
+        # One box in packed order: its padded query rows are q's rows as they are.
+        queries = q if plan.is_identity else q.index_select(0, box.query_index)
+        if box.kind == "decode" and n >= DECODE_MATMUL_MIN_SEQS:
+            result = _decode_by_matmul(queries, keys, values, box.mask, scale)
+            if out is None:
+                return result
+            out.index_copy_(0, box.out_index, result)
+            continue
+        queries = queries.view(n, max_q, num_heads, head_dim)
         result = F.scaled_dot_product_attention(
             queries.transpose(1, 2),  # [n, H, max q, D]
             keys,
@@ -104,3 +115,22 @@ def paged_attention(
             return result
         out.index_copy_(0, box.out_index, result)
     return out[: plan.num_tokens]
+
+
+# CPU SDPA's flash kernel tiles over query rows; with one row per sequence a plain batched matmul,
+# grouped by KV head, is 5-30% faster from a few sequences up (benchmarks/bench_attention.py).
+DECODE_MATMUL_MIN_SEQS = 4
+
+
+def _decode_by_matmul(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """queries [n, H, D] (one per sequence), keys/values [n, K, L, D], mask [n, 1, 1, L] or None
+    -> [n, H, D]. Query head h reads KV head h // (H / K), as Hugging Face's repeat_kv does."""
+    n, num_heads, head_dim = queries.shape
+    num_kv_heads = keys.shape[1]
+    grouped = queries.reshape(n, num_kv_heads, num_heads // num_kv_heads, head_dim)  # [n, K, G, D]
+    scores = torch.matmul(grouped, keys.transpose(-1, -2)).mul_(scale)  # [n, K, G, L]
+    if mask is not None:
+        scores.add_(mask)  # [n, 1, 1, L] over every head
+    return torch.matmul(scores.softmax(-1), values).view(n, num_heads, head_dim)

@@ -53,11 +53,17 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def apply_rotary(
-    q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    q: torch.Tensor,
+    k: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` (the step's rotary.rotary_rows) only serve the reference; the kernel reads the table."""
     kernels = kernels_for(q)
-    impl = kernels.apply_rotary if kernels else rotary.apply_rotary
-    return impl(q, k, positions, cos_sin)
+    if kernels:
+        return kernels.apply_rotary(q, k, positions, cos_sin)
+    return rotary.apply_rotary(q, k, positions, cos_sin, rows)
 
 
 def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:

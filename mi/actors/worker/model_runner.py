@@ -20,7 +20,7 @@ from mi.actors.worker.slot_sampling import SlotSampling, to_device
 from mi.convert import load_mi_config
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
-from mi.ops import AttentionMetadata, rotary_cos_sin
+from mi.ops import AttentionMetadata, rotary_cos_sin, rotary_rows
 from mi.ops.attention_plan import ScratchBuffer, build_plan
 from mi.ops.logprobs import prompt_logprobs
 from mi.ops.sampling import SamplerOutput, sample
@@ -126,8 +126,10 @@ class ModelRunner:
         tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
 
         dev = lambda a: to_device(a, self.device)  # noqa: E731
-        plan = None
-        if self.device.type == "cpu":  # the reference attention's grouping; triton reads blocks in place
+        plan = rows = None
+        token_positions = dev(positions)
+        if self.device.type == "cpu":  # the references' per-step tables; triton reads blocks in place
+            rows = rotary_rows(self.cos_sin, token_positions, self.dtype)
             plan = build_plan(
                 num_new,
                 seq_lens,
@@ -145,10 +147,11 @@ class ModelRunner:
             seq_lens=dev(seq_lens),
             token_seq_idx=dev(token_seq_idx),
             token_query_idx=dev(token_query_idx),
-            positions=dev(positions),
+            positions=token_positions,
             max_query_len=int(num_new.max()),
             max_seq_len=max_seq_len,
             plan=plan,
+            rotary_rows=rows,
         )
         return meta, seq_lens, token_seq_idx, token_slots, positions
 
