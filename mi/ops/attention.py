@@ -118,8 +118,9 @@ def paged_attention(
 
 
 # CPU SDPA's flash kernel tiles over query rows; with one row per sequence a plain batched matmul,
-# grouped by KV head, is 5-30% faster from a few sequences up (benchmarks/bench_attention.py).
-DECODE_MATMUL_MIN_SEQS = 4
+# grouped by KV head, is 3-37% faster from 8 sequences up and slower below 4 (2 threads,
+# `benchmarks/bench_attention.py --decode-kernels`).
+DECODE_MATMUL_MIN_SEQS = 8
 
 
 def _decode_by_matmul(

@@ -124,6 +124,10 @@ CASES = {
     "block_size_8_odd_lengths": ([(0, 3), (21, 1), (7, 9), (129, 1)], 8, 3, 3),
     "block_size_4_mqa": ([(0, 3), (21, 1), (7, 9), (4, 1), (0, 1)], 4, 6, 1),
     "single_token": ([(0, 1)], 16, 6, 2),
+    # decode boxes large enough for the batched-matmul path (DECODE_MATMUL_MIN_SEQS)
+    "many_decodes_masked": ([(33 + 3 * i, 1) for i in range(12)], 16, 6, 2),
+    "many_decodes_equal": ([(40, 1)] * 9, 16, 6, 3),
+    "many_decodes_mqa_mixed": ([(5 + 2 * i, 1) for i in range(10)] + [(0, 7)], 4, 4, 1),
 }
 
 

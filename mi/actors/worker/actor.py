@@ -7,8 +7,10 @@ a time, and blocking on the ring's eventfd keeps an idle worker at ~0% CPU.
 Started by the supervisor as `python -m mi.actors.worker SPEC_JSON` with the ring fds inherited.
 """
 
+import collections
 import json
 import os
+import statistics
 import sys
 import time
 import traceback
@@ -78,15 +80,21 @@ def run(spec: WorkerSpec) -> None:
         results.send(WorkerReady(num_kv_blocks=runner.num_kv_blocks))
 
     num_steps, step_seconds = 0, 0.0
+    # Profile: the wait from one step's end to the next plan (the scheduler's share of a step
+    # when the engine is busy); the last 10k waits, idle periods included.
+    gaps, step_ended = collections.deque(maxlen=10_000), None
     while True:
         msg = plans.recv()
+        if spec.profile and step_ended is not None:
+            gaps.append(time.perf_counter() - step_ended)
         if isinstance(msg, Shutdown):
             if spec.profile and num_steps:
                 collective = runner.tp.collective_seconds
                 print(
                     f"mi-profile worker {spec.rank}: {num_steps} steps, {step_seconds:.3f} s "
                     f"in steps, {collective:.3f} s in collectives "
-                    f"({collective / step_seconds:.1%})",
+                    f"({collective / step_seconds:.1%}), waits for the next plan: "
+                    f"p50 {1e3 * statistics.median(gaps or [0]):.2f} ms",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -104,6 +112,7 @@ def run(spec: WorkerSpec) -> None:
         step_seconds += time.perf_counter() - started
         if results is not None:
             results.send(result)
+        step_ended = time.perf_counter()
 
 
 def main() -> None:
