@@ -58,6 +58,26 @@ def converted(tiny_model_dirs, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dirs, tmp_path_factory):
+    """(arch, quant type name) -> a GGUF file of that tiny model (tests/gguf_files.py), built on first use."""
+    from gguf_files import Q, write_gguf
+
+    root = tmp_path_factory.mktemp("gguf")
+    done = {}
+
+    def get(arch: str = "llama", qtype: str = "F32"):
+        if (arch, qtype) not in done:
+            folder = root / f"{arch}-{qtype}"
+            folder.mkdir()
+            done[arch, qtype] = write_gguf(
+                tiny_model_dirs(arch), folder / f"tiny-{arch}.{qtype}.gguf", Q[qtype]
+            )
+        return done[arch, qtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def served_model(tiny_model_dirs, converted):
     """The tiny Llama served by a real backend and frontend for the whole session."""
     mi_dir = converted("llama", 1)
