@@ -19,7 +19,7 @@ from test_convert import _assert_same_outputs, assert_refused, check_shards, run
 from transformers import AutoTokenizer
 
 from mi.convert import ConvertError, convert, load_mi_config
-from mi.convert.gguf_source import SUPPORTED_QUANT_TYPES
+from mi.convert.gguf_source import SUPPORTED_QUANT_TYPES, GgufSource
 from mi.models.tiny import build_tiny_model
 
 QUANT_TYPES = [q.name for q in writable_types(SUPPORTED_QUANT_TYPES) if q != Q.F32] + [
@@ -183,6 +183,30 @@ def test_linear_rope_scaling(tiny_model_dirs, tmp_path):
     }
 
 
+def test_quantization_without_file_type_is_the_commonest_matrix_type(tiny_model_dirs, tmp_path):
+    def no_file_type(writer):
+        del writer.kv_data[0]["general.file_type"]
+
+    path = write_gguf(
+        tiny_model_dirs("llama"), tmp_path / "mixed.gguf", Q.Q4_0, tensor_types={"token_embd.weight": Q.Q8_0}
+    )
+    unlabelled = write_gguf(tiny_model_dirs("llama"), tmp_path / "unlabelled.gguf", Q.Q5_1, edit=no_file_type)
+    assert load_mi_config(_convert(path, tmp_path / "a", 1))["source"]["quantization"] == "Q4_0"
+    source = load_mi_config(_convert(unlabelled, tmp_path / "b", 1))["source"]
+    assert source["quantization"] == "Q5_1" and source["tensor_types"] == {"F32": 5, "Q5_1": 16}
+
+
+def test_head_aligned_rows_read_alone_and_split_heads_refused(tiny_gguf):
+    source = GgufSource(tiny_gguf("llama", "Q8_0"))
+    for name, rows in (
+        ("model.layers.0.self_attn.q_proj.weight", (16, 48)),
+        ("model.layers.1.self_attn.k_proj.weight", (16, 32)),
+    ):
+        assert torch.equal(source.read(name, rows=rows), source.read(name)[rows[0] : rows[1]])
+        with pytest.raises(ValueError, match="do not start and end on a head"):
+            source.read(name, rows=(1, 17))
+
+
 def test_tp_that_does_not_divide_the_heads_is_refused_in_the_api(tiny_gguf, tmp_path):
     with pytest.raises(ConvertError, match=r"num_attention_heads=8, num_key_value_heads=2"):
         _convert(tiny_gguf("llama"), tmp_path / "out", 3)
@@ -198,6 +222,18 @@ def _gguf(d, t, edit=None, **kw):
 def _drop_key(key):
     def edit(writer):
         del writer.kv_data[0][key]
+
+    return edit
+
+
+def _set_uint(key, value):
+    return lambda writer: writer.add_uint32(key, value)
+
+
+def _edits(*edits):
+    def edit(writer):
+        for one in edits:
+            one(writer)
 
     return edit
 
@@ -281,7 +317,7 @@ GGUF_ERRORS = {
         "missing tensor blk.1.ffn_up.weight in src.gguf",
     ),
     "shape_mismatch": (
-        lambda d, t: _gguf(d, t, edit=lambda w: w.add_uint32("llama.feed_forward_length", 512)),
+        lambda d, t: _gguf(d, t, edit=_set_uint("llama.feed_forward_length", 512)),
         (),
         "tensor blk.0.ffn_gate.weight has shape [256, 128] (rows, columns), the metadata implies [512, 128]",
     ),
@@ -306,9 +342,37 @@ GGUF_ERRORS = {
         "sliding-window attention is not supported yet",
     ),
     "partial_rotary": (
-        lambda d, t: _gguf(d, t, edit=lambda w: w.add_uint32("llama.rope.dimension_count", 8)),
+        lambda d, t: _gguf(d, t, edit=_set_uint("llama.rope.dimension_count", 8)),
         (),
         "rope.dimension_count=8 is not the head size 16 (partial rotary)",
+    ),
+    "heads_not_grouped": (
+        lambda d, t: _gguf(d, t, edit=_set_uint("llama.attention.head_count_kv", 3)),
+        (),
+        "head_count=8 is not a multiple of head_count_kv=3",
+    ),
+    "hidden_not_split_in_heads": (
+        lambda d, t: _gguf(
+            d,
+            t,
+            edit=_edits(
+                _drop_key("llama.attention.key_length"),
+                _set_uint("llama.attention.head_count", 3),
+                _set_uint("llama.attention.head_count_kv", 1),
+            ),
+        ),
+        (),
+        "embedding_length=128 is not a multiple of head_count=3",
+    ),
+    "value_length": (
+        lambda d, t: _gguf(d, t, edit=_set_uint("llama.attention.value_length", 8)),
+        (),
+        "attention.value_length differs from attention.key_length",
+    ),
+    "linear_rope_without_factor": (
+        lambda d, t: _gguf(d, t, edit=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)),
+        (),
+        "GGUF metadata llama.rope.scaling.factor must be a positive number (got None)",
     ),
     "yarn": (
         lambda d, t: _gguf(d, t, edit=lambda w: w.add_rope_scaling_type(gguf.RopeScalingType.YARN)),
@@ -324,6 +388,20 @@ GGUF_ERRORS = {
 
 
 @pytest.mark.parametrize("case", list(GGUF_ERRORS))
+def test_refuses_gguf(case, tiny_model_dirs, tmp_path):
+    """In process (a CLI run costs a second of imports); the CLI turns any ConvertError into
+    one line and exit 2, which the next test checks on a few of these."""
+    make, args, message = GGUF_ERRORS[case]
+    src = make(tiny_model_dirs, tmp_path)
+    out = tmp_path / "out"
+    tp = int(args[1]) if args else 1
+    with pytest.raises(ConvertError) as refusal:
+        _convert(src, out, tp)
+    assert message in str(refusal.value) and "\n" not in str(refusal.value)
+    assert not out.exists() and not any(".partial-" in p.name for p in tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("case", ["unsupported_quant", "tp_heads", "truncated", "no_tokenizer"])
 def test_cli_refuses_gguf(case, tiny_model_dirs, tmp_path):
     make, args, message = GGUF_ERRORS[case]
     src = make(tiny_model_dirs, tmp_path)
