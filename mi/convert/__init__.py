@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint -> `mi` converted format (docs/format.md).
+"""Hugging Face checkpoint or GGUF file -> `mi` converted format (docs/format.md).
 
 from mi.convert import convert, load_mi_config
 convert("/models/llama", "/models/llama-tp2", tp=2)

@@ -26,11 +26,15 @@ def _fail(message: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog=PROG, description="Convert a Hugging Face checkpoint for mi-backend.")
-    parser.add_argument("--path", required=True, help="Hugging Face model directory")
+    parser = _Parser(
+        prog=PROG, description="Convert a Hugging Face checkpoint or a GGUF file for mi-backend."
+    )
+    parser.add_argument(
+        "--path", required=True, help="Hugging Face model directory, a .gguf file, or a directory holding one"
+    )
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     parser.add_argument(
-        "--tp", type=int, default=1, help=f"tensor-parallel degree, one of {', '.join(map(str, TP_CHOICES))}"
+        "--tp", type=int, default=1, help=f"tensor-parallel degree, {TP_CHOICES[0]} .. {TP_CHOICES[-1]}"
     )
     parser.add_argument(
         "--dtype", default="auto", help=f"one of {', '.join(DTYPE_CHOICES)}; auto keeps the source dtype"

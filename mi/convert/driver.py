@@ -1,4 +1,5 @@
-"""Convert a Hugging Face checkpoint into `tp` rank files plus mi_config.json (docs/format.md).
+"""Convert a Hugging Face checkpoint or a GGUF file into `tp` rank files plus mi_config.json
+(docs/format.md).
 
 Invariants:
 - All checks (config, tp, every tensor's presence and shape) run before anything is written.
@@ -21,7 +22,16 @@ import sys
 import torch
 from tqdm import tqdm
 
-from mi.convert.sharding import TP_CHOICES, ShardTensor, check_tp, padded_vocab_size, rank_plan, source_shapes
+from mi.convert.gguf_source import GgufSource, find_gguf_file
+from mi.convert.sharding import (
+    TP_CHOICES,
+    ShardTensor,
+    check_tp,
+    check_tp_choice,
+    padded_vocab_size,
+    rank_plan,
+    source_shapes,
+)
 from mi.convert.source import WeightSource
 from mi.convert.spec import SUPPORTED_ARCHITECTURES, ConvertError, ModelSpec, read_json, read_spec
 from mi.convert.writer import write_safetensors
@@ -57,22 +67,28 @@ def convert(
     Raises ConvertError (a ValueError) with a one-line message on anything it refuses.
     """
     src, out = pathlib.Path(path), pathlib.Path(os.path.abspath(out))
-    if tp not in TP_CHOICES:
-        raise ConvertError(f"--tp must be one of {', '.join(map(str, TP_CHOICES))} (got {tp})")
+    check_tp_choice(tp)
     if dtype not in DTYPE_CHOICES:
         raise ConvertError(f"--dtype must be one of {', '.join(DTYPE_CHOICES)} (got {dtype!r})")
-    if not src.is_dir():
-        raise ConvertError(f"--path {src}: no such directory")
-    if not (src / "config.json").is_file():
-        raise ConvertError(f"--path {src}: no config.json")
+    gguf_file = find_gguf_file(src)
+    if gguf_file is None and not src.is_dir():
+        raise ConvertError(f"--path {src}: no such file or directory")
+    if gguf_file is None and not (src / "config.json").is_file():
+        raise ConvertError(f"--path {src}: no config.json and no .gguf file")
     if out.resolve() == src.resolve():
         raise ConvertError("--out must differ from --path")
     if _is_nonempty(out) and not force:
         raise ConvertError(f"--out {out} exists and is not empty (use --force to replace it)")
 
-    source = WeightSource(src)
-    spec = read_spec(src, source.names())
+    if gguf_file is not None:
+        source = GgufSource(gguf_file)
+        spec = source.spec
+    else:
+        source = WeightSource(src)
+        spec = read_spec(src, source.names())
     check_tp(spec, tp)
+    # Built before any weight is written (it can fail), saved with the other aux files.
+    tokenizer = source.load_tokenizer() if gguf_file is not None else None
     _check_tensors(spec, source)
     target = DTYPES[_resolve_dtype(dtype, spec, source)]
 
@@ -90,8 +106,13 @@ def convert(
             disable=not progress,
         ) as bar:
             checksum = source.sha256(bar.update)
-        _copy_aux_files(src, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        else:
+            _copy_aux_files(src, tmp)
         config = _mi_config(spec, tp, target, checksum)
+        if gguf_file is not None:
+            config["source"] = source.description()
         (tmp / MI_CONFIG).write_text(json.dumps(config, indent=2) + "\n")  # NOTE: last file
         _install(tmp, out)
     except BaseException:
@@ -130,7 +151,7 @@ def _is_nonempty(path: pathlib.Path) -> bool:
     return not path.is_dir() or any(path.iterdir())
 
 
-def _check_tensors(spec: ModelSpec, source: WeightSource) -> None:
+def _check_tensors(spec: ModelSpec, source: WeightSource | GgufSource) -> None:
     names = source.names()
     for name, shape in source_shapes(spec).items():
         if name not in names:
@@ -141,7 +162,7 @@ def _check_tensors(spec: ModelSpec, source: WeightSource) -> None:
             )
 
 
-def _resolve_dtype(dtype: str, spec: ModelSpec, source: WeightSource) -> str:
+def _resolve_dtype(dtype: str, spec: ModelSpec, source: WeightSource | GgufSource) -> str:
     if dtype != "auto":
         return dtype
     if spec.source_dtype in DTYPES:
@@ -152,7 +173,7 @@ def _resolve_dtype(dtype: str, spec: ModelSpec, source: WeightSource) -> str:
     return found
 
 
-def _materialize(shard: ShardTensor, source: WeightSource, dtype: torch.dtype) -> torch.Tensor:
+def _materialize(shard: ShardTensor, source: WeightSource | GgufSource, dtype: torch.dtype) -> torch.Tensor:
     parts = [source.read(p.name, p.rows, p.cols).to(dtype) for p in shard.pieces]
     if shard.pad_rows:
         parts.append(torch.zeros((shard.pad_rows, *shard.shape[1:]), dtype=dtype))
@@ -160,7 +181,12 @@ def _materialize(shard: ShardTensor, source: WeightSource, dtype: torch.dtype) -
 
 
 def _write_ranks(
-    spec: ModelSpec, source: WeightSource, tp: int, dtype: torch.dtype, tmp: pathlib.Path, progress: bool
+    spec: ModelSpec,
+    source: WeightSource | GgufSource,
+    tp: int,
+    dtype: torch.dtype,
+    tmp: pathlib.Path,
+    progress: bool,
 ) -> None:
     plans = [rank_plan(spec, tp, rank) for rank in range(tp)]
     total = sum(len(plan) for plan in plans)

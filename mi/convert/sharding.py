@@ -22,7 +22,8 @@ import dataclasses
 
 from mi.convert.spec import ConvertError, ModelSpec
 
-TP_CHOICES = (1, 2, 4, 8)
+# Any degree the model's dims divide; 3 and 6 serve models with 9 or 3 KV heads (SmolLM2).
+TP_CHOICES = (1, 2, 3, 4, 5, 6, 7, 8)
 VOCAB_MULTIPLE = 64  # per rank
 
 Span = tuple[int, int]  # [start, stop)
@@ -63,16 +64,24 @@ def kv_heads_of_rank(num_kv_heads: int, tp: int, rank: int) -> range:
     raise ConvertError(f"tp={tp} does not fit num_key_value_heads={num_kv_heads}: one must divide the other")
 
 
-def check_tp(spec: ModelSpec, tp: int) -> None:
+def check_tp_choice(tp: int) -> None:
     if tp not in TP_CHOICES:
-        raise ConvertError(f"--tp must be one of {', '.join(map(str, TP_CHOICES))} (got {tp})")
-    for what, count in (
-        ("num_attention_heads", spec.num_attention_heads),
-        ("intermediate_size", spec.intermediate_size),
-    ):
-        if count % tp:
-            raise ConvertError(f"tp={tp} does not divide {what}={count}")
-    kv_heads_of_rank(spec.num_key_value_heads, tp, 0)
+        raise ConvertError(f"--tp must be between {TP_CHOICES[0]} and {TP_CHOICES[-1]} (got {tp})")
+
+
+def check_tp(spec: ModelSpec, tp: int) -> None:
+    check_tp_choice(tp)
+    heads = f"num_attention_heads={spec.num_attention_heads}, num_key_value_heads={spec.num_key_value_heads}"
+    if spec.num_attention_heads % tp:
+        raise ConvertError(f"tp={tp} does not divide num_attention_heads ({heads})")
+    try:
+        kv_heads_of_rank(spec.num_key_value_heads, tp, 0)
+    except ConvertError:
+        raise ConvertError(
+            f"tp={tp} does not fit the KV heads ({heads}): tp and num_key_value_heads must divide one another"
+        ) from None
+    if spec.intermediate_size % tp:
+        raise ConvertError(f"tp={tp} does not divide intermediate_size={spec.intermediate_size}")
 
 
 def source_shapes(spec: ModelSpec) -> dict[str, tuple[int, ...]]:

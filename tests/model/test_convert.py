@@ -285,7 +285,7 @@ def test_load_mi_config_refuses_other_versions(converted, tmp_path):
 
 
 def test_api_raises_convert_error(tmp_path):
-    with pytest.raises(ConvertError, match="no such directory"):
+    with pytest.raises(ConvertError, match="no such file or directory"):
         _convert(tmp_path / "nope", tmp_path / "out", 1)
     assert issubclass(ConvertError, ValueError)
 
@@ -374,7 +374,7 @@ MISSING_SHARD_INDEX = json.dumps(
 
 # case id -> (make the source dir: (tiny_model_dirs, tmp_path) -> path, extra args, message part)
 ERROR_CASES = {
-    "missing_path": (lambda d, t: t / "nope", (), "no such directory"),
+    "missing_path": (lambda d, t: t / "nope", (), "no such file or directory"),
     "no_config": (lambda d, t: _empty_dir(t / "empty"), (), "no config.json"),
     "bad_config_json": (lambda d, t: _write(_copy(d, t), "config.json", b"{oops"), (), "cannot read"),
     "unsupported_arch": (
@@ -383,12 +383,12 @@ ERROR_CASES = {
         "unsupported architecture GPT2LMHeadModel; supported: LlamaForCausalLM, "
         "MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM",
     ),
-    "tp_not_allowed": (lambda d, t: _copy(d, t), ("--tp", 3), "--tp must be one of 1, 2, 4, 8"),
+    "tp_not_allowed": (lambda d, t: _copy(d, t), ("--tp", 16), "--tp must be between 1 and 8"),
     "tp_not_int": (lambda d, t: _copy(d, t), ("--tp", "two"), "invalid int value"),
     "tp_heads": (
         lambda d, t: small_checkpoint(t / "src", num_attention_heads=4, num_key_value_heads=4),
         ("--tp", 8),
-        "does not divide num_attention_heads=4",
+        "tp=8 does not divide num_attention_heads (num_attention_heads=4, num_key_value_heads=4)",
     ),
     "tp_intermediate": (
         lambda d, t: small_checkpoint(t / "src", intermediate_size=100),
