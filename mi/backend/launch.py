@@ -15,6 +15,7 @@ import sys
 from mi.arch import check_memory_ordering
 from mi.auth import check_cert, load_or_create_secret
 from mi.config import BackendConfig, Environment, cert_path, parse_bytes, read_environment
+from mi.ops.rope_scaling import rope_type
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
 
@@ -131,7 +132,9 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
     if window:
         model_len = min(model_len, window)
     max_model_len = args.max_model_len or model_len
-    if max_model_len > model_len:
+    # Dynamic NTK RoPE exists to serve past max_position_embeddings: only the window limits it.
+    dynamic_rope = rope_type(mi_config["model"].get("rope_scaling")) == "dynamic"
+    if max_model_len > model_len and not (dynamic_rope and not window):
         raise ValueError(
             f"--max-model-len {max_model_len} exceeds the model's {model_len} positions"
             + (" (its sliding window)" if window else "")

@@ -11,6 +11,8 @@ import dataclasses
 import json
 import pathlib
 
+from mi.ops.rope_scaling import check_rope_scaling
+
 
 class ConvertError(ValueError):
     """A checkpoint or an option that the converter refuses; the message is one line."""
@@ -140,6 +142,11 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
             f"num_attention_heads={num_heads} is not a multiple of num_key_value_heads={num_kv_heads}"
         )
     rope_theta, rope_scaling = _rope(config)
+    head_dim = _int(config, "head_dim", hidden_size // num_heads)
+    try:  # refused here, not when the workers start
+        check_rope_scaling(rope_scaling, head_dim)
+    except ValueError as exc:
+        raise ConvertError(f"config.json: {exc}") from None
     dtype = config.get("torch_dtype", config.get("dtype"))
     window = config.get("sliding_window") if architecture == "mistral" else None
     return ModelSpec(
@@ -151,7 +158,7 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
         num_hidden_layers=_int(config, "num_hidden_layers"),
         num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,
-        head_dim=_int(config, "head_dim", hidden_size // num_heads),
+        head_dim=head_dim,
         rms_norm_eps=_float(config.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,

@@ -88,7 +88,8 @@ class Attention(nn.Module):
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, k, meta.positions, cos_sin, meta.rotary_rows)
+        rotary_index = meta.positions if meta.rotary_index is None else meta.rotary_index
+        q, k = apply_rotary(q, k, rotary_index, cos_sin, meta.rotary_rows)
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [N, H, D]

@@ -269,11 +269,12 @@ def tiny_config(arch: str = "llama", size: str = "tiny", overrides: dict | None 
     config_cls, _, dims = _ARCHS[arch]
     dims = {"num_hidden_layers": 2, **dims, **preset.overrides, **(overrides or {})}
     rope_theta = dims.pop("rope_theta")
+    rope_parameters = {"rope_type": "default", **dims.pop("rope_parameters", {}), "rope_theta": rope_theta}
     return config_cls(
         vocab_size=preset.vocab_size,
-        max_position_embeddings=2048,
+        max_position_embeddings=dims.pop("max_position_embeddings", 2048),
         initializer_range=0.1,
-        rope_parameters={"rope_type": "default", "rope_theta": rope_theta},
+        rope_parameters=rope_parameters,
         bos_token_id=SPECIAL_TOKENS.index(BOS),
         eos_token_id=SPECIAL_TOKENS.index(EOS),
         pad_token_id=SPECIAL_TOKENS.index(PAD),

@@ -44,6 +44,9 @@ class AttentionMetadata:
     # The CPU reference rotary's cos/sin at each token's position (mi.ops.rotary.rotary_rows),
     # gathered once per step by the worker; None: gathered per call. The triton kernel reads the table.
     rotary_rows: torch.Tensor | None = None
+    # The row of the step's rotary table each token reads; None: its position. Set when the
+    # table is per token (RoPE types that depend on the sequence's length, mi/ops/rope_scaling.py).
+    rotary_index: torch.Tensor | None = None
 
 
 def write_kv_cache(

@@ -1,43 +1,52 @@
 """Rotary position embedding (the half-split "rotate_half" form used by Llama-family checkpoints)."""
 
-import math
-
 import torch
 
+from mi.ops.rope_scaling import LENGTH_DEPENDENT, inv_freq_and_scale, inv_freq_for_lengths, rope_type
 
-def _inv_freq(head_dim: int, theta: float, scaling: dict | None) -> torch.Tensor:
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    kind = (scaling or {}).get("rope_type", (scaling or {}).get("type", "default"))
-    if kind in (None, "default"):
-        return inv_freq
-    if kind == "linear":
-        return inv_freq / float(scaling["factor"])
-    if kind == "llama3":
-        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, a smooth ramp between.
-        factor = float(scaling["factor"])
-        low_freq_factor = float(scaling.get("low_freq_factor", 1.0))
-        high_freq_factor = float(scaling.get("high_freq_factor", 4.0))
-        old_len = float(scaling["original_max_position_embeddings"])
-        low_freq_wavelen = old_len / low_freq_factor
-        high_freq_wavelen = old_len / high_freq_factor
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
-        smooth = (old_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        is_medium = (wavelen >= high_freq_wavelen) & (wavelen <= low_freq_wavelen)
-        return torch.where(is_medium, smoothed, scaled)
-    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+def _cos_sin(freqs: torch.Tensor, scale: float) -> torch.Tensor:
+    """freqs [N, D/2] (position x inverse frequency, float32) -> [N, 2, D]: cos, sin (x scale)."""
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
+    return torch.stack((cos, sin), dim=1)
 
 
 def rotary_cos_sin(
-    head_dim: int, max_len: int, theta: float, scaling: dict | None = None, device: torch.device | str = "cpu"
+    head_dim: int,
+    max_len: int,
+    theta: float,
+    scaling: dict | None = None,
+    device: torch.device | str = "cpu",
+    max_position_embeddings: int | None = None,
 ) -> torch.Tensor:
-    """Table [max_len, 2, head_dim]: cos and sin for every position, in float32."""
-    inv_freq = _inv_freq(head_dim, theta, scaling)
+    """Table [max_len, 2, head_dim]: cos and sin for every position, in float32. For the
+    length-dependent types (mi/ops/rope_scaling.py) the table of sequences within the original
+    context; longer ones take `token_cos_sin`."""
+    inv_freq, scale = inv_freq_and_scale(head_dim, theta, scaling, max_position_embeddings or max_len)
     positions = torch.arange(max_len, dtype=torch.float32)
-    freqs = positions[:, None] * inv_freq[None, :]  # [max_len, head_dim/2]
-    emb = torch.cat((freqs, freqs), dim=-1)  # [max_len, head_dim]
-    return torch.stack((emb.cos(), emb.sin()), dim=1).to(device)
+    return _cos_sin(positions[:, None] * inv_freq[None, :], scale).to(device)
+
+
+def is_length_dependent(scaling: dict | None) -> bool:
+    return rope_type(scaling) in LENGTH_DEPENDENT
+
+
+def token_cos_sin(
+    head_dim: int,
+    theta: float,
+    scaling: dict,
+    max_position_embeddings: int,
+    positions: torch.Tensor,
+    lengths: torch.Tensor,
+) -> torch.Tensor:
+    """[N, 2, head_dim] float32 for the length-dependent types: token i at positions[i] of a
+    sequence whose length is lengths[i] (prompt length for prompt tokens, else position + 1)."""
+    _, scale = inv_freq_and_scale(head_dim, theta, scaling, max_position_embeddings)
+    inv_freq = inv_freq_for_lengths(head_dim, theta, scaling, max_position_embeddings, lengths.cpu())
+    return _cos_sin(positions.cpu().float()[:, None] * inv_freq, scale).to(positions.device)
 
 
 def rotary_rows(cos_sin: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -23,6 +23,7 @@ from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, rotary_cos_sin, rotary_rows
 from mi.ops.attention_plan import ScratchBuffer, build_plan
 from mi.ops.logprobs import prompt_logprobs
+from mi.ops.rotary import is_length_dependent, token_cos_sin
 from mi.ops.sampling import SamplerOutput, sample
 
 _GPU_KV_FRACTION = 0.9
@@ -55,13 +56,21 @@ class ModelRunner:
         self.dtype = dtype = getattr(torch, cfg.dtype)
         model_cfg = load_mi_config(cfg.model_dir)["model"]
         self.model = load_model(cfg.model_dir, tp, self.device, dtype, cfg.cpu_linear)
+        self.rope = (
+            model_cfg["head_dim"],
+            model_cfg["rope_theta"],
+            model_cfg.get("rope_scaling"),
+            model_cfg["max_position_embeddings"],
+        )
         self.cos_sin = rotary_cos_sin(
             model_cfg["head_dim"],
             cfg.max_model_len,
             model_cfg["rope_theta"],
             model_cfg.get("rope_scaling"),
             self.device,
+            model_cfg["max_position_embeddings"],
         )
+        self.rope_by_length = is_length_dependent(model_cfg.get("rope_scaling"))
 
         kv_bytes = cfg.kv_cache_bytes
         if kv_bytes < 0:  # auto: most of what the weights left free on the GPU
@@ -126,10 +135,17 @@ class ModelRunner:
         tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
 
         dev = lambda a: to_device(a, self.device)  # noqa: E731
-        plan = rows = None
+        plan = rows = rotary_index = None
         token_positions = dev(positions)
+        self.step_cos_sin = self.cos_sin
+        if self.rope_by_length:  # a table per token: as HF, prompt tokens see the prompt's length
+            lengths = np.maximum(self.sampling.params["num_prompt_tokens"][token_slots], positions + 1)
+            self.step_cos_sin = token_cos_sin(*self.rope, token_positions, torch.from_numpy(lengths))
+            rotary_index = dev(np.arange(num_tokens))
         if self.device.type == "cpu":  # the references' per-step tables; triton reads blocks in place
-            rows = rotary_rows(self.cos_sin, token_positions, self.dtype)
+            rows = rotary_rows(
+                self.step_cos_sin, token_positions if rotary_index is None else rotary_index, self.dtype
+            )
             plan = build_plan(
                 num_new,
                 seq_lens,
@@ -152,6 +168,7 @@ class ModelRunner:
             max_seq_len=max_seq_len,
             plan=plan,
             rotary_rows=rows,
+            rotary_index=rotary_index,
         )
         return meta, seq_lens, token_seq_idx, token_slots, positions
 
@@ -165,7 +182,7 @@ class ModelRunner:
         meta, seq_lens, token_seq_idx, token_slots, positions = self._metadata(plan)
         self.sampling.observe(token_slots, positions, plan.input_ids)
         input_ids = to_device(plan.input_ids.astype(np.int64), self.device)
-        hidden = self.model(input_ids, self.kv_caches, meta, self.cos_sin)
+        hidden = self.model(input_ids, self.kv_caches, meta, self.step_cos_sin)
 
         sample_rows = np.flatnonzero(plan.do_sample)
         last_token_idx = np.cumsum(plan.num_new_tokens.astype(np.int64))[sample_rows] - 1
