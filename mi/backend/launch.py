@@ -126,19 +126,11 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
     if dtype == "auto":
         dtype = "float32" if device_type == "cpu" else mi_config["dtype"]
     model_len = mi_config["model"]["max_position_embeddings"]
-    # Sliding-window attention is not implemented: within the window it equals full attention,
-    # so serving stays exact if no sequence outgrows the window.
-    window = mi_config["model"].get("sliding_window")
-    if window:
-        model_len = min(model_len, window)
     max_model_len = args.max_model_len or model_len
-    # Dynamic NTK RoPE exists to serve past max_position_embeddings: only the window limits it.
+    # Dynamic NTK RoPE exists to serve past max_position_embeddings.
     dynamic_rope = rope_type(mi_config["model"].get("rope_scaling")) == "dynamic"
-    if max_model_len > model_len and not (dynamic_rope and not window):
-        raise ValueError(
-            f"--max-model-len {max_model_len} exceeds the model's {model_len} positions"
-            + (" (its sliding window)" if window else "")
-        )
+    if max_model_len > model_len and not dynamic_rope:
+        raise ValueError(f"--max-model-len {max_model_len} exceeds the model's {model_len} positions")
     if args.kv_cache_memory is not None:
         kv_bytes = parse_bytes(args.kv_cache_memory)
     else:

@@ -237,6 +237,7 @@ def _mi_config(spec: ModelSpec, tp: int, dtype: torch.dtype, checksum: str) -> d
             "rope_scaling": spec.rope_scaling,
             "max_position_embeddings": spec.max_position_embeddings,
             "sliding_window": spec.sliding_window,
+            "layer_types": spec.layer_types,
             "tie_word_embeddings": spec.tie_word_embeddings,
             "attention_bias": spec.attention_bias,
             "qk_norm": spec.qk_norm,

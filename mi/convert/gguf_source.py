@@ -181,6 +181,7 @@ class GgufSource:
             attention_bias="blk.0.attn_q.bias" in self._tensors,
             qk_norm=arch == "qwen3",
             sliding_window=None,
+            layer_types=None,
             bos_token_id=self._token_id("bos"),
             eos_token_ids=list(dict.fromkeys(i for i in eos if i is not None)),
             source_dtype="float32",  # what dequantization yields; --dtype picks another

@@ -47,6 +47,7 @@ class ModelSpec:
     attention_bias: bool  # q/k/v projections have biases (qwen2)
     qk_norm: bool  # per-head RMSNorm on q and k (qwen3)
     sliding_window: int | None
+    layer_types: list[str] | None  # per layer "sliding_attention" / "full_attention"; None: all alike
     bos_token_id: int | None
     eos_token_ids: list[int]
     source_dtype: str | None  # from config.json, None when it does not say
@@ -90,6 +91,31 @@ def _float(value, key: str) -> float:
     return float(value)
 
 
+def _sliding_window(config: dict, architecture: str, num_layers: int) -> tuple[int | None, list[str] | None]:
+    """(window, per-layer types or None for all layers) as transformers reads them: Mistral's
+    `sliding_window` covers every layer; Qwen's only with `use_sliding_window`, on the layers
+    from `max_window_layers` on, unless the config lists `layer_types`."""
+    window = config.get("sliding_window")
+    if architecture in ("qwen2", "qwen3") and not config.get("use_sliding_window"):
+        window = None
+    if architecture not in ("mistral", "qwen2", "qwen3") or window is None:
+        return None, None
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ConvertError(f"config.json: sliding_window must be a positive integer (got {window!r})")
+    layer_types = config.get("layer_types")
+    if layer_types is None and architecture != "mistral":
+        first = config.get("max_window_layers", num_layers)
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(num_layers)]
+    if layer_types is not None:
+        if len(layer_types) != num_layers or set(layer_types) - {"sliding_attention", "full_attention"}:
+            raise ConvertError(
+                f"config.json: layer_types must give each of the {num_layers} layers a known type"
+            )
+        if "sliding_attention" not in layer_types:
+            return None, None
+    return window, layer_types
+
+
 def _rope(config: dict) -> tuple[float, dict | None]:
     params = config.get("rope_parameters")
     params = params if isinstance(params, dict) else {}
@@ -129,8 +155,6 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
         raise ConvertError("unsupported: mlp_bias")
     if "model.layers.0.self_attn.o_proj.bias" in tensor_names:
         raise ConvertError("unsupported: o_proj bias")
-    if architecture in ("qwen2", "qwen3") and config.get("use_sliding_window"):
-        raise ConvertError("unsupported: use_sliding_window")
 
     gen_path = path / "generation_config.json"
     gen = read_json(gen_path) if gen_path.is_file() else {}
@@ -148,7 +172,7 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
     except ValueError as exc:
         raise ConvertError(f"config.json: {exc}") from None
     dtype = config.get("torch_dtype", config.get("dtype"))
-    window = config.get("sliding_window") if architecture == "mistral" else None
+    window, layer_types = _sliding_window(config, architecture, _int(config, "num_hidden_layers"))
     return ModelSpec(
         architecture=architecture,
         hf_architecture=hf_architecture,
@@ -169,7 +193,8 @@ def read_spec(path: pathlib.Path, tensor_names: set[str]) -> ModelSpec:
             or "model.layers.0.self_attn.q_proj.bias" in tensor_names
         ),
         qk_norm=architecture == "qwen3",
-        sliding_window=window if isinstance(window, int) else None,
+        sliding_window=window,
+        layer_types=layer_types,
         bos_token_id=(_token_ids(_first(gen, config, "bos_token_id")) or [None])[0],
         eos_token_ids=_token_ids(_first(gen, config, "eos_token_id")),
         source_dtype=dtype if isinstance(dtype, str) else None,

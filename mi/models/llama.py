@@ -37,10 +37,27 @@ class ModelConfig:
     tie_word_embeddings: bool
     attention_bias: bool
     qk_norm: bool
+    # Sliding-window attention: the window, and which layers use it ("sliding_attention" /
+    # "full_attention" per layer; None: every layer, when there is a window).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] | None = None
 
     @classmethod
     def from_mi_config(cls, model: dict) -> "ModelConfig":
-        return cls(**{name: model[name] for name in cls.__dataclass_fields__})
+        fields = cls.__dataclass_fields__
+        optional = ("sliding_window", "layer_types")  # absent from models converted before them
+        values = {name: model[name] for name in fields if name not in optional}
+        values["sliding_window"] = model.get("sliding_window")
+        layer_types = model.get("layer_types")
+        values["layer_types"] = tuple(layer_types) if layer_types else None
+        return cls(**values)
+
+    def layer_window(self, layer: int) -> int | None:
+        if self.sliding_window is None:
+            return None
+        if self.layer_types is None or self.layer_types[layer] == "sliding_attention":
+            return self.sliding_window
+        return None
 
     def num_kv_heads_per_rank(self, tp: int) -> int:
         # tp > num_kv_heads: each rank holds one replicated KV head (see docs/format.md).
@@ -58,9 +75,10 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, window: int | None = None):
         super().__init__()
         self.tp = tp
+        self.window = window
         self.num_heads = cfg.num_attention_heads // tp.size
         self.num_kv_heads = cfg.num_kv_heads_per_rank(tp.size)
         self.head_dim = cfg.head_dim
@@ -92,7 +110,7 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, k, rotary_index, cos_sin, meta.rotary_rows)
         k_cache, v_cache = kv_cache
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention(q, k_cache, v_cache, meta, self.scale)  # [N, H, D]
+        out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.window)  # [N, H, D]
         return self.tp.all_reduce(self.o_proj(out.reshape(num_tokens, q_size)))
 
 
@@ -109,10 +127,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TensorParallel):
+    def __init__(self, cfg: ModelConfig, tp: TensorParallel, window: int | None = None):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, tp)
+        self.self_attn = Attention(cfg, tp, window)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg, tp)
 
@@ -145,7 +163,9 @@ class CausalLM(nn.Module):
         self.cfg = cfg
         self.tp = tp
         self.embed_tokens = VocabParallelEmbedding(cfg, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, tp, cfg.layer_window(i)) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = None  # tied: the embedding is the head (until pack_for_cpu)
         if not cfg.tie_word_embeddings:

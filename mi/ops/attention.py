@@ -47,6 +47,8 @@ class AttentionMetadata:
     # The row of the step's rotary table each token reads; None: its position. Set when the
     # table is per token (RoPE types that depend on the sequence's length, mi/ops/rope_scaling.py).
     rotary_index: torch.Tensor | None = None
+    # The plan of the sliding-window layers (built with the window), when the model has any.
+    window_plan: AttentionPlan | None = None
 
 
 def write_kv_cache(
@@ -59,20 +61,26 @@ def write_kv_cache(
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens q [N, H, D] over each sequence's cached K/V (which
     already holds this step's keys). Returns [N, H, D].
 
     Runs the step's plan (mi/ops/attention_plan.py): one SDPA call per box of similar sequences,
     each reading only its own sequences' keys, so a step costs about sum(q_i * L_i). Without
-    meta.plan the plan is built here, once per call.
+    meta.plan the plan is built here, once per call. `window`: sliding-window attention (a query
+    at position p sees keys in (p - window, p]), run from meta.window_plan.
     """
     num_heads, head_dim = q.shape[1:]
     block_size, num_kv_heads = k_cache.shape[1:3]
-    plan = meta.plan
+    plan = meta.plan if window is None else meta.window_plan
     if plan is None:
-        plan = plan_from_metadata(meta, block_size, num_kv_heads, head_dim, q.dtype)
+        plan = plan_from_metadata(meta, block_size, num_kv_heads, head_dim, q.dtype, window)
     elif plan.num_kv_heads != num_kv_heads:
         raise ValueError(
             f"the attention plan is for {plan.num_kv_heads} KV heads, the cache has {num_kv_heads}"

@@ -102,15 +102,19 @@ def build_plan(
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     scratch: ScratchBuffer | None = None,
+    window: int | None = None,
 ) -> AttentionPlan:
     """The plan for sequences with `query_lens` new tokens each (packed in this order) and
     `seq_lens` keys after this step; block_tables [B, >= max blocks] int64. The gathered keys go
-    to `scratch` (a fresh one when None)."""
+    to `scratch` (a fresh one when None). `window`: sliding-window attention, a query at position
+    p sees keys in (p - window, p] (Hugging Face's rule); a causal box longer than the window
+    becomes a masked one."""
     query_lens = np.asarray(query_lens, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     num_tokens = int(query_lens.sum())
     query_starts = np.cumsum(query_lens) - query_lens
-    kind = np.where(query_lens == 1, 0, np.where(query_lens == seq_lens, 1, 2))
+    is_causal = (query_lens == seq_lens) & (seq_lens <= (window or np.iinfo(np.int64).max))
+    kind = np.where(query_lens == 1, 0, np.where(is_causal, 1, 2))
     query_octave = np.where(kind == 0, 0, _octave(query_lens))
     group_key = (kind * 64 + query_octave) * 64 + _octave(seq_lens)  # octaves of int64 lengths are < 64
     _, group_of_seq = np.unique(group_key, return_inverse=True)
@@ -133,6 +137,7 @@ def build_plan(
                 num_tokens,
                 dtype,
                 device,
+                window,
             )
         )
     is_identity = len(boxes) == 1 and (len(query_lens) == 1 or bool((query_lens == 1).all()))
@@ -145,7 +150,17 @@ def build_plan(
 
 
 def _box(
-    kind, query_lens, seq_lens, query_starts, tables, block_size, num_kv_heads, num_tokens, dtype, device
+    kind,
+    query_lens,
+    seq_lens,
+    query_starts,
+    tables,
+    block_size,
+    num_kv_heads,
+    num_tokens,
+    dtype,
+    device,
+    window,
 ) -> AttentionBox:
     """One box's index tensors and mask (layout in the module docstring); arrays are per sequence."""
     num_seqs = len(seq_lens)
@@ -159,12 +174,19 @@ def _box(
     key_index = slots[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]  # [n, K, max L]
 
     mask = None
-    if kind == "decode" and (seq_lens != max_seq_len).any():
-        visible = np.arange(max_seq_len) < seq_lens[:, None]  # [n, max L]
+    outgrows_window = window is not None and max_seq_len > window
+    if kind == "decode" and ((seq_lens != max_seq_len).any() or outgrows_window):
+        key_pos = np.arange(max_seq_len)
+        visible = key_pos < seq_lens[:, None]  # [n, max L]
+        if window is not None:
+            visible &= key_pos > seq_lens[:, None] - 1 - window
         mask = _additive(visible[:, None, None, :], dtype, device)
     elif kind == "masked":
         query_pos = (seq_lens - query_lens)[:, None] + query_offset  # [n, max q]
-        visible = np.arange(max_seq_len)[None, None, :] <= query_pos[:, :, None]  # [n, max q, max L]
+        key_pos = np.arange(max_seq_len)[None, None, :]
+        visible = key_pos <= query_pos[:, :, None]  # [n, max q, max L]
+        if window is not None:
+            visible &= key_pos > query_pos[:, :, None] - window
         mask = _additive(visible[:, None], dtype, device)
 
     dev = lambda a: torch.from_numpy(np.ascontiguousarray(a.reshape(-1))).to(device)  # noqa: E731
@@ -186,7 +208,7 @@ def _additive(visible: np.ndarray, dtype: torch.dtype, device) -> torch.Tensor:
 
 
 def plan_from_metadata(
-    meta, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    meta, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, window: int | None = None
 ) -> AttentionPlan:
     """The plan for a metadata built without one (tests, benchmarks): the same build, from the
     metadata's tensors."""
@@ -201,4 +223,5 @@ def plan_from_metadata(
         head_dim,
         dtype,
         meta.seq_lens.device,
+        window=window,
     )

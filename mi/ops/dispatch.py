@@ -72,11 +72,19 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 def paged_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    window: int | None = None,
 ) -> torch.Tensor:
-    kernels = kernels_for(q)
-    impl = kernels.paged_attention if kernels else attention.paged_attention
-    return impl(q, k_cache, v_cache, meta, scale)
+    # NOTE: the triton kernel has no sliding window yet; windowed layers run the reference on
+    # any device (correct, not fast, on a GPU).
+    kernels = kernels_for(q) if window is None else None
+    if kernels:
+        return kernels.paged_attention(q, k_cache, v_cache, meta, scale)
+    return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
 
 
 def write_kv_cache(

@@ -163,6 +163,7 @@ def test_mi_config(arch, tiny_model_dirs, converted):
         "rope_scaling",
         "max_position_embeddings",
         "sliding_window",
+        "layer_types",
         "tie_word_embeddings",
         "attention_bias",
         "qk_norm",
@@ -187,7 +188,7 @@ def test_mi_config(arch, tiny_model_dirs, converted):
     head_dim = hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"]
     assert model["head_dim"] == head_dim
     assert model["rope_theta"] == hf["rope_parameters"]["rope_theta"]
-    assert model["rope_scaling"] is None and model["sliding_window"] is None
+    assert model["rope_scaling"] is None and model["sliding_window"] is None and model["layer_types"] is None
     assert model["attention_bias"] == (arch == "qwen2") and model["qk_norm"] == (arch == "qwen3")
     assert model["eos_token_ids"] == gen["eos_token_id"] and len(model["eos_token_ids"]) == 2
     assert model["model_name"] == hf_dir.name

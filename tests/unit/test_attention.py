@@ -71,8 +71,9 @@ def make_step(gen, specs, block_size, num_heads, num_kv_heads, head_dim, dtype=t
     return q, k_cache, v_cache, meta, tables
 
 
-def naive_attention(q, k_cache, v_cache, specs, tables, scale):
-    """Sequence by sequence, head by head, in float64: softmax(q K^T * scale + causal) V."""
+def naive_attention(q, k_cache, v_cache, specs, tables, scale, window=None):
+    """Sequence by sequence, head by head, in float64: softmax(q K^T * scale + causal) V; with a
+    window, the query at position p sees only keys in (p - window, p]."""
     block_size, num_kv_heads = k_cache.shape[1:3]
     group = q.shape[1] // num_kv_heads
     outputs = []
@@ -85,22 +86,25 @@ def naive_attention(q, k_cache, v_cache, specs, tables, scale):
         out = torch.empty(new, q.shape[1], q.shape[2], dtype=torch.float64)
         for i in range(new):
             visible = cached + i + 1  # keys at positions <= this token's
+            first = 0 if window is None else max(0, visible - window)
             for head in range(q.shape[1]):
-                scores = keys[:visible, head // group] @ q[token + i, head].double() * scale
-                out[i, head] = torch.softmax(scores, dim=0) @ values[:visible, head // group]
+                scores = keys[first:visible, head // group] @ q[token + i, head].double() * scale
+                out[i, head] = torch.softmax(scores, dim=0) @ values[first:visible, head // group]
         outputs.append(out)
         token += new
     return torch.cat(outputs)
 
 
-def check(gen, specs, block_size=16, num_heads=6, num_kv_heads=2, head_dim=16, dtype=torch.float32):
+def check(
+    gen, specs, block_size=16, num_heads=6, num_kv_heads=2, head_dim=16, dtype=torch.float32, window=None
+):
     q, k_cache, v_cache, meta, tables = make_step(
         gen, specs, block_size, num_heads, num_kv_heads, head_dim, dtype
     )
     scale = head_dim**-0.5
-    out = paged_attention(q, k_cache, v_cache, meta, scale)
+    out = paged_attention(q, k_cache, v_cache, meta, scale, window)
     assert out.shape == q.shape and out.dtype == dtype
-    expected = naive_attention(q, k_cache, v_cache, specs, tables, scale)
+    expected = naive_attention(q, k_cache, v_cache, specs, tables, scale, window)
     torch.testing.assert_close(out.double(), expected, atol=TOL[dtype], rtol=TOL[dtype])
     return meta
 
@@ -135,6 +139,15 @@ CASES = {
 def test_matches_naive_attention(gen, case):
     specs, block_size, num_heads, num_kv_heads = CASES[case]
     check(gen, specs, block_size, num_heads, num_kv_heads)
+
+
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+@pytest.mark.parametrize(
+    "case", ["mixed_step", "chunk_beside_decodes", "skewed_lengths", "many_decodes_masked"]
+)
+def test_sliding_window_matches_naive_attention(gen, case, window):
+    specs, block_size, num_heads, num_kv_heads = CASES[case]
+    check(gen, specs, block_size, num_heads, num_kv_heads, window=window)
 
 
 def test_random_mixed_batches(gen):

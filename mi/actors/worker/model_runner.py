@@ -71,6 +71,8 @@ class ModelRunner:
             model_cfg["max_position_embeddings"],
         )
         self.rope_by_length = is_length_dependent(model_cfg.get("rope_scaling"))
+        layer_windows = {self.model.cfg.layer_window(i) for i in range(self.model.cfg.num_hidden_layers)}
+        self.window = max((w for w in layer_windows if w is not None), default=None)
 
         kv_bytes = cfg.kv_cache_bytes
         if kv_bytes < 0:  # auto: most of what the weights left free on the GPU
@@ -157,6 +159,20 @@ class ModelRunner:
                 self.device,
                 self.attention_scratch,
             )
+        window_plan = None
+        if self.window is not None:  # the sliding-window layers' own masks (reference attention, any device)
+            window_plan = build_plan(
+                num_new,
+                seq_lens,
+                tables,
+                block_size,
+                self.num_kv_heads,
+                self.head_dim,
+                self.dtype,
+                self.device,
+                self.attention_scratch,
+                window=self.window,
+            )
         meta = AttentionMetadata(
             slot_mapping=dev(slot_mapping),
             block_tables=dev(tables),
@@ -169,6 +185,7 @@ class ModelRunner:
             plan=plan,
             rotary_rows=rows,
             rotary_index=rotary_index,
+            window_plan=window_plan,
         )
         return meta, seq_lens, token_seq_idx, token_slots, positions
 
