@@ -64,7 +64,7 @@ class Environment:
     force_triton: bool = False  # MI_FORCE_TRITON=1: the triton kernels also on CPU (TRITON_INTERPRET=1)
     cpu_linear: str = "onednn"  # MI_CPU_LINEAR: "onednn" (packed weights) or "torch" (nn.Linear)
     run_dir: str | None = None  # MI_RUN_DIR: the private directory of the backend's unix socket
-    xdg_runtime_dir: str | None = None  # XDG_RUNTIME_DIR (not ours, read here all the same)
+    xdg_runtime_dir: str | None = None  # XDG_RUNTIME_DIR (no MI_ variable, read here so tests can set it)
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
