@@ -8,11 +8,13 @@ libraries take parameters and a test sets the environment of the processes it st
 
 import os
 import re
+import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_CERT_PATH = Path("~/.mi/cert")
+DEFAULT_RUN_DIR = Path("~/.mi/run")  # the backend's unix socket, when XDG_RUNTIME_DIR is unusable
 
 _UNITS = {
     "": 1,
@@ -61,6 +63,8 @@ class Environment:
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
     force_triton: bool = False  # MI_FORCE_TRITON=1: the triton kernels also on CPU (TRITON_INTERPRET=1)
     cpu_linear: str = "onednn"  # MI_CPU_LINEAR: "onednn" (packed weights) or "torch" (nn.Linear)
+    run_dir: str | None = None  # MI_RUN_DIR: the private directory of the backend's unix socket
+    xdg_runtime_dir: str | None = None  # XDG_RUNTIME_DIR (no MI_ variable, read here so tests can set it)
 
 
 def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
@@ -72,6 +76,8 @@ def read_environment(environ: Mapping[str, str] | None = None) -> Environment:
         profile=_flag(environ, "MI_PROFILE"),
         force_triton=_flag(environ, "MI_FORCE_TRITON"),
         cpu_linear=_choice(environ, "MI_CPU_LINEAR", ("onednn", "torch")),
+        run_dir=environ.get("MI_RUN_DIR") or None,
+        xdg_runtime_dir=environ.get("XDG_RUNTIME_DIR") or None,
     )
 
 
@@ -79,6 +85,32 @@ def cert_path(explicit: str | Path | None = None, env: Environment | None = None
     """The backend's secret file: `explicit` (a flag or argument), else MI_CERT, else ~/.mi/cert."""
     env = read_environment() if env is None else env
     return Path(explicit or env.cert or DEFAULT_CERT_PATH).expanduser()
+
+
+def socket_dir(env: Environment | None = None) -> Path:
+    """The private directory of the backend's unix socket (mi/local_socket.py): MI_RUN_DIR, else
+    $XDG_RUNTIME_DIR/mi when that runtime directory is ours and 0700, else ~/.mi/run."""
+    env = read_environment() if env is None else env
+    if env.run_dir:
+        return Path(env.run_dir).expanduser()
+    if env.xdg_runtime_dir and _is_private_dir(Path(env.xdg_runtime_dir)):
+        return Path(env.xdg_runtime_dir) / "mi"
+    return DEFAULT_RUN_DIR.expanduser()
+
+
+def _is_private_dir(path: Path) -> bool:
+    # NOTE: a stale XDG_RUNTIME_DIR (su, sudo, a finished login session) names a directory that
+    # is gone or someone else's; ~/.mi/run is then the safe place.
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    return (
+        path.is_absolute()
+        and stat.S_ISDIR(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and not st.st_mode & 0o077
+    )
 
 
 @dataclass(frozen=True)
@@ -99,6 +131,7 @@ class BackendConfig:
     enable_prefix_caching: bool  # reuse KV blocks of identical prompt prefixes
     max_queued_requests: int  # per replica, beyond max_num_seqs running; more get a 503
     cert_path: Path  # the shared secret every request but /health must present
+    socket_dir: Path  # the private (0700) directory of the unix socket (mi/local_socket.py)
     ready_timeout: float  # seconds for the workers to load and report ready
     shutdown_grace: float  # seconds children get to exit before SIGKILL
     shm_collectives: bool = True  # CPU tensor parallelism: shared-memory all-reduce, not gloo

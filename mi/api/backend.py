@@ -11,8 +11,6 @@ checked object or raises `ApiError` (400 naming the field).
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from typing import Annotated
 
@@ -56,15 +54,9 @@ __all__ = [
     "encode_answer",
     "new_request_id",
     "parse_generate_request",
-    "socket_path",
 ]
 
 MAX_REQUEST_ID_LEN = 256
-
-
-def socket_path(port: int) -> str:
-    """The unix socket a backend serving TCP `port` also listens on."""
-    return os.path.join(tempfile.gettempdir(), f"mi-backend-{port}.sock")
 
 
 def new_request_id() -> str:

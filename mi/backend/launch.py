@@ -4,7 +4,8 @@
 
 Prints `service start at localhost:PORT` once it accepts requests; SIGTERM or Ctrl-C stops it
 cleanly (exit 0). Before loading anything it checks the host (x86-64 only, `mi.arch`) and the
-cert file (`mi.auth.check_cert`, creating it when absent): a failed check is one line, exit 2.
+cert file (`mi.auth.check_cert`, creating it when absent) and the unix socket's private directory
+(`mi.local_socket.prepare_socket_dir`): a failed check is one line, exit 2.
 """
 
 import argparse
@@ -14,7 +15,8 @@ import sys
 
 from mi.arch import check_memory_ordering
 from mi.auth import check_cert, load_or_create_secret
-from mi.config import BackendConfig, Environment, cert_path, parse_bytes, read_environment
+from mi.config import BackendConfig, Environment, cert_path, parse_bytes, read_environment, socket_dir
+from mi.local_socket import prepare_socket_dir
 from mi.ops.rope_scaling import rope_type
 
 _DEFAULT_CPU_KV_BYTES = 1 << 30
@@ -152,6 +154,7 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
         enable_prefix_caching=not args.no_prefix_caching,
         max_queued_requests=args.max_queued_requests,
         cert_path=cert_path(args.cert, env),
+        socket_dir=socket_dir(env),
         ready_timeout=args.ready_timeout,
         shutdown_grace=5.0,
         shm_collectives=not args.gloo_collectives,
@@ -174,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         for warning in check_cert(cert):
             print(f"mi-backend: warning: {warning}", file=sys.stderr, flush=True)
         load_or_create_secret(cert)  # here, so a cert that cannot be written is a start-up error too
+        prepare_socket_dir(socket_dir(env))
         from mi.convert import load_mi_config
 
         mi_config = load_mi_config(args.model)

@@ -3,7 +3,8 @@ frontend alike.
 
 A `Backend` is one aiohttp session to one backend (`async with`, or `start()` / `close()`): the
 SDK opens one per call, the frontend one for its lifetime. A backend named by a bare port
-(`address`) is reached over its unix socket when that exists at `start()`. Every request but
+(`address`) is reached over its private unix socket (mi/local_socket.py) when that exists and
+passes the checks, connection by connection, else over TCP 127.0.0.1:PORT. Every request but
 /health carries `Authorization: Bearer SECRET`, the secret read from the backend's cert file at
 `start()` (nothing is sent while the file is absent); a 401 re-reads the file and, when the
 secret changed, retries once (a backend started after us creates it). Every answer is decoded
@@ -20,7 +21,6 @@ import asyncio
 import contextlib
 import errno
 import logging
-import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -38,10 +38,10 @@ from mi.api.backend import (
     StreamStart,
     TokenizerFiles,
     decode_answer,
-    socket_path,
 )
 from mi.api.errors import ApiError
 from mi.auth import read_secret
+from mi.local_socket import peer_problem, socket_path, socket_problem
 from mi.sdk.types import (
     AuthenticationError,
     BackendUnavailable,
@@ -83,8 +83,51 @@ def address(spec: str) -> tuple[str, str | None]:
     return f"http://{url_host}:{port}", None
 
 
+class _PrivateSocketConnector(aiohttp.TCPConnector):
+    """TCP to 127.0.0.1:PORT, except that each new connection first tries the backend's unix
+    socket, and keeps it only when its directory and file pass `socket_problem` and the process
+    listening there passes `peer_problem`, all before the request (and its secret) is written.
+
+    It hooks `_create_connection`, the one method aiohttp's own UnixConnector overrides to connect
+    (its body is this `create_unix_connection` call), so the TCP fallback of the same connection
+    needs no second session.
+    """
+
+    def __init__(self, unix_socket: str, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self._unix_socket = unix_socket
+
+    async def _create_connection(self, req, traces, timeout):
+        proto = await self._connect_private(timeout.sock_connect)
+        return proto if proto is not None else await super()._create_connection(req, traces, timeout)
+
+    async def _connect_private(self, connect_timeout: float | None):
+        try:
+            problem = socket_problem(self._unix_socket)
+        except FileNotFoundError:
+            return None  # no local backend, or one that serves TCP only
+        if problem is None:
+            try:
+                transport, proto = await asyncio.wait_for(
+                    self._loop.create_unix_connection(self._factory, self._unix_socket), connect_timeout
+                )
+            except (OSError, asyncio.TimeoutError):
+                return None  # a dead backend's socket, or a full backlog: TCP answers the same
+            problem = peer_problem(transport.get_extra_info("socket"))
+            if problem is None:
+                return proto
+            transport.close()
+        if self._unix_socket not in _warned_sockets:
+            _warned_sockets.add(self._unix_socket)
+            log.warning("not using the unix socket %s (%s); using TCP instead", self._unix_socket, problem)
+        return None
+
+
+_warned_sockets: set[str] = set()  # each refused socket is logged once per process
+
+
 class Backend:
-    """One session to the backend at `url` (or its `unix_socket`, when that exists).
+    """One session to the backend at `url` (or its `unix_socket`, when that passes the checks).
 
     `timeout`: seconds for one whole request; `read_timeout`: the longest wait for the next
     bytes (a stream's next line); `connect_timeout`: to open a connection. None: no limit.
@@ -110,7 +153,6 @@ class Backend:
         self._seconds = timeout or read_timeout  # named in a RequestTimeout
         self._errors_as = errors
         self._secret: str | None = None
-        self._base_url = self.url
         self._session: aiohttp.ClientSession | None = None
         self._model_info: ModelInfo | None = None
         self._model_info_lock = asyncio.Lock()
@@ -125,9 +167,8 @@ class Backend:
 
     async def start(self) -> None:
         self._secret = read_secret(self.cert_path)
-        if self._unix_socket is not None and os.path.exists(self._unix_socket):
-            self._base_url = "http://localhost"
-            connector = aiohttp.UnixConnector(path=self._unix_socket, limit=0)
+        if self._unix_socket is not None:
+            connector = _PrivateSocketConnector(self._unix_socket, limit=0)
         else:
             connector = aiohttp.TCPConnector(limit=0)
         self._session = aiohttp.ClientSession(connector=connector, timeout=self._timeout)
@@ -143,7 +184,7 @@ class Backend:
     async def health(self) -> tuple[int, object]:
         """`GET /health`: its status and body; 503 `{"status": "unavailable"}` when unreachable."""
         try:
-            async with self._session.get(self._base_url + "/health") as resp:
+            async with self._session.get(self.url + "/health") as resp:
                 return resp.status, msgspec.json.decode(await resp.read())
         except (aiohttp.ClientError, OSError, asyncio.TimeoutError, msgspec.DecodeError):
             return 503, {"status": "unavailable"}
@@ -250,11 +291,12 @@ class Backend:
         if self._secret is not None:
             headers["Authorization"] = f"Bearer {self._secret}"
         # NOTE: a unix socket whose accept backlog is full refuses at once with EAGAIN (TCP would
-        # queue the SYN): a burst of new requests retries the connect for up to ~1.5 s.
+        # queue the SYN); _PrivateSocketConnector then connects over TCP, and a connect that
+        # still fails with EAGAIN is retried for up to ~1.5 s.
         delay = 0.005
         for _ in range(_CONNECT_RETRIES):
             try:
-                return await self._session.request(method, self._base_url + path, data=data, headers=headers)
+                return await self._session.request(method, self.url + path, data=data, headers=headers)
             except asyncio.TimeoutError:
                 raise self._timed_out() from None
             except aiohttp.ClientConnectorError as exc:

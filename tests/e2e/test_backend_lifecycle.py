@@ -12,6 +12,8 @@ import urllib.request
 import psutil
 import pytest
 
+from mi.local_socket import socket_path
+
 from servers import backend_headers, free_port, start_backend
 
 
@@ -110,7 +112,7 @@ def test_sigterm_exits_zero_and_leaves_nothing_behind(converted):
         pid for pid in pids if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     ]
     assert set(os.listdir("/dev/shm")) <= shm_before
-    assert not os.path.exists(f"/tmp/mi-backend-{port}.sock")
+    assert not os.path.exists(socket_path(port))
 
 
 def test_sigterm_during_generation_ends_the_stream(converted):

@@ -26,8 +26,8 @@ import psutil
 import pytest
 
 import mi
-from mi.api.backend import socket_path
 from mi.api.sse import decode_events
+from mi.local_socket import socket_path
 
 from servers import backend_headers, free_port, start_backend, start_frontend
 

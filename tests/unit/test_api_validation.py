@@ -22,7 +22,6 @@ from mi.api.backend import (
     decode_answer,
     encode_answer,
     parse_generate_request,
-    socket_path,
 )
 from mi.api.chat import parse_chat_request
 from mi.api.errors import ApiError, error_body
@@ -285,6 +284,8 @@ def test_context_len_message():
 
 
 def test_socket_path_names_the_port():
+    from mi.local_socket import socket_path
+
     assert socket_path(12222).endswith("mi-backend-12222.sock")
 
 

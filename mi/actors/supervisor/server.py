@@ -26,11 +26,11 @@ from mi.api.backend import (
     TokenizerFiles,
     encode_answer,
     parse_generate_request,
-    socket_path,
 )
 from mi.api.errors import ApiError, invalid
 from mi.auth import is_authorized, load_or_create_secret
 from mi.config import BackendConfig
+from mi.local_socket import SocketError, bind_private_socket, socket_path
 
 log = logging.getLogger("mi.backend")
 
@@ -236,7 +236,8 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
     model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
     runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True, access_log=None)
     await runner.setup()
-    unix_path = socket_path(cfg.port)
+    unix_path = socket_path(cfg.port, cfg.socket_dir)
+    unix_bound = False
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -247,9 +248,11 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
             await web.TCPSite(runner, cfg.host, cfg.port).start()
         except OSError as exc:
             raise RuntimeError(f"cannot listen on {cfg.host}:{cfg.port}: {exc.strerror}") from None
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(unix_path)  # stale socket of a dead backend: our TCP bind proved the port free
-        await web.UnixSite(runner, unix_path).start()
+        # NOTE: after the TCP bind, which proved the port free: a socket at the path is then a
+        # dead backend's, and bind_private_socket replaces it.
+        unix_sock = bind_private_socket(unix_path)
+        unix_bound = True
+        await web.SockSite(runner, unix_sock).start()
 
         start = asyncio.create_task(sup.start())
         stopped = asyncio.create_task(stop.wait())
@@ -264,12 +267,13 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
         else:
             start.cancel()
         stopped.cancel()
-    except RuntimeError as exc:
+    except (RuntimeError, SocketError) as exc:
         log.error("%s", exc)
         exit_code = 1
     finally:
         await sup.shutdown()
         await runner.cleanup()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(unix_path)
+        if unix_bound:  # never the socket of the backend whose port we failed to bind
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(unix_path)
     return exit_code
