@@ -134,6 +134,7 @@ class BackendConfig:
     socket_dir: Path  # the private (0700) directory of the unix socket (mi/local_socket.py)
     ready_timeout: float  # seconds for the workers to load and report ready
     shutdown_grace: float  # seconds children get to exit before SIGKILL
+    step_timeout: float = 60.0  # a replica with work and no step result for this long is dead; 0: off
     shm_collectives: bool = True  # CPU tensor parallelism: shared-memory all-reduce, not gloo
     debug_invariants: bool = False  # schedulers run check_invariants() whenever they go idle
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
@@ -162,6 +163,7 @@ class BackendConfig:
                 f"--max-queued-requests must be >= 0, got {self.max_queued_requests}",
             ),
             (1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}"),
+            (self.step_timeout >= 0, f"--step-timeout must be >= 0, got {self.step_timeout}"),
         ]
         for ok, message in checks:
             if not ok:

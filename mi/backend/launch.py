@@ -102,6 +102,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ready-timeout", type=float, default=600.0, help="seconds to wait for the workers to load the model"
     )
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a replica with requests in flight may go without finishing a step (a hung "
+        "worker or collective) before the backend fails them all and exits 1; loading is not "
+        "counted; 0 turns the watchdog off",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -157,6 +165,7 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
         socket_dir=socket_dir(env),
         ready_timeout=args.ready_timeout,
         shutdown_grace=5.0,
+        step_timeout=args.step_timeout,
         shm_collectives=not args.gloo_collectives,
         debug_invariants=args.debug_invariants,
         profile=env.profile,

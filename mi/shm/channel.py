@@ -17,6 +17,14 @@ class Sender:
         """Blocks while the ring is full; RingTimeout past `timeout`, CodecError if unencodable."""
         self._writer.write(self._encode(msg), timeout)
 
+    def try_send(self, msg) -> bool:
+        """Sends at once if the ring has room for the whole message, else False; never blocks."""
+        return self._writer.try_write(self._encode(msg))
+
+    async def send_async(self, msg) -> None:
+        """Sends, waiting for room on the running loop (never blocking it)."""
+        await self._writer.write_async(self._encode(msg))
+
 
 class Receiver:
     """Decodes messages from a ring reader; a bad record raises CodecError or RingCorrupt."""

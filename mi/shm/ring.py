@@ -100,6 +100,17 @@ def _byte_view(buf) -> memoryview:
     return mv
 
 
+def _views(payload) -> tuple[list, int]:
+    """The pieces of a message (bytes or byte views) and their total length."""
+    views = list(payload) if isinstance(payload, (list, tuple)) else [payload]
+    total = 0
+    for i, v in enumerate(views):
+        if type(v) is not bytes:
+            views[i] = v = _byte_view(v)
+        total += len(v)
+    return views, total
+
+
 def _poll_ms(deadline: float | None) -> int:
     """Milliseconds until deadline for poll(): -1 forever, at least 1 to avoid a spin."""
     if deadline is None:
@@ -248,13 +259,56 @@ class RingWriter:
         Raises RingTimeout if readers do not free enough space in time; a message split into
         several frames is then dropped (readers discard the unfinished run).
         """
-        views = list(payload) if isinstance(payload, (list, tuple)) else [payload]
-        total = 0
-        for i, v in enumerate(views):
-            if type(v) is not bytes:
-                views[i] = v = _byte_view(v)
-            total += len(v)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        views, total = _views(payload)
+        self._write_views(views, total, None if timeout is None else time.monotonic() + timeout)
+
+    def try_write(self, payload) -> bool:
+        """Publish one message (as write) if the ring has room for all of it now, else False.
+        Never blocks; ValueError for a message that could never fit the ring at once."""
+        views, total = _views(payload)
+        need = self._bytes_needed(total)
+        if need > self._cap:
+            raise ValueError(f"a {total}-byte message never fits a {self._cap}-byte ring at once")
+        if self._cap - (self._pos - self._min_read) < need and not self._has_space(need):
+            return False
+        self._write_views(views, total, None)  # readers only free space: no frame waits
+        return True
+
+    async def write_async(self, payload) -> None:
+        """Publish one message, waiting for room with the running loop's add_reader (the loop
+        never blocks). Cancelled while waiting, it has written nothing."""
+        if self.try_write(payload):
+            return
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def on_space() -> None:
+            if fut.done():
+                return
+            _drain(self._space_fd)
+            try:
+                if self.try_write(payload):
+                    fut.set_result(None)
+            except (RingError, ValueError) as e:
+                fut.set_exception(e)
+
+        # A reader that freed space after the try_write above left the eventfd counter
+        # non-zero, so the fd is readable and on_space runs.
+        loop.add_reader(self._space_fd, on_space)
+        try:
+            await fut
+        finally:
+            loop.remove_reader(self._space_fd)
+
+    def _bytes_needed(self, total: int) -> int:
+        """Ring bytes of a `total`-byte message: its frames, headers and padding."""
+        max_len = self._max_frame_len
+        num_full, last = divmod(total, max_len)
+        if last == 0 and num_full:
+            num_full, last = num_full - 1, max_len
+        return num_full * (_FRAME_LEN + _pad8(max_len)) + _FRAME_LEN + _pad8(last)
+
+    def _write_views(self, views: list, total: int, deadline: float | None) -> None:
         if total <= self._max_frame_len:
             self._write_frame(views, total, _FIRST | _LAST, deadline)
             return

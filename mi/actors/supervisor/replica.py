@@ -5,6 +5,11 @@
 
 Children are fresh interpreters (`python -m mi.actors.worker SPEC`) that inherit only the ring
 fds they need. On CPU each worker is pinned to an equal share of the cores.
+
+The supervisor's loop never waits on the request ring: a message goes out at once when the ring
+has room, else it queues in order (behind any earlier one) and a task sends it as space frees up.
+The queue is bounded by the requests a replica admits (an AddRequest and an AbortRequest each).
+A replica that has work and sends nothing back for `step_timeout` seconds is stalled.
 """
 
 import asyncio
@@ -12,6 +17,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections import deque
 
 from mi.actors import messages as m
 from mi.config import BackendConfig
@@ -61,6 +68,11 @@ class Replica:
         self.num_live = 0  # requests routed here and not finished: the routing load
         self.num_routed = 0
         self.stats: m.SchedulerCounters | None = None  # the latest SchedulerStats
+        self.last_progress = time.monotonic()  # a message came from the scheduler, or work began
+        self._outbox: deque = deque()  # messages the request ring had no room for yet
+        self._outbox_since = 0.0
+        self._flusher: asyncio.Task | None = None
+        self._send_failure: str | None = None
         self.collectives = (
             ShmCollectives.create(cfg.tp, _collective_slot_bytes(cfg, model))
             if cfg.device_type == "cpu" and cfg.tp > 1 and cfg.shm_collectives
@@ -140,10 +152,49 @@ class Replica:
             raise RuntimeError(f"unexpected first message from the scheduler: {type(msg).__name__}")
         self.num_kv_blocks = msg.num_kv_blocks
 
+    def send(self, msg) -> None:
+        """Queues `msg` for the scheduler without blocking the loop (messages keep their order)."""
+        if not self._outbox and self.to_scheduler.try_send(msg):
+            return
+        if not self._outbox:
+            self._outbox_since = time.monotonic()
+        self._outbox.append(msg)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._outbox:
+                await self.to_scheduler.send_async(self._outbox[0])
+                self._outbox.popleft()
+                self._outbox_since = time.monotonic()
+        except Exception as exc:
+            self._send_failure = (
+                f"replica {self.index}: sending to the scheduler failed: {type(exc).__name__}: {exc}"
+            )
+
     def dead_child(self) -> str | None:
         for name, proc in self.procs:
             if proc.poll() is not None:
                 return f"{name} exited with code {proc.returncode}"
+        return self._send_failure
+
+    def stalled(self, step_timeout: float) -> str | None:
+        """Why this replica counts as hung, or None: it has work and has sent nothing back (or
+        not read its request ring) for `step_timeout` seconds. 0 turns the check off."""
+        now = time.monotonic()
+        if not self.num_live and not self._outbox:
+            self.last_progress = now  # idle: no step is due
+            return None
+        if not step_timeout:
+            return None
+        if self._outbox and now - self._outbox_since > step_timeout:
+            return f"replica {self.index}: the scheduler read no request for {step_timeout:g} s"
+        if now - self.last_progress > step_timeout:
+            return (
+                f"replica {self.index}: no step finished for {step_timeout:g} s with "
+                f"{self.num_live} requests in flight (a hung worker or collective)"
+            )
         return None
 
     async def stop(self, grace: float, log) -> None:
@@ -158,6 +209,10 @@ class Replica:
                     log.warning("%s did not stop in %.0f s; killing it", name, grace)
                 proc.kill()
             proc.wait()
+        if self._flusher is not None:
+            self._flusher.cancel()  # and let it leave the loop before its ring closes under it
+            await asyncio.gather(self._flusher, return_exceptions=True)
+            self._outbox.clear()
         for ring in self.rings.values():
             ring.close()
         if self.collectives is not None:

@@ -46,6 +46,9 @@ _TOKENIZER_FILES = (
     "added_tokens.json",
 )
 _MAX_BODY_BYTES = 64 << 20
+# After an engine failure, with the children gone, /health answers 503 this long before the
+# listener closes: a health checker sees the failure, not only a refused connection.
+_FAILED_HEALTH_S = 1.0
 
 
 def _json(obj, status: int = 200, headers=None) -> web.Response:
@@ -230,7 +233,8 @@ def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
 
 
 async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
-    """Runs until SIGTERM/SIGINT (exit code 0) or a failed child (exit code 1)."""
+    """Runs until SIGTERM/SIGINT (exit code 0) or an engine failure (exit code 1: a failed or
+    hung child, or a failed output reader)."""
     sup = Supervisor(cfg, mi_config, tokenizer)
     secret = load_or_create_secret(cfg.cert_path)
     model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
@@ -272,6 +276,9 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
         exit_code = 1
     finally:
         await sup.shutdown()
+        if sup.state == "dead" and not stop.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(stop.wait(), _FAILED_HEALTH_S)
         await runner.cleanup()
         if unix_bound:  # never the socket of the backend whose port we failed to bind
             with contextlib.suppress(FileNotFoundError):

@@ -5,8 +5,10 @@
 
 It tokenizes prompts, routes each request to the least-loaded replica, turns token outputs into
 text (incremental, UTF-8 safe, stop strings) and hands each request's events to its HTTP handler
-through an asyncio queue. A child that dies turns into an error for every request in flight and
-a shutdown, never a hang.
+through an asyncio queue. A child that dies, a replica that makes no progress for
+`--step-timeout` seconds while it has work (a hung worker or collective), or a failed reader of a
+replica's outputs turns into an error for every request in flight and a shutdown, never a hang.
+The loop never waits on a ring: sends go through `Replica.send`, reads through `recv_async`.
 """
 
 import asyncio
@@ -17,6 +19,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from collections import Counter
 from dataclasses import dataclass, field
 
@@ -135,9 +138,12 @@ class Supervisor:
         self.failure.set()
 
     async def _watch_children(self) -> None:
+        """Every 0.2 s: a dead child, and (once loaded) a replica stalled past --step-timeout."""
         while True:
             for replica in self.replicas:
                 reason = replica.dead_child()
+                if reason is None and self.state == "ok":
+                    reason = replica.stalled(self.cfg.step_timeout)
                 if reason and self.state in ("starting", "ok"):
                     self._fail(reason)
                     return
@@ -180,9 +186,11 @@ class Supervisor:
         params = req.sampling_params()
         if params.seed is None:
             params = msgspec.structs.replace(params, seed=secrets.randbits(63))
-        replica.to_scheduler.send(
+        replica.send(
             m.AddRequest(req_id=live.req_id, prompt_ids=np.asarray(prompt_ids, dtype=np.int32), params=params)
         )
+        if not replica.num_live:
+            replica.last_progress = time.monotonic()  # the step timeout runs from here
         replica.num_live += 1
         replica.num_routed += 1
         self.num_prompt_tokens += len(prompt_ids)
@@ -195,7 +203,7 @@ class Supervisor:
         if live is None:
             return False
         if self.state == "ok":
-            live.replica.to_scheduler.send(m.AbortRequest(req_id=live.req_id))
+            live.replica.send(m.AbortRequest(req_id=live.req_id))
         self._finish(
             live,
             StreamDelta(
@@ -251,7 +259,7 @@ class Supervisor:
             finish = m.FINISH_REASON_NAMES.get(code)
             if finish is None and live.text.stopped:
                 finish = "stop"
-                live.replica.to_scheduler.send(m.AbortRequest(req_id=req_id))
+                live.replica.send(m.AbortRequest(req_id=req_id))
             if finish is None:
                 live.events.put_nowait(
                     StreamDelta(new_ids, live.text.take_delta(final=False), None, logprobs=logprobs)
@@ -280,31 +288,42 @@ class Supervisor:
         ]
 
     async def _pump_outputs(self, replica: Replica) -> None:
-        while True:
-            msg = await replica.from_scheduler.recv_async()
-            if isinstance(msg, m.TokenOutputs):
-                self._on_outputs(msg)
-            elif isinstance(msg, m.PromptLogprobs):
-                self._on_prompt_logprobs(msg)
-            elif isinstance(msg, m.SchedulerStats):
-                replica.stats = msg.stats
-            elif isinstance(msg, m.RequestRejected):
-                live = self._requests.get(msg.req_id)
-                if live is not None:
-                    self._forget(live)
-                    live.events.put_nowait(ApiError(400, msg.reason))
-            elif isinstance(msg, m.RequestFailed):
-                live = self._requests.get(msg.req_id)
-                if live is not None:
-                    log.warning("request %s failed: %s", live.request_id, msg.reason)
-                    self._forget(live)
-                    live.events.put_nowait(ApiError(500, msg.reason, code="request_failed"))
-            elif isinstance(msg, m.ActorFailed):
-                self._fail(f"replica {replica.index} {msg.actor}: {msg.reason}")
-                return
-            else:
-                self._fail(f"unexpected {type(msg).__name__} from replica {replica.index}")
-                return
+        """Reads one replica's outputs until it fails; any exception here fails the backend
+        (logged), never a reader that dies silently and leaves its requests waiting."""
+        try:
+            while self._on_scheduler_message(replica, await replica.from_scheduler.recv_async()):
+                pass
+        except Exception as exc:
+            log.exception("replica %d: reading the scheduler's outputs failed", replica.index)
+            self._fail(f"replica {replica.index}: reading its outputs failed: {type(exc).__name__}: {exc}")
+
+    def _on_scheduler_message(self, replica: Replica, msg) -> bool:
+        """Applies one message from a scheduler; False once the replica has failed."""
+        replica.last_progress = time.monotonic()
+        if isinstance(msg, m.TokenOutputs):
+            self._on_outputs(msg)
+        elif isinstance(msg, m.PromptLogprobs):
+            self._on_prompt_logprobs(msg)
+        elif isinstance(msg, m.SchedulerStats):
+            replica.stats = msg.stats
+        elif isinstance(msg, m.RequestRejected):
+            live = self._requests.get(msg.req_id)
+            if live is not None:
+                self._forget(live)
+                live.events.put_nowait(ApiError(400, msg.reason))
+        elif isinstance(msg, m.RequestFailed):
+            live = self._requests.get(msg.req_id)
+            if live is not None:
+                log.warning("request %s failed: %s", live.request_id, msg.reason)
+                self._forget(live)
+                live.events.put_nowait(ApiError(500, msg.reason, code="request_failed"))
+        elif isinstance(msg, m.ActorFailed):
+            self._fail(f"replica {replica.index} {msg.actor}: {msg.reason}")
+            return False
+        else:
+            self._fail(f"unexpected {type(msg).__name__} from replica {replica.index}")
+            return False
+        return True
 
     def stats(self) -> dict:
         """GET /v1/stats: scheduler counters summed over replicas, plus the supervisor's own."""
@@ -345,10 +364,9 @@ class Supervisor:
             task.cancel()
         for replica in self.replicas:
             if not self.failure.is_set():
-                try:
-                    replica.to_scheduler.send(m.Shutdown(reason="supervisor stopping"), timeout=1.0)
-                except Exception as exc:  # a full ring must not block the exit
-                    log.warning("could not send Shutdown to replica %d: %s", replica.index, exc)
+                # Queued behind any pending request; a scheduler that does not read it within
+                # the grace period is killed with the rest.
+                replica.send(m.Shutdown(reason="supervisor stopping"))
         # After a child failure the survivors may be blocked on it (a scheduler waiting for a
         # dead worker's result): no grace period, kill them now.
         grace = 0.0 if self.failure.is_set() else self.cfg.shutdown_grace
