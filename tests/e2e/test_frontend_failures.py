@@ -627,7 +627,7 @@ def test_worker_death_fails_every_request_in_flight_cleanly(converted):
             for resp in (stream, chat):
                 assert_error_event_then_done(await rest_of_stream(resp), "backend_failed")
             status, headers, raw = await asyncio.wait_for(plain, 30)
-            assert status == 500 and headers["Content-Type"].startswith("application/json"), (status, raw)
+            assert status == 503 and headers["Content-Type"].startswith("application/json"), (status, raw)
             err = error_of(raw)
             assert (err["type"], err["code"]) == ("server_error", "backend_failed")
 

@@ -44,6 +44,7 @@ def _config(step_timeout: float) -> BackendConfig:
         enable_prefix_caching=True,
         max_queued_requests=1024,
         cert_path=Path("unused"),
+        socket_dir=Path("unused"),  # the supervisor alone never binds the socket
         ready_timeout=10.0,
         shutdown_grace=0.1,
         step_timeout=step_timeout,
@@ -121,7 +122,7 @@ def test_a_scheduler_that_reads_no_request_fails_the_replica_after_the_step_time
         started = time.monotonic()
         errors = [await _error_of(live) for live in lives]
         assert time.monotonic() - started < 5
-        assert {(e.status, e.code) for e in errors} == {(500, "backend_failed")}
+        assert {(e.status, e.code) for e in errors} == {(503, "backend_failed")}
         assert sup.state == "dead" and sup.failure.is_set()
         assert "the scheduler read no request for 0.5 s" in sup.failure_reason
         await sup.shutdown()
@@ -165,7 +166,7 @@ def test_a_replica_with_work_and_no_step_result_is_failed_by_the_watchdog():
         # Then it stays silent, as behind a SIGSTOPped worker.
         event = await _error_of(live)
         assert 1.0 <= time.monotonic() - silent_at < 5
-        assert (event.status, event.code) == (500, "backend_failed")
+        assert (event.status, event.code) == (503, "backend_failed")
         assert sup.state == "dead"
         assert "no step finished for 1 s with 1 requests in flight" in sup.failure_reason
         await sup.shutdown()
@@ -205,7 +206,7 @@ def test_an_exception_in_the_output_reader_fails_every_request_clearly(caplog):
         replica.rings["output"].writer().write(b"\x00garbage, not a message")
         # Before: the reader task died with the exception and these waited for ever.
         errors = [await _error_of(live) for live in lives]
-        assert {(e.status, e.code) for e in errors} == {(500, "backend_failed")}
+        assert {(e.status, e.code) for e in errors} == {(503, "backend_failed")}
         assert sup.state == "dead" and sup.failure.is_set()
         assert sup.failure_reason.startswith("replica 0: reading its outputs failed: ")
         with pytest.raises(ApiError) as refused:

@@ -92,7 +92,7 @@ def test_a_stopped_worker_fails_every_request_and_the_backend_exits(converted):
         for line in last_lines:
             error = json.loads(line)["error"]
             assert (error["type"], error["code"]) == ("server_error", "backend_failed"), line
-        assert status == 500 and body["error"]["code"] == "backend_failed", body
+        assert status == 503 and body["error"]["code"] == "backend_failed", body
         # Healthy while the step timeout runs, then 503 (for a second, the children gone)
         # until the backend stops listening.
         assert health[0] == 200 and health[-1] is None, health

@@ -129,7 +129,7 @@ class Supervisor:
             self._forget(live)
             live.events.put_nowait(
                 ApiError(
-                    500,
+                    503,  # the engine, not the request: retry elsewhere (issue 10's fault taxonomy)
                     "The backend failed while serving this request.",
                     type="server_error",
                     code="backend_failed",
