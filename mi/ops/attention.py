@@ -107,21 +107,17 @@ def paged_attention(
         queries = q if plan.is_identity else q.index_select(0, box.query_index)
         if box.kind == "decode" and n >= DECODE_MATMUL_MIN_SEQS:
             result = _decode_by_matmul(queries, keys, values, box.mask, scale)
-            if out is None:
-                return result
-            out.index_copy_(0, box.out_index, result)
-            continue
-        queries = queries.view(n, max_q, num_heads, head_dim)
-        result = F.scaled_dot_product_attention(
-            queries.transpose(1, 2),  # [n, H, max q, D]
-            keys,
-            values,
-            attn_mask=box.mask,
-            is_causal=box.kind == "causal",
-            scale=scale,
-            enable_gqa=num_heads != num_kv_heads,
-        )  # [n, H, max q, D]
-        result = result.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)
+        else:
+            result = F.scaled_dot_product_attention(
+                queries.view(n, max_q, num_heads, head_dim).transpose(1, 2),  # [n, H, max q, D]
+                keys,
+                values,
+                attn_mask=box.mask,
+                is_causal=box.kind == "causal",
+                scale=scale,
+                enable_gqa=num_heads != num_kv_heads,
+            )  # [n, H, max q, D]
+            result = result.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)
         if out is None:
             return result
         out.index_copy_(0, box.out_index, result)

@@ -147,15 +147,16 @@ def inv_freq_and_scale(
 
 def inv_freq_for_lengths(
     head_dim: int, theta: float, scaling: dict, max_position_embeddings: int, lengths: torch.Tensor
-) -> torch.Tensor:
-    """The length-dependent types: inverse frequencies [N, D/2] for sequences of `lengths` [N]."""
+) -> tuple[torch.Tensor, float]:
+    """The length-dependent types: inverse frequencies [N, D/2] for sequences of `lengths` [N],
+    and the cos/sin scale. Runs per step on the worker: no validation (mi-convert did it)."""
     kind = rope_type(scaling)
-    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D/2]
     if kind == "longrope":
         is_long = (lengths > scaling["original_max_position_embeddings"])[:, None]
-        return torch.where(
+        inv_freq = torch.where(
             is_long, _longrope(head_dim, theta, scaling, True), _longrope(head_dim, theta, scaling, False)
         )
+        return inv_freq, _longrope_attention_factor(scaling, max_position_embeddings)
     if kind != "dynamic":
         raise ValueError(f"rope_scaling type {kind!r} does not depend on the sequence's length")
     # NTK-aware: theta grows with the length past max_position_embeddings (in float64 as HF's
@@ -165,4 +166,5 @@ def inv_freq_for_lengths(
     grown = theta * ((factor * length / max_position_embeddings) - (factor - 1)) ** (
         head_dim / (head_dim - 2)
     )
-    return 1.0 / torch.pow(grown.to(torch.float32)[:, None], exponent[None, :])
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim  # [D/2]
+    return 1.0 / torch.pow(grown.to(torch.float32)[:, None], exponent[None, :]), 1.0

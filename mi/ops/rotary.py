@@ -44,8 +44,7 @@ def token_cos_sin(
 ) -> torch.Tensor:
     """[N, 2, head_dim] float32 for the length-dependent types: token i at positions[i] of a
     sequence whose length is lengths[i] (prompt length for prompt tokens, else position + 1)."""
-    _, scale = inv_freq_and_scale(head_dim, theta, scaling, max_position_embeddings)
-    inv_freq = inv_freq_for_lengths(head_dim, theta, scaling, max_position_embeddings, lengths.cpu())
+    inv_freq, scale = inv_freq_for_lengths(head_dim, theta, scaling, max_position_embeddings, lengths.cpu())
     return _cos_sin(positions.cpu().float()[:, None] * inv_freq, scale).to(positions.device)
 
 

@@ -2,12 +2,10 @@
 
 import asyncio
 
-import aiohttp
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_reference import hf_greedy, post_all
 
-from servers import backend_headers, start_backend, start_frontend
+from servers import start_backend, start_frontend
 
 PROMPTS = [
     "Hi",
@@ -22,45 +20,15 @@ PROMPTS = [
 MAX_TOKENS = 24
 
 
-def hf_greedy(hf_dir, prompts, max_new_tokens):
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    results = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        generated = out[0, ids.shape[1] :].tolist()
-        results.append((ids[0].tolist(), generated, tokenizer.decode(generated, skip_special_tokens=True)))
-    return results
-
-
-async def _post_all(url, bodies):
-    async with aiohttp.ClientSession(headers=backend_headers()) as session:
-
-        async def post(body):
-            async with session.post(url, json=body) as resp:
-                assert resp.status == 200, await resp.text()
-                return await resp.json()
-
-        return await asyncio.gather(*(post(b) for b in bodies))
-
-
 def _check(hf_dir, backend_url, frontend_url):
     expected = hf_greedy(hf_dir, PROMPTS, MAX_TOKENS)
     bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in PROMPTS]
-    backend = asyncio.run(_post_all(backend_url + "/v1/generate", bodies))
+    backend = asyncio.run(post_all(backend_url + "/v1/generate", bodies))
     for (prompt_ids, ids, text), got, prompt in zip(expected, backend, PROMPTS):
         assert got["prompt_ids"] == prompt_ids, prompt
         assert got["ids"] == ids, prompt
         assert got["text"] == text, prompt
-    frontend = asyncio.run(_post_all(frontend_url + "/v1/completions", bodies))
+    frontend = asyncio.run(post_all(frontend_url + "/v1/completions", bodies))
     for (_, ids, text), got in zip(expected, frontend):
         assert got["choices"][0]["text"] == text
         assert got["usage"]["completion_tokens"] == len(ids)

@@ -5,10 +5,8 @@ import asyncio
 
 import gguf
 import pytest
-import torch
 from gguf_files import writable_types
-from test_e2e_hf_parity import _post_all
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_reference import hf_greedy, post_all
 
 from mi.convert import convert
 from mi.convert.gguf_source import SUPPORTED_QUANT_TYPES
@@ -21,24 +19,6 @@ MAX_TOKENS = 16
 CASES = [("llama", q.name) for q in writable_types(SUPPORTED_QUANT_TYPES)] + [("qwen2", "Q8_0")]
 
 
-def hf_greedy(path, prompts, max_new_tokens):
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    results = []
-    for prompt in prompts:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        results.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
-    return results
-
-
 def test_cases_cover_every_writable_quant_type():
     names = {q for _, q in CASES}
     assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"} <= names
@@ -48,14 +28,14 @@ def test_cases_cover_every_writable_quant_type():
 @pytest.mark.parametrize("arch,qtype", CASES)
 def test_quantized_gguf_served_matches_transformers(arch, qtype, tiny_gguf, tmp_path):
     path = tiny_gguf(arch, qtype)
-    expected = hf_greedy(path, PROMPTS, MAX_TOKENS)
+    expected = hf_greedy(path.parent, PROMPTS, MAX_TOKENS, gguf_file=path.name)
     backend, port = start_backend(convert(path, tmp_path / "mi", 1, progress=False))
     try:
         bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in PROMPTS]
-        got = asyncio.run(_post_all(f"http://127.0.0.1:{port}/v1/generate", bodies))
+        got = asyncio.run(post_all(f"http://127.0.0.1:{port}/v1/generate", bodies))
     finally:
         assert backend.stop() == 0, backend.output
-    for (prompt_ids, ids), result, prompt in zip(expected, got, PROMPTS):
+    for (prompt_ids, ids, _), result, prompt in zip(expected, got, PROMPTS):
         assert result["prompt_ids"] == prompt_ids, prompt
         assert result["ids"] == ids, prompt
-    assert any(len(ids) == MAX_TOKENS for _, ids in expected)  # not all cut short by EOS
+    assert any(len(ids) == MAX_TOKENS for _, ids, _ in expected)  # not all cut short by EOS

@@ -9,7 +9,7 @@ import sys
 import aiohttp
 import pytest
 import torch
-from test_e2e_hf_parity import _post_all
+from hf_reference import post_all
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from servers import backend_headers, start_backend, start_frontend
@@ -68,8 +68,8 @@ def test_greedy_matches_transformers(served, hf_completions):
 
     async def both():  # one batch of 8 sequences: half the decode steps of two rounds
         return await asyncio.gather(
-            _post_all(backend_url + "/v1/generate", bodies),
-            _post_all(frontend_url + "/v1/completions", bodies),
+            post_all(backend_url + "/v1/generate", bodies),
+            post_all(frontend_url + "/v1/completions", bodies),
         )
 
     backend, frontend = asyncio.run(both())
@@ -89,7 +89,7 @@ def test_chat_stops_on_the_templates_end_token(served, hf):
     expected = _greedy(model, ids, 48)
     assert expected[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") == model.config.eos_token_id
     body = {"messages": QUESTION, "temperature": 0, "max_tokens": 48}
-    [answer] = asyncio.run(_post_all(served[1] + "/v1/chat/completions", [body]))
+    [answer] = asyncio.run(post_all(served[1] + "/v1/chat/completions", [body]))
     choice = answer["choices"][0]
     assert choice["finish_reason"] == "stop"
     assert choice["message"]["content"] == tokenizer.decode(expected, skip_special_tokens=True)

@@ -3,15 +3,13 @@ variant, on prompts that run past the original context (tiny random-weight Llama
 
 import asyncio
 
-import aiohttp
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_reference import hf_greedy, post_all
 
 from mi.convert import convert
 from mi.models.tiny import build_tiny_model
 
-from servers import backend_headers, start_backend
+from servers import start_backend
 
 HALF_HEAD_DIM = 8  # the tiny Llama's head_dim is 16
 ROPES = {
@@ -48,38 +46,20 @@ PROMPTS = [
 MAX_TOKENS = 24
 
 
-def _hf_greedy(hf_dir, prompt):
-    # A fresh model per prompt: HF keeps dynamic RoPE state from one generate call to the next.
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
-    with torch.no_grad():
-        out = model.generate(
-            ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_TOKENS
-        )
-    return ids[0].tolist(), out[0, ids.shape[1] :].tolist()
-
-
-async def _generate(port, prompt):
-    async with aiohttp.ClientSession(headers=backend_headers()) as session:
-        body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-        async with session.post(f"http://127.0.0.1:{port}/v1/generate", json=body) as resp:
-            assert resp.status == 200, await resp.text()
-            return await resp.json()
-
-
 @pytest.mark.parametrize("name", list(ROPES))
 def test_greedy_matches_hf_past_the_original_context(name, tmp_path):
     params, max_positions, flags = ROPES[name]
     overrides = {"rope_parameters": params, "max_position_embeddings": max_positions}
     hf_dir = build_tiny_model(tmp_path / "hf", overrides=overrides)
     mi_dir = convert(hf_dir, tmp_path / "mi", 1)
-    expected = [_hf_greedy(hf_dir, prompt) for prompt in PROMPTS]
+    # A fresh model per prompt: HF keeps dynamic RoPE state from one generate call to the next.
+    expected = hf_greedy(hf_dir, PROMPTS, MAX_TOKENS, fresh_model_per_prompt=True)
     assert len(expected[1][0]) + MAX_TOKENS > 32 + 16, "the long prompt must outgrow the original context"
     proc, port = start_backend(mi_dir, *flags)
     try:
-        for prompt, (prompt_ids, ids) in zip(PROMPTS, expected):
-            got = asyncio.run(_generate(port, prompt))
+        for prompt, (prompt_ids, ids, _) in zip(PROMPTS, expected):
+            body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+            [got] = asyncio.run(post_all(f"http://127.0.0.1:{port}/v1/generate", [body]))
             assert got["prompt_ids"] == prompt_ids
             assert got["ids"] == ids, (name, prompt)
     finally:

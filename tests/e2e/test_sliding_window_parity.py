@@ -4,15 +4,13 @@ prefill (tiny random-weight models)."""
 
 import asyncio
 
-import aiohttp
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from hf_reference import hf_greedy, post_all
 
 from mi.convert import convert
 from mi.models.tiny import build_tiny_model
 
-from servers import backend_headers, start_backend
+from servers import start_backend
 
 WINDOW = 12
 MODELS = {
@@ -32,43 +30,19 @@ PROMPTS = [
 MAX_TOKENS = 24
 
 
-def _hf_greedy(hf_dir):
-    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    results = []
-    for prompt in PROMPTS:
-        ids = tokenizer(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(
-                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=MAX_TOKENS
-            )
-        results.append((ids[0].tolist(), out[0, ids.shape[1] :].tolist()))
-    return results
-
-
-async def _generate_all(port):
-    async with aiohttp.ClientSession(headers=backend_headers()) as session:
-
-        async def one(prompt):
-            body = {"prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
-            async with session.post(f"http://127.0.0.1:{port}/v1/generate", json=body) as resp:
-                assert resp.status == 200, await resp.text()
-                return await resp.json()
-
-        return await asyncio.gather(*(one(p) for p in PROMPTS))
-
-
 @pytest.mark.parametrize("flags", [(), ("--max-num-batched-tokens", "16")], ids=["whole", "chunked"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_greedy_matches_hf_beyond_the_window(name, flags, tmp_path):
     arch, overrides = MODELS[name]
     hf_dir = build_tiny_model(tmp_path / "hf", arch=arch, overrides=overrides)
     mi_dir = convert(hf_dir, tmp_path / "mi", 1)
-    expected = _hf_greedy(hf_dir)
-    assert max(len(ids) for ids, _ in expected) > 3 * WINDOW
+    expected = hf_greedy(hf_dir, PROMPTS, MAX_TOKENS)
+    assert max(len(ids) for ids, _, _ in expected) > 3 * WINDOW
     proc, port = start_backend(mi_dir, *flags)
     try:
-        for (prompt_ids, ids), got, prompt in zip(expected, asyncio.run(_generate_all(port)), PROMPTS):
+        bodies = [{"prompt": p, "max_tokens": MAX_TOKENS, "temperature": 0} for p in PROMPTS]
+        answers = asyncio.run(post_all(f"http://127.0.0.1:{port}/v1/generate", bodies))
+        for (prompt_ids, ids, _), got, prompt in zip(expected, answers, PROMPTS):
             assert got["prompt_ids"] == prompt_ids
             assert got["ids"] == ids, (name, prompt)
     finally:

@@ -9,6 +9,7 @@ Everything per step is built with array ops over the batch (no per-request Pytho
 """
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,6 +74,7 @@ class ModelRunner:
         self.rope_by_length = is_length_dependent(model_cfg.get("rope_scaling"))
         layer_windows = {self.model.cfg.layer_window(i) for i in range(self.model.cfg.num_hidden_layers)}
         self.window = max((w for w in layer_windows if w is not None), default=None)
+        self.has_full_layers = None in layer_windows
 
         kv_bytes = cfg.kv_cache_bytes
         if kv_bytes < 0:  # auto: most of what the weights left free on the GPU
@@ -117,9 +119,9 @@ class ModelRunner:
             self.block_tables[sorted_slots, self.num_slot_blocks[sorted_slots] + rank] = blocks[order]
             np.add.at(self.num_slot_blocks, slots, 1)
 
-    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, np.ndarray, ...]:
-        """Attention metadata, plus per row the sequence length after this step, and per new
-        token its row, slot and position."""
+    def _metadata(self, plan: StepPlan) -> tuple[AttentionMetadata, torch.Tensor, np.ndarray, ...]:
+        """Attention metadata and the step's rotary table, plus per row the sequence length after
+        this step, and per new token its row, slot and position."""
         slots = plan.slots.astype(np.int64)
         num_new = plan.num_new_tokens.astype(np.int64)
         num_computed = plan.num_computed_tokens.astype(np.int64)
@@ -137,42 +139,30 @@ class ModelRunner:
         tables = self.block_tables[slots, : -(-max_seq_len // block_size)]
 
         dev = lambda a: to_device(a, self.device)  # noqa: E731
-        plan = rows = rotary_index = None
         token_positions = dev(positions)
-        self.step_cos_sin = self.cos_sin
+        cos_sin, rotary_index = self.cos_sin, None
         if self.rope_by_length:  # a table per token: as HF, prompt tokens see the prompt's length
             lengths = np.maximum(self.sampling.params["num_prompt_tokens"][token_slots], positions + 1)
-            self.step_cos_sin = token_cos_sin(*self.rope, token_positions, torch.from_numpy(lengths))
+            cos_sin = token_cos_sin(*self.rope, token_positions, torch.from_numpy(lengths))
             rotary_index = dev(np.arange(num_tokens))
+        plan_of = functools.partial(
+            build_plan,
+            num_new,
+            seq_lens,
+            tables,
+            block_size,
+            self.num_kv_heads,
+            self.head_dim,
+            self.dtype,
+            self.device,
+            self.attention_scratch,
+        )
+        plan = rows = window_plan = None
         if self.device.type == "cpu":  # the references' per-step tables; triton reads blocks in place
-            rows = rotary_rows(
-                self.step_cos_sin, token_positions if rotary_index is None else rotary_index, self.dtype
-            )
-            plan = build_plan(
-                num_new,
-                seq_lens,
-                tables,
-                block_size,
-                self.num_kv_heads,
-                self.head_dim,
-                self.dtype,
-                self.device,
-                self.attention_scratch,
-            )
-        window_plan = None
+            rows = rotary_rows(cos_sin, token_positions if rotary_index is None else rotary_index, self.dtype)
+            plan = plan_of() if self.has_full_layers else None
         if self.window is not None:  # the sliding-window layers' own masks (reference attention, any device)
-            window_plan = build_plan(
-                num_new,
-                seq_lens,
-                tables,
-                block_size,
-                self.num_kv_heads,
-                self.head_dim,
-                self.dtype,
-                self.device,
-                self.attention_scratch,
-                window=self.window,
-            )
+            window_plan = plan_of(window=self.window)
         meta = AttentionMetadata(
             slot_mapping=dev(slot_mapping),
             block_tables=dev(tables),
@@ -187,7 +177,7 @@ class ModelRunner:
             rotary_index=rotary_index,
             window_plan=window_plan,
         )
-        return meta, seq_lens, token_seq_idx, token_slots, positions
+        return meta, cos_sin, seq_lens, token_seq_idx, token_slots, positions
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> StepResult | None:
@@ -196,10 +186,10 @@ class ModelRunner:
         self.apply_diffs(plan)
         if len(plan.slots) == 0:
             return StepResult(**_empty_result(plan.step_id))
-        meta, seq_lens, token_seq_idx, token_slots, positions = self._metadata(plan)
+        meta, cos_sin, seq_lens, token_seq_idx, token_slots, positions = self._metadata(plan)
         self.sampling.observe(token_slots, positions, plan.input_ids)
         input_ids = to_device(plan.input_ids.astype(np.int64), self.device)
-        hidden = self.model(input_ids, self.kv_caches, meta, self.step_cos_sin)
+        hidden = self.model(input_ids, self.kv_caches, meta, cos_sin)
 
         sample_rows = np.flatnonzero(plan.do_sample)
         last_token_idx = np.cumsum(plan.num_new_tokens.astype(np.int64))[sample_rows] - 1
