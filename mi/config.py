@@ -140,6 +140,10 @@ class BackendConfig:
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
     force_triton: bool = False  # MI_FORCE_TRITON=1: workers run the triton kernels also on CPU
     cpu_linear: str = "onednn"  # MI_CPU_LINEAR: how CPU workers run linear layers (mi/ops/cpu_linear.py)
+    # Admission limits (docs/reliability.md, "Admission"): 0 turns each off.
+    max_prompt_bytes: int = -1  # text prompts longer (UTF-8) get the context-length 400 untokenized; -1: auto
+    max_request_time: float = 0.0  # seconds from arrival; a request still running then is stopped (504)
+    max_queue_wait: float = 0.0  # seconds a request may wait unscheduled; then 503 + Retry-After
 
     def __post_init__(self):
         checks = [
@@ -164,6 +168,9 @@ class BackendConfig:
             ),
             (1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}"),
             (self.step_timeout >= 0, f"--step-timeout must be >= 0, got {self.step_timeout}"),
+            (self.max_prompt_bytes >= -1, f"--max-prompt-bytes must be >= 0, got {self.max_prompt_bytes}"),
+            (self.max_request_time >= 0, f"--max-request-time must be >= 0, got {self.max_request_time}"),
+            (self.max_queue_wait >= 0, f"--max-queue-wait must be >= 0, got {self.max_queue_wait}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -171,6 +171,14 @@ class RequestFailed(_Part, tag=13):
     reason: str
 
 
+class QueueTimeout(_Part, tag=14):
+    """A request dropped by the scheduler after `waited` seconds in its queue, never scheduled
+    (--max-queue-wait). The supervisor answers it with a 503 and Retry-After."""
+
+    req_id: int
+    waited: float
+
+
 class SchedulerCounters(_Part):
     """One replica's gauges and counters for /v1/stats (SchedulerCore.stats())."""
 
@@ -196,6 +204,7 @@ Message = (
     | TokenOutputs
     | RequestRejected
     | RequestFailed
+    | QueueTimeout
     | ActorFailed
     | StepPlan
     | StepResult

@@ -50,6 +50,7 @@ __all__ = [
     "TokenizerFiles",
     "Usage",
     "check_context_len",
+    "check_prompt_bytes",
     "decode_answer",
     "encode_answer",
     "new_request_id",
@@ -135,6 +136,27 @@ def check_context_len(prompt_len: int, max_tokens: int, max_model_len: int) -> N
             f"This model's maximum context length is {max_model_len} tokens. However, you "
             f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens} for the "
             "completion). Please reduce the length of the prompt or completion.",
+            "prompt",
+            code="context_length_exceeded",
+        )
+
+
+def check_prompt_bytes(text: str, max_prompt_bytes: int, max_model_len: int) -> None:
+    """The context-length 400 for a text prompt too long to fit, decided before tokenizing it.
+
+    `max_prompt_bytes` (0: no limit) is the backend's `ModelInfo.max_prompt_bytes`: the most
+    UTF-8 bytes a prompt of at most `max_model_len` tokens can have (mi/actors/supervisor/
+    admission.py derives it). Counting characters first keeps a huge prompt cheap to refuse.
+    """
+    if not max_prompt_bytes or len(text) * 4 <= max_prompt_bytes:  # UTF-8: <= 4 bytes a character
+        return
+    num_bytes = len(text) if len(text) > max_prompt_bytes else len(text.encode("utf-8", "surrogatepass"))
+    if num_bytes > max_prompt_bytes:
+        raise ApiError(
+            400,
+            f"This model's maximum context length is {max_model_len} tokens. However, your prompt "
+            f"has at least {num_bytes} bytes, more than the {max_prompt_bytes} bytes that can fit in "
+            "that context. Please reduce the length of the prompt.",
             "prompt",
             code="context_length_exceeded",
         )

@@ -128,6 +128,8 @@ class ModelInfo(msgspec.Struct, frozen=True):
     num_replicas: Count = 1
     block_size: Count = 0
     num_kv_blocks: Count = 0
+    # A text prompt of more UTF-8 bytes cannot fit in max_model_len tokens (0: no such bound).
+    max_prompt_bytes: Count = 0
 
 
 class _SchedulerCounts(msgspec.Struct, frozen=True):

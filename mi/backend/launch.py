@@ -110,8 +110,38 @@ def build_parser() -> argparse.ArgumentParser:
         "worker or collective) before the backend fails them all and exits 1; loading is not "
         "counted; 0 turns the watchdog off",
     )
+    _add_admission_flags(p)
     p.add_argument("--log-level", default="INFO")
     return p
+
+
+def _add_admission_flags(p: argparse.ArgumentParser) -> None:
+    """Backpressure and deadlines (docs/reliability.md, "Admission")."""
+    p.add_argument(
+        "--max-prompt-bytes",
+        default="auto",
+        help="text prompts of more UTF-8 bytes get the context-length 400 without being tokenized "
+        "(e.g. 4MiB; 0: no limit); auto: the most bytes --max-model-len tokens can cover, from the "
+        "vocabulary's longest token, where the tokenizer allows a sound bound",
+    )
+    p.add_argument(
+        "--max-request-time",
+        type=float,
+        default=0.0,
+        help="seconds a request may run from its arrival; one still running then is stopped with "
+        "HTTP 504 request_timeout (in a stream: an error line); 0: no limit",
+    )
+    p.add_argument(
+        "--max-queue-wait",
+        type=float,
+        default=0.0,
+        help="seconds a request may wait in a scheduler's queue before it first runs; one that "
+        "waits longer gets HTTP 503 queue_timeout with Retry-After; 0: no limit",
+    )
+
+
+def _prompt_bytes(value: str) -> int:
+    return -1 if value == "auto" else parse_bytes(value)
 
 
 def _device_count(requested: str, tp: int) -> tuple[str, int]:
@@ -171,6 +201,9 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
         profile=env.profile,
         force_triton=env.force_triton,
         cpu_linear=env.cpu_linear,
+        max_prompt_bytes=_prompt_bytes(args.max_prompt_bytes),
+        max_request_time=args.max_request_time,
+        max_queue_wait=args.max_queue_wait,
     )
 
 

@@ -112,6 +112,14 @@ def build_parser(env: Environment) -> argparse.ArgumentParser:
         default=FrontendConfig.shutdown_timeout,
         help="seconds in-flight requests may run on after SIGTERM before they are aborted",
     )
+    p.add_argument(
+        "--backend-read-timeout",
+        type=float,
+        default=FrontendConfig.backend_read_timeout,
+        help="seconds to wait for the backend's next bytes (a stream's next line) before the "
+        "request fails with HTTP 504 backend_timeout and is aborted; keep it above the backend's "
+        "--step-timeout and its longest prefill; 0: wait forever",
+    )
     return p
 
 
@@ -142,6 +150,7 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
                 max_tokens=args.max_tokens,
             ),
             shutdown_timeout=args.shutdown_timeout,
+            backend_read_timeout=args.backend_read_timeout,
         )
     except (ValueError, OSError) as exc:
         parser.error(str(exc))

@@ -343,12 +343,14 @@ class Backend:
                 err.param,
                 err.code,
             )
-        elif status == 429 or (status == 503 and err.code == "overloaded"):
+        elif status == 429 or (status == 503 and err.code in ("overloaded", "queue_timeout")):
             typed = Overloaded(
                 f"The backend at {self.url} is overloaded: {message}", float(err.retry_after or 1)
             )
         elif status == 503:
             typed = BackendUnavailable(f"The backend at {self.url} is not ready: {message}")
+        elif status == 504 and err.code == "request_timeout":
+            typed = RequestTimeout(f"The backend at {self.url} stopped the request: {message}")
         elif 400 <= status < 500:
             typed = InvalidRequest(message, status, err.param, err.code)
         else:

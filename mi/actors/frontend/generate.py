@@ -11,7 +11,12 @@ Invariants:
   as a too-long prompt is still an HTTP error, not an event;
 - in a stream, `finish_reason` rides on the chunk with the last text, exactly once per choice:
   one text piece per choice is held back until the next one (or the end) arrives;
-- usage counts each prompt once (choice `index % n == 0`) and every choice's generated tokens.
+- usage counts each prompt once (choice `index % n == 0`) and every choice's generated tokens;
+- tokenizing and chat templating run in a worker thread, never on the loop, each distinct text
+  prompt once, after the size check; the backend gets token ids (n copies of a long prompt are
+  neither tokenized nor sent as text n times);
+- every backend generate is read as a stream, so the backend client's read timeout
+  (--backend-read-timeout) also ends a non-streamed request whose backend went silent.
 """
 
 from __future__ import annotations
@@ -22,11 +27,21 @@ import time
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import msgspec
 from aiohttp import web
 
 from mi.actors.frontend.formats import ChatFormat, CompletionFormat, Format, Piece, UsageTotal
 from mi.actors.frontend.state import STATE, FrontendState, json_response, read_json
-from mi.api.backend import GenerateRequest, StreamDelta, StreamStart
+from mi.api.backend import (
+    GenerateRequest,
+    GenerateResult,
+    ModelInfo,
+    StreamDelta,
+    StreamStart,
+    Usage,
+    check_context_len,
+    check_prompt_bytes,
+)
 from mi.api.chat import parse_chat_request
 from mi.api.errors import ApiError
 from mi.api.openai import parse_completion_request
@@ -61,8 +76,30 @@ async def completions(request: web.Request) -> web.StreamResponse:
         creq.echo and not all(isinstance(p, str) for p in creq.prompts)
     )
     tok = await state.tokenizers.get() if needs_tokenizer else None
-    return await _generate(
-        request, state, CompletionFormat(creq, cid, tok), creq.generate_requests, creq.stream, start
+    reqs = await _tokenized(state, info, creq.prompts, creq.generate_requests)
+    return await _generate(request, state, CompletionFormat(creq, cid, tok), reqs, creq.stream, start)
+
+
+async def _tokenized(
+    state: FrontendState, info: ModelInfo, prompts: tuple, reqs: tuple[GenerateRequest, ...]
+) -> tuple[GenerateRequest, ...]:
+    """`reqs` with each text prompt replaced by its token ids (see the module invariants)."""
+    texts = list(dict.fromkeys(p for p in prompts if isinstance(p, str)))
+    if not texts:
+        return reqs
+    for text in texts:
+        check_prompt_bytes(text, info.max_prompt_bytes, info.max_model_len)
+    tok = await state.tokenizers.get()
+    add_special_tokens = reqs[0].add_special_tokens
+    encoded = await asyncio.to_thread(lambda: [tuple(tok.encode(t, add_special_tokens)) for t in texts])
+    ids_of = dict(zip(texts, encoded))
+    for ids in encoded:
+        check_context_len(len(ids), reqs[0].max_tokens, info.max_model_len)
+    return tuple(
+        req
+        if req.prompt is None
+        else msgspec.structs.replace(req, prompt=None, prompt_ids=ids_of[req.prompt])
+        for req in reqs
     )
 
 
@@ -75,17 +112,24 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         body, served_names=await state.served_names(), vocab_size=info.vocab_size, limits=state.config.limits
     )
     tok = await state.tokenizers.get()
-    prompt_ids = tok.render_chat(
-        creq.messages, creq.add_generation_prompt, creq.continue_final_message, creq.chat_template_kwargs
-    )
-    max_tokens = creq.max_tokens
-    if max_tokens is None:  # the rest of the context (the backend reports a prompt that fills it)
-        max_tokens = max(1, info.max_model_len - len(prompt_ids))
-        if state.config.limits.max_tokens is not None:
-            max_tokens = min(max_tokens, state.config.limits.max_tokens)
-    cid = new_id("chatcmpl")
-    reqs = creq.generate_requests(prompt_ids, cid, max_tokens)
     try:
+        prompt_ids = await asyncio.to_thread(
+            tok.render_chat,
+            creq.messages,
+            creq.add_generation_prompt,
+            creq.continue_final_message,
+            creq.chat_template_kwargs,
+            max_prompt_bytes=info.max_prompt_bytes,
+            max_model_len=info.max_model_len,
+        )
+        max_tokens = creq.max_tokens
+        if max_tokens is None:  # the rest of the context (the backend reports a prompt that fills it)
+            max_tokens = max(1, info.max_model_len - len(prompt_ids))
+            if state.config.limits.max_tokens is not None:
+                max_tokens = min(max_tokens, state.config.limits.max_tokens)
+        check_context_len(len(prompt_ids), max_tokens, info.max_model_len)
+        cid = new_id("chatcmpl")
+        reqs = creq.generate_requests(prompt_ids, cid, max_tokens)
         return await _generate(request, state, ChatFormat(creq, cid, tok), reqs, creq.stream, start)
     except ApiError as err:
         if err.param == "prompt":  # the backend's name for what the messages rendered to
@@ -103,7 +147,7 @@ async def _generate(
 ) -> web.StreamResponse:
     if stream:
         return await _stream(request, state, fmt, reqs, start)
-    results = await _run_all(state.backend, reqs, state.backend.generate)
+    results = await _run_all(state.backend, reqs, lambda req: _collect(state.backend, req))
     usage = UsageTotal(fmt.n)
     for index, result in enumerate(results):
         _check_not_aborted(result.finish_reason)
@@ -111,6 +155,39 @@ async def _generate(
     choices = [fmt.choice(index, result) for index, result in enumerate(results)]
     state.metrics.observe_finished(usage.prompt_tokens, usage.completion_tokens, time.monotonic() - start)
     return json_response(fmt.response(choices, usage.info()))
+
+
+async def _collect(backend: Backend, req: GenerateRequest) -> GenerateResult:
+    """One non-streamed generate, read as the backend's stream (a silent backend then trips the
+    read timeout between lines, not once for the whole generation)."""
+    resp = await backend.stream(msgspec.structs.replace(req, stream=True))
+    is_done = False
+    try:
+        start, ids, texts, logprobs = None, [], [], []
+        async for item in backend.lines(resp):
+            if isinstance(item, StreamStart):
+                start = item
+                continue
+            ids += item.ids
+            texts.append(item.text)
+            logprobs += item.logprobs or []
+            if item.finish_reason is not None:
+                is_done = True
+                return GenerateResult(
+                    start.request_id,
+                    start.prompt_ids,
+                    tuple(ids),
+                    "".join(texts),
+                    item.finish_reason,
+                    item.usage or Usage(len(start.prompt_ids), len(ids)),
+                    logprobs=tuple(logprobs) if req.logprobs is not None else None,
+                    prompt_logprobs=start.prompt_logprobs,
+                )
+        raise ApiError(502, "The backend closed the stream unexpectedly.")
+    finally:
+        resp.release()
+        if not is_done:  # a read timeout, a cut stream, our cancellation: free its KV blocks now
+            backend.abort(req.request_id)
 
 
 def _check_not_aborted(finish_reason: str | None) -> None:

@@ -3,6 +3,8 @@ metrics, and the tokenizer endpoints vLLM serves (/tokenize, /detokenize, /token
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from mi.actors.frontend.metrics import CONTENT_TYPE
@@ -78,12 +80,13 @@ async def tokenize(request: web.Request) -> web.Response:
         raise ApiError(400, "Exactly one of 'prompt' and 'messages' must be given.", "prompt")
     tok = await state.tokenizers.get()
     if req.prompt is not None:
-        ids = tok.encode(req.prompt, req.add_special_tokens)
+        ids = await asyncio.to_thread(tok.encode, req.prompt, req.add_special_tokens)
     else:
         add_generation_prompt = req.add_generation_prompt
         if add_generation_prompt is None:
             add_generation_prompt = not req.continue_final_message
-        ids = tok.render_chat(
+        ids = await asyncio.to_thread(
+            tok.render_chat,
             template_messages(req.messages),
             add_generation_prompt,
             req.continue_final_message,

@@ -23,7 +23,7 @@ from mi.api.errors import ApiError
 from mi.api.openai_common import Limits
 from mi.config import DEFAULT_CERT_PATH
 from mi.sdk.transport import Backend, address, parse_backend
-from mi.sdk.types import AuthenticationError, MIError
+from mi.sdk.types import AuthenticationError, MIError, RequestTimeout
 
 __all__ = ["STATE", "FrontendConfig", "FrontendState", "backend_error", "json_response", "read_json"]
 
@@ -45,13 +45,18 @@ class FrontendConfig:
     # On SIGTERM in-flight requests get this long to finish, then (aiohttp) as long again to
     # react to cancellation; the backend requests still open are then aborted.
     shutdown_timeout: float = 5.0
+    # The longest wait for the backend's next bytes (a stream's next line); then 504 and an abort.
+    # Above the backend's --step-timeout (60 s), so a hung engine is the backend's to report. 0: none.
+    backend_read_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         parse_backend(self.backend)  # fails loudly on a bad spec
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
-        if self.max_body_bytes < 1024 or self.shutdown_timeout < 0:
-            raise ValueError("max_body_bytes >= 1024 and shutdown_timeout >= 0 are required")
+        if self.max_body_bytes < 1024 or self.shutdown_timeout < 0 or self.backend_read_timeout < 0:
+            raise ValueError(
+                "max_body_bytes >= 1024, shutdown_timeout >= 0 and backend_read_timeout >= 0 are required"
+            )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty")
         if any(not name or len(name) > 256 for name in self.served_model_names):
@@ -66,6 +71,14 @@ def backend_error(err: MIError) -> ApiError:
         log.error("the backend refused our secret: check --backend-cert / MI_CERT")
         return ApiError(
             503, "The frontend cannot authenticate to the backend.", code="backend_auth_failed", retry_after=1
+        )
+    if isinstance(err, RequestTimeout) and err.api_error is None:
+        return ApiError(
+            504,
+            "The backend sent nothing for longer than this server's limit (mi-frontend "
+            "--backend-read-timeout); the request was stopped.",
+            type="server_error",
+            code="backend_timeout",
         )
     if err.api_error is None:
         return ApiError(
@@ -84,7 +97,11 @@ class FrontendState:
         self.config = config
         url, unix_socket = address(config.backend)
         self.backend = Backend(
-            url, config.backend_cert.expanduser(), unix_socket=unix_socket, errors=backend_error
+            url,
+            config.backend_cert.expanduser(),
+            unix_socket=unix_socket,
+            read_timeout=config.backend_read_timeout or None,
+            errors=backend_error,
         )
         self.tokenizers = TokenizerStore(self.backend, config.chat_template)
         self.metrics = FrontendMetrics()

@@ -3,7 +3,8 @@
 `TokenizerStore` loads it once from the backend's `GET /v1/tokenizer` (in a worker thread: the
 transformers import and the load take seconds), either when first needed or by `warm_up`, which
 waits for the backend after start-up. `FrontendTokenizer` wraps the Hugging Face tokenizer with
-what the handlers need; each failure a client can cause is an `ApiError` 400.
+what the handlers need; each failure a client can cause is an `ApiError` 400. `encode` and
+`render_chat` take long on a long prompt: handlers call them in a worker thread, never on the loop.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import functools
 import logging
 import re
 
+from mi.api.backend import check_prompt_bytes
 from mi.api.errors import ApiError
 from mi.api.tokenizer_files import load_tokenizer_files
 from mi.sdk.transport import Backend
@@ -101,9 +103,13 @@ class FrontendTokenizer:
         add_generation_prompt: bool,
         continue_final_message: bool = False,
         template_kwargs: dict | None = None,
+        *,
+        max_prompt_bytes: int = 0,
+        max_model_len: int = 0,
     ) -> list[int]:
         """Render `messages` with the chat template and tokenize the text as it stands (the
-        template writes BOS itself where the model wants one)."""
+        template writes BOS itself where the model wants one). A rendered text longer than
+        `max_prompt_bytes` (the backend's bound) is the context-length 400, not tokenized."""
         if not self.chat_template:
             raise ApiError(
                 400,
@@ -147,6 +153,7 @@ class FrontendTokenizer:
             ) from None
         if not isinstance(text, str):
             raise ApiError(400, "The chat template did not render to text.", "messages")
+        check_prompt_bytes(text, max_prompt_bytes, max_model_len)
         return self.encode(text, add_special_tokens=False)
 
     def info(self, max_model_len: int) -> dict:

@@ -46,6 +46,7 @@ class SchedulerSpec:
     enable_prefix_caching: bool
     check_invariants: bool  # debug: verify the block manager every time the scheduler goes idle
     ready_timeout: float
+    max_queue_wait: float = 0.0  # seconds a request may wait unscheduled; 0: no limit
 
 
 class SchedulerActor:
@@ -87,7 +88,7 @@ class SchedulerActor:
         """Applies one supervisor message; False on Shutdown."""
         if isinstance(msg, m.AddRequest):
             try:
-                self.core.add_request(msg.req_id, msg.prompt_ids, msg.params)
+                self.core.add_request(msg.req_id, msg.prompt_ids, msg.params, now=time.monotonic())
             except ValueError as exc:
                 self.outputs.send(m.RequestRejected(req_id=msg.req_id, reason=str(exc)))
         elif isinstance(msg, m.AbortRequest):
@@ -153,7 +154,14 @@ class SchedulerActor:
                 )
             )
 
+    def _expire_waiting(self) -> None:
+        now = time.monotonic()
+        for req_id, queued_at in self.core.expire_waiting(now - self.spec.max_queue_wait):
+            self.outputs.send(m.QueueTimeout(req_id=req_id, waited=now - queued_at))
+
     def _step(self) -> None:
+        if self.spec.max_queue_wait:
+            self._expire_waiting()
         plan = self.core.schedule()
         if plan is None:
             return

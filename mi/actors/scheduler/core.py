@@ -58,6 +58,7 @@ class _Request:
     cache_parent: int = ROOT  # serial of the entry for block num_hashed_blocks - 1
     num_cached_tokens: int = 0  # prompt tokens from the cache at its first admission
     is_admitted: bool = False  # once admitted (num_cached_tokens is then final)
+    queued_at: float = 0.0  # add_request's `now`: when the queue wait began
 
     @property
     def num_tokens(self) -> int:
@@ -108,7 +109,9 @@ class SchedulerCore:
         self._next_arrival = 0
         self._in_flight: StepPlan | None = None
 
-    def add_request(self, req_id: int, prompt_ids: Sequence[int], params: SamplingParams) -> None:
+    def add_request(
+        self, req_id: int, prompt_ids: Sequence[int], params: SamplingParams, now: float = 0.0
+    ) -> None:
         if req_id in self._reqs:
             raise ValueError(f"request {req_id}: id already in use")
         if len(prompt_ids) == 0:
@@ -127,6 +130,7 @@ class SchedulerCore:
                 f"has {self.blocks.num_blocks}"
             )
         req = _Request(req_id, self._next_arrival, len(prompt_ids), [int(t) for t in prompt_ids], params)
+        req.queued_at = now
         self._next_arrival += 1
         self._reqs[req_id] = req
         self._waiting.append(req)
@@ -139,6 +143,24 @@ class SchedulerCore:
         if req is not None:
             self._drop(req)
         return req is not None
+
+    def expire_waiting(self, oldest_allowed: float) -> list[tuple[int, float]]:
+        """Drops the waiting requests never admitted that were queued before `oldest_allowed`;
+        returns (req_id, queued_at) of each. Preempted requests (admitted once) stay: their
+        wait is not a queue wait. Only legal between steps, like `abort`.
+
+        The waiting queue is the preempted requests (pushed to its front) followed by the never
+        admitted in arrival order, so the scan stops at the first one queued late enough."""
+        expired = []
+        for req in self._waiting:
+            if req.is_admitted:
+                continue
+            if req.queued_at >= oldest_allowed:
+                break
+            expired.append(req)
+        for req in expired:
+            self._drop(req)
+        return [(req.req_id, req.queued_at) for req in expired]
 
     def has_unfinished(self) -> bool:
         return bool(self._reqs)

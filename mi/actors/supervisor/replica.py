@@ -141,6 +141,7 @@ class Replica:
             enable_prefix_caching=cfg.enable_prefix_caching,
             check_invariants=cfg.debug_invariants,
             ready_timeout=cfg.ready_timeout,
+            max_queue_wait=cfg.max_queue_wait,
         )
         self._spawn("scheduler", "mi.actors.scheduler", spec, list(rings))
 

@@ -108,6 +108,7 @@ class BackendRoutes:
                 num_replicas=cfg.num_replicas,
                 block_size=cfg.block_size,
                 num_kv_blocks=self.sup.num_kv_blocks,
+                max_prompt_bytes=self.sup.prompts.max_prompt_bytes,
             )
         )
 
@@ -127,7 +128,7 @@ class BackendRoutes:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
             req = parse_generate_request(await self._body(request), vocab_size=self.sup.vocab_size)
-            live = self.sup.submit(req)
+            live = await self.sup.admit(req)
         except ApiError as exc:
             return _error(exc)
         try:

@@ -27,6 +27,7 @@ import msgspec
 import numpy as np
 
 from mi.actors import messages as m
+from mi.actors.supervisor.admission import PromptTokenizer
 from mi.actors.supervisor.detokenizer import TextStream
 from mi.actors.supervisor.replica import Replica, cpu_shares
 from mi.api.backend import GenerateRequest, Logprob, StreamDelta, Usage, check_context_len
@@ -51,6 +52,7 @@ class LiveRequest:
     num_cached_tokens: int = 0
     prompt_logprobs: list = field(default_factory=list)  # entry per prompt token, first None
     events: asyncio.Queue = field(default_factory=asyncio.Queue)  # StreamDelta | ApiError
+    deadline: asyncio.TimerHandle | None = None  # --max-request-time
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.ids), self.num_cached_tokens)
@@ -84,6 +86,7 @@ class Supervisor:
         self._req_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
         self._run_dir = tempfile.mkdtemp(prefix=f"mi-backend-{os.getpid()}-")
+        self.prompts = PromptTokenizer(tokenizer, cfg.max_model_len, cfg.max_prompt_bytes)
 
     @property
     def num_kv_blocks(self) -> int:
@@ -150,8 +153,16 @@ class Supervisor:
             await asyncio.sleep(0.2)
 
     # -- requests ---------------------------------------------------------------------------
-    def submit(self, req: GenerateRequest) -> LiveRequest:
-        """Validates what needs the tokenizer or the KV size, then queues the request."""
+    async def admit(self, req: GenerateRequest) -> LiveRequest:
+        """Tokenizes a text prompt off the loop (after the cheap checks and the size check),
+        then submits the request."""
+        self._admissible_replica(req)
+        if req.prompt is not None:
+            req = await self.prompts.tokenized(req)
+        return self.submit(req)
+
+    def _admissible_replica(self, req: GenerateRequest) -> Replica:
+        """The replica for `req`, or the ApiError of a backend that cannot take it now."""
         if self.state != "ok":
             raise ApiError(503, f"The backend is {self.state}.", code="backend_unavailable", retry_after=1)
         if req.request_id in self._by_request_id:
@@ -164,10 +175,14 @@ class Supervisor:
                 code="overloaded",
                 retry_after=1,
             )
-        if req.prompt_ids is not None:
-            prompt_ids = list(req.prompt_ids)
-        else:
-            prompt_ids = self.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return replica
+
+    def submit(self, req: GenerateRequest) -> LiveRequest:
+        """Validates what needs the KV size, then queues a tokenized request (see `admit`)."""
+        replica = self._admissible_replica(req)
+        if req.prompt_ids is None:
+            raise TypeError("submit() takes a tokenized request; admit() tokenizes one")
+        prompt_ids = list(req.prompt_ids)
         check_context_len(len(prompt_ids), req.max_tokens, self.cfg.max_model_len)
         needed = -(-(len(prompt_ids) + max(req.max_tokens, 1) - 1) // self.cfg.block_size)
         if needed > self.num_kv_blocks:
@@ -196,7 +211,28 @@ class Supervisor:
         self.num_prompt_tokens += len(prompt_ids)
         self._requests[live.req_id] = live
         self._by_request_id[live.request_id] = live
+        if self.cfg.max_request_time:
+            live.deadline = asyncio.get_running_loop().call_later(
+                self.cfg.max_request_time, self._expire, live
+            )
         return live
+
+    def _expire(self, live: LiveRequest) -> None:
+        """--max-request-time: stops a request still running (its KV blocks freed by the abort)."""
+        if self._by_request_id.get(live.request_id) is not live:
+            return
+        if self.state == "ok":
+            live.replica.send(m.AbortRequest(req_id=live.req_id))
+        self._forget(live)
+        live.events.put_nowait(
+            ApiError(
+                504,
+                f"The request ran longer than this server's limit of {self.cfg.max_request_time:g} s "
+                "(mi-backend --max-request-time) and was stopped.",
+                type="server_error",
+                code="request_timeout",
+            )
+        )
 
     def abort(self, request_id: str) -> bool:
         live = self._by_request_id.get(request_id)
@@ -223,6 +259,8 @@ class Supervisor:
         live.events.put_nowait(event)
 
     def _forget(self, live: LiveRequest) -> None:
+        if live.deadline is not None:
+            live.deadline.cancel()
         self._requests.pop(live.req_id, None)
         self._by_request_id.pop(live.request_id, None)
         live.replica.num_live -= 1
@@ -311,6 +349,20 @@ class Supervisor:
             if live is not None:
                 self._forget(live)
                 live.events.put_nowait(ApiError(400, msg.reason))
+        elif isinstance(msg, m.QueueTimeout):
+            live = self._requests.get(msg.req_id)
+            if live is not None:
+                self._forget(live)
+                live.events.put_nowait(
+                    ApiError(
+                        503,
+                        f"The server is overloaded: the request waited {msg.waited:.1f} s in the queue, "
+                        f"more than this server's limit of {self.cfg.max_queue_wait:g} s "
+                        "(mi-backend --max-queue-wait).",
+                        code="queue_timeout",
+                        retry_after=1,
+                    )
+                )
         elif isinstance(msg, m.RequestFailed):
             live = self._requests.get(msg.req_id)
             if live is not None:
