@@ -46,6 +46,9 @@ class SchedulerSpec:
     enable_prefix_caching: bool
     check_invariants: bool  # debug: verify the block manager every time the scheduler goes idle
     ready_timeout: float
+    sliding_window: int | None = (
+        None  # every layer's window (mi.config.kv_window): blocks before it are freed
+    )
 
 
 class SchedulerActor:
@@ -75,6 +78,7 @@ class SchedulerActor:
             max_model_len=self.spec.max_model_len,
             eos_token_ids=tuple(self.spec.eos_token_ids),
             enable_prefix_caching=self.spec.enable_prefix_caching,
+            sliding_window=self.spec.sliding_window,
         )
         self.outputs.send(m.SchedulerReady(num_kv_blocks=ready.num_kv_blocks))
         self._send_stats()
