@@ -113,6 +113,15 @@ def _is_private_dir(path: Path) -> bool:
     )
 
 
+def kv_window(model: dict) -> int | None:
+    """The sliding window of an mi_config model when every layer has one (the scheduler may then
+    free the KV blocks before it); None when some layer attends to every key."""
+    window, layer_types = model.get("sliding_window"), model.get("layer_types")
+    if window is None or (layer_types and any(t != "sliding_attention" for t in layer_types)):
+        return None
+    return int(window)
+
+
 @dataclass(frozen=True)
 class BackendConfig:
     model_dir: str  # a mi-convert output directory

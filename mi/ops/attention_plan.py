@@ -50,7 +50,7 @@ class AttentionBox:
     kind: str  # "decode" | "causal" | "masked"
     num_seqs: int
     max_query_len: int
-    max_seq_len: int
+    max_seq_len: int  # keys per sequence in the box (with a window, from its first visible key)
     query_index: torch.Tensor  # [n * max q] int64
     key_index: torch.Tensor  # [n * K * max L] int64
     out_index: torch.Tensor  # [n * max q] int64
@@ -113,10 +113,16 @@ def build_plan(
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     num_tokens = int(query_lens.sum())
     query_starts = np.cumsum(query_lens) - query_lens
+    # A window hides every key before (first query position - window + 1): the box starts there,
+    # so a step costs about sum(q_i * min(L_i, window + q_i)), and the scheduler may free those blocks.
+    key_starts = (
+        np.zeros_like(seq_lens) if window is None else np.maximum(seq_lens - query_lens - window + 1, 0)
+    )
+    key_lens = seq_lens - key_starts
     is_causal = (query_lens == seq_lens) & (seq_lens <= (window or np.iinfo(np.int64).max))
     kind = np.where(query_lens == 1, 0, np.where(is_causal, 1, 2))
     query_octave = np.where(kind == 0, 0, _octave(query_lens))
-    group_key = (kind * 64 + query_octave) * 64 + _octave(seq_lens)  # octaves of int64 lengths are < 64
+    group_key = (kind * 64 + query_octave) * 64 + _octave(key_lens)  # octaves of int64 lengths are < 64
     _, group_of_seq = np.unique(group_key, return_inverse=True)
     order = np.argsort(group_of_seq, kind="stable")
     bounds = np.flatnonzero(np.r_[True, np.diff(group_of_seq[order]) != 0, True]) if len(order) else []
@@ -130,6 +136,7 @@ def build_plan(
                 box_kind,
                 query_lens[seqs],
                 seq_lens[seqs],
+                key_starts[seqs],
                 query_starts[seqs],
                 block_tables[seqs],
                 block_size,
@@ -153,6 +160,7 @@ def _box(
     kind,
     query_lens,
     seq_lens,
+    key_starts,
     query_starts,
     tables,
     block_size,
@@ -162,28 +170,27 @@ def _box(
     device,
     window,
 ) -> AttentionBox:
-    """One box's index tensors and mask (layout in the module docstring); arrays are per sequence."""
+    """One box's index tensors and mask (layout in the module docstring); arrays are per sequence.
+    Column j of sequence s is the key at position key_starts[s] + j."""
     num_seqs = len(seq_lens)
-    max_query_len, max_seq_len = int(query_lens.max()), int(seq_lens.max())
+    key_lens = seq_lens - key_starts
+    max_query_len, max_key_len = int(query_lens.max()), int(key_lens.max())
     query_offset = np.minimum(np.arange(max_query_len), query_lens[:, None] - 1)  # [n, max q]
     query_index = query_starts[:, None] + query_offset
     out_index = np.where(np.arange(max_query_len) < query_lens[:, None], query_index, num_tokens)
 
-    keys = np.minimum(np.arange(max_seq_len), seq_lens[:, None] - 1)  # [n, max L]
+    columns = np.arange(max_key_len)
+    keys = key_starts[:, None] + np.minimum(columns, key_lens[:, None] - 1)  # [n, max L] positions
     slots = np.take_along_axis(tables, keys // block_size, axis=1) * block_size + keys % block_size
     key_index = slots[:, None, :] * num_kv_heads + np.arange(num_kv_heads)[None, :, None]  # [n, K, max L]
 
     mask = None
-    outgrows_window = window is not None and max_seq_len > window
-    if kind == "decode" and ((seq_lens != max_seq_len).any() or outgrows_window):
-        key_pos = np.arange(max_seq_len)
-        visible = key_pos < seq_lens[:, None]  # [n, max L]
-        if window is not None:
-            visible &= key_pos > seq_lens[:, None] - 1 - window
-        mask = _additive(visible[:, None, None, :], dtype, device)
+    if kind == "decode" and (key_lens != max_key_len).any():
+        # A decode's window is exactly its columns (key_starts cut the rest): only padding to hide.
+        mask = _additive((columns < key_lens[:, None])[:, None, None, :], dtype, device)
     elif kind == "masked":
         query_pos = (seq_lens - query_lens)[:, None] + query_offset  # [n, max q]
-        key_pos = np.arange(max_seq_len)[None, None, :]
+        key_pos = key_starts[:, None, None] + columns[None, None, :]  # [n, 1, max L]
         visible = key_pos <= query_pos[:, :, None]  # [n, max q, max L]
         if window is not None:
             visible &= key_pos > query_pos[:, :, None] - window
@@ -194,7 +201,7 @@ def _box(
         kind=kind,
         num_seqs=num_seqs,
         max_query_len=max_query_len,
-        max_seq_len=max_seq_len,
+        max_seq_len=max_key_len,
         query_index=dev(query_index),
         key_index=dev(key_index),
         out_index=dev(out_index),

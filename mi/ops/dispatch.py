@@ -79,11 +79,9 @@ def paged_attention(
     scale: float,
     window: int | None = None,
 ) -> torch.Tensor:
-    # NOTE: the triton kernel has no sliding window yet; windowed layers run the reference on
-    # any device (correct, not fast, on a GPU).
-    kernels = kernels_for(q) if window is None else None
+    kernels = kernels_for(q)
     if kernels:
-        return kernels.paged_attention(q, k_cache, v_cache, meta, scale)
+        return kernels.paged_attention(q, k_cache, v_cache, meta, scale, window=window)
     return attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
 
 

@@ -260,6 +260,26 @@ def test_paged_attention_matches_reference(gen, dtype, case):
     assert_close(out, attention.paged_attention(q, k_cache, v_cache, meta, scale), ATTENTION_TOL)
 
 
+@pytest.mark.parametrize("window", [1, 6, 16, 40])
+@pytest.mark.parametrize(
+    "case", ["long_prefill_two_query_tiles", "cached_prefix_gqa4", "decode_gqa4", "mixed"]
+)
+def test_paged_attention_sliding_window_matches_reference(gen, case, window):
+    """With a window, and the blocks wholly before each sequence's first visible key poisoned
+    (NaN), as the scheduler frees them and hands them to other sequences."""
+    specs, block_size, num_heads, num_kv_heads, head_dim = ATTENTION_CASES[case]
+    dtype = torch.float32
+    q, k_cache, v_cache, meta = make_batch(gen, specs, block_size, num_heads, num_kv_heads, head_dim, dtype)
+    scale = head_dim**-0.5
+    expected = attention.paged_attention(q, k_cache, v_cache, meta, scale, window)
+    for (cached, _), table in zip(specs, meta.block_tables.tolist()):
+        for block in table[: max(0, cached - window + 1) // block_size]:
+            k_cache[block] = float("nan")
+            v_cache[block] = float("nan")
+    out = K.paged_attention(q, k_cache, v_cache, meta, scale, out=poisoned(q.shape, dtype), window=window)
+    assert_close(out, expected, ATTENTION_TOL)
+
+
 def test_paged_attention_reads_strided_q(gen):
     _, k_cache, v_cache, meta = make_batch(gen, [(6, 3), (0, 4)], 16, 4, 2, 16, torch.float32)
     q, _, _ = qkv_views(gen, 7, 4, 2, 16, torch.float32)
@@ -392,10 +412,20 @@ def test_dispatch_choice(monkeypatch):
         read_environment({"MI_FORCE_TRITON": "yes"})
 
 
+WINDOWS = {  # sliding window, layer types
+    "full": (None, None),
+    "windowed": (5, None),
+    "one_windowed_layer": (5, ("sliding_attention", "full_attention")),
+}
+
+
+@pytest.mark.parametrize("windows", list(WINDOWS))
 @pytest.mark.parametrize("force_triton", [False, True])
-def test_dispatched_model_forward_matches_reference(gen, monkeypatch, force_triton):
+def test_dispatched_model_forward_matches_reference(gen, monkeypatch, force_triton, windows):
     """A 2-layer Qwen3-style model (q/k norm, GQA 2, qkv bias), a prefill of two sequences and
-    then one decode step each, with the ops swapped for the dispatching versions."""
+    then one decode step each, with the ops swapped for the dispatching versions; without a
+    window, with one (shorter than both prompts) on every layer, and on one layer."""
+    sliding_window, layer_types = WINDOWS[windows]
     from mi.models import llama
     from mi.models.parallel import TensorParallel
 
@@ -415,6 +445,8 @@ def test_dispatched_model_forward_matches_reference(gen, monkeypatch, force_trit
         tie_word_embeddings=False,
         attention_bias=True,
         qk_norm=True,
+        sliding_window=sliding_window,
+        layer_types=layer_types,
     )
     with torch.random.fork_rng():
         torch.manual_seed(int(torch.randint(2**31, (1,), generator=gen)))

@@ -150,6 +150,28 @@ def test_sliding_window_matches_naive_attention(gen, case, window):
     check(gen, specs, block_size, num_heads, num_kv_heads, window=window)
 
 
+@pytest.mark.parametrize("window", [1, 7, 16, 40])
+@pytest.mark.parametrize("case", ["mixed_step", "skewed_decode", "many_decodes_masked", "block_size_1"])
+def test_sliding_window_never_reads_blocks_before_the_window(gen, case, window):
+    """The scheduler frees the blocks that fall out of every window (and they are reused for
+    other sequences) while the tables still name them: NaN in them must not reach the output,
+    and a box is no wider than the keys its queries can see."""
+    specs, block_size, num_heads, num_kv_heads = CASES[case]
+    head_dim, scale = 16, 16**-0.5
+    q, k_cache, v_cache, meta, tables = make_step(gen, specs, block_size, num_heads, num_kv_heads, head_dim)
+    expected = naive_attention(q, k_cache, v_cache, specs, tables, scale, window)
+    for (cached, _), blocks in zip(specs, tables):
+        first_visible = max(0, cached - window + 1)
+        for block in blocks[: first_visible // block_size]:
+            k_cache[block] = float("nan")
+            v_cache[block] = float("nan")
+    out = paged_attention(q, k_cache, v_cache, meta, scale, window)
+    torch.testing.assert_close(out.double(), expected, atol=TOL[torch.float32], rtol=TOL[torch.float32])
+    plan = attention_plan.plan_from_metadata(meta, block_size, num_kv_heads, head_dim, torch.float32, window)
+    widest_view = max(min(cached + new, window + new - 1) for cached, new in specs)
+    assert max(box.max_seq_len for box in plan.boxes) <= widest_view
+
+
 def test_random_mixed_batches(gen):
     rng = np.random.default_rng(int(torch.randint(2**31, (1,), generator=gen)))
     for _ in range(6):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from mi.actors import messages as m
-from mi.actors.scheduler.block_manager import InvariantError
-from mi.actors.scheduler.core import RequestOutput, SamplingParams, SchedulerCore, StepPlan
+from mi.actors.scheduler.block_manager import InvariantError, peak_blocks
+from mi.actors.scheduler.core import FREED, RequestOutput, SamplingParams, SchedulerCore, StepPlan
 from mi.shm import CodecError
 
 EOS = 0
@@ -109,6 +109,9 @@ class FakeWorker:
         )
         # NOTE: every row reads its cached prefix before any row writes: KV written in a step must
         # not be read by another row of the same step.
+        core_tables = self.core.block_tables()
+        for slot, _, start, n, *_ in rows:
+            self.check_window_held(slot, start, n, core_tables[slot])
         states = [self.read_state(slot, start) for slot, _, start, *_ in rows]
         sampled, offset, num_targets = [], 0, 0
         for (slot, req_id, start, n, do_sample, wants_targets), state in zip(rows, states):
@@ -131,8 +134,21 @@ class FakeWorker:
                 num_targets += n
                 self.record_targets(slot, req_id, start, targets)
         assert num_targets == len(plan.prompt_targets) and plan.prompt_targets.dtype == np.int32
-        assert self.tables == self.core.block_tables(), "diffs do not reproduce the tables"
+        assert self.tables.keys() == core_tables.keys(), "diffs do not reproduce the slots"
+        for slot, table in self.tables.items():  # the mirror keeps the ids of freed entries
+            assert len(table) == len(core_tables[slot]), "diffs do not reproduce the tables"
+            assert all(c in (FREED, b) for b, c in zip(table, core_tables[slot])), "tables differ"
         return sampled
+
+    def check_window_held(self, slot: int, start: int, num_new: int, core_table: list[int]) -> None:
+        """Every block this row's queries can see is still the row's own (never FREED, never
+        handed to someone else): under a window, keys [start - window + 1, start + num_new)."""
+        window, bs = self.core.sliding_window, self.core.block_size
+        first = 0 if window is None else max(0, start - window + 1)
+        for i in range(first // bs, -(-(start + num_new) // bs)):
+            block_id = self.tables[slot][i]
+            assert core_table[i] == block_id, f"block #{i} is freed while position {first} is visible"
+            assert self.core.blocks.ref_count(block_id) >= 1
 
     def read_state(self, slot: int, start: int) -> int:
         if start == 0:
@@ -511,8 +527,10 @@ def random_prompt(rng: random.Random, bases: list[list[int]], recent: list[list[
     return head + prompt(tail_len, start=rng.randint(1, 900))
 
 
-@pytest.mark.parametrize("enable_prefix_caching", [True, False])
-def test_randomized_run_keeps_invariants(enable_prefix_caching):
+@pytest.mark.parametrize(
+    "enable_prefix_caching, sliding_window", [(True, None), (False, None), (True, 6), (False, 9)]
+)
+def test_randomized_run_keeps_invariants(enable_prefix_caching, sliding_window):
     seed = int(os.environ.get("MI_TEST_SEED", random.randrange(2**32)))
     print(f"seed={seed} (rerun with MI_TEST_SEED={seed})")
     rng = random.Random(seed)
@@ -524,6 +542,7 @@ def test_randomized_run_keeps_invariants(enable_prefix_caching):
         max_num_batched_tokens=12,
         max_model_len=max_model_len,
         enable_prefix_caching=enable_prefix_caching,
+        sliding_window=sliding_window,
     )
     worker = FakeWorker(core, model=eos_model)
     bases = [prompt(rng.randint(4, 24), start=rng.randint(1, 900)) for _ in range(3)]
@@ -548,7 +567,8 @@ def test_randomized_run_keeps_invariants(enable_prefix_caching):
                 requests[next_id] = (prompt_ids, req_params)
                 live.add(next_id)
             except ValueError:  # would never fit in 14 blocks
-                assert len(prompt_ids) + req_params.max_tokens - 1 > 14 * 4
+                needed = len(prompt_ids) + req_params.max_tokens - 1
+                assert peak_blocks(needed, 4, sliding_window, 12) > 14
                 num_rejected += 1
             next_id += 1
         if i < 1000 and live and rng.random() < 0.05:

@@ -47,6 +47,8 @@ class SchedulerSpec:
     check_invariants: bool  # debug: verify the block manager every time the scheduler goes idle
     ready_timeout: float
     max_queue_wait: float = 0.0  # seconds a request may wait unscheduled; 0: no limit
+    # Every layer's window (mi.config.kv_window): the blocks behind it are freed.
+    sliding_window: int | None = None
 
 
 class SchedulerActor:
@@ -76,6 +78,7 @@ class SchedulerActor:
             max_model_len=self.spec.max_model_len,
             eos_token_ids=tuple(self.spec.eos_token_ids),
             enable_prefix_caching=self.spec.enable_prefix_caching,
+            sliding_window=self.spec.sliding_window,
         )
         self.outputs.send(m.SchedulerReady(num_kv_blocks=ready.num_kv_blocks))
         self._send_stats()

@@ -41,6 +41,17 @@ def num_blocks_for(num_tokens: int, block_size: int) -> int:
     return -(-num_tokens // block_size)
 
 
+def peak_blocks(num_tokens: int, block_size: int, window: int | None, max_num_batched_tokens: int) -> int:
+    """The most blocks a request of ``num_tokens`` computed tokens holds at once. With a sliding
+    window it holds, during a step, the keys its queries can see and that step's chunk: tokens
+    [s - window + 1, s + chunk), at most ``window - 1 + max_num_batched_tokens`` of them, which
+    may straddle one more block boundary than they fill."""
+    whole = num_blocks_for(num_tokens, block_size)
+    if window is None:
+        return whole
+    return min(whole, num_blocks_for(window - 1 + max_num_batched_tokens, block_size) + 1)
+
+
 class BlockManager:
     def __init__(self, num_blocks: int, block_size: int) -> None:
         if num_blocks < 1:

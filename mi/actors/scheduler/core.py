@@ -15,9 +15,19 @@ ref count + 1), keeping at least its last token to compute, so ``num_computed_to
 request admitted in the same step cannot read KV that is still being written. A request asking
 for prompt logprobs never looks up (every prompt position needs its logits) but is indexed.
 
+Sliding window (``sliding_window``, given when every layer of the model has one): a query at
+position p reads keys in (p - window, p] only, so once a request has computed ``c`` tokens its
+blocks wholly before position c - window + 1 are never read again. They are freed after each
+step (and at admission, for prefix-cache hits) and their table entries become ``FREED``; the
+workers' mirrors keep the old ids, which their attention never reads (mi/ops/attention_plan.py
+starts each box at the first visible key). A freed block keeps its prefix-cache entry like any
+free block. A request then holds about ``window + max_num_batched_tokens`` tokens of blocks,
+whatever its length, and one that fits that is admitted however long it is.
+
 Invariants (``check_invariants``): a waiting request holds no slot, blocks or cached tokens; a
 running one holds a unique slot in [0, max_num_seqs), exactly ``ceil(num_computed_tokens /
-block_size)`` blocks and, between steps, a token left to compute; ``running`` is in arrival order;
+block_size)`` table entries (with a window, exactly the leading ones wholly before it
+``FREED``) and, between steps, a token left to compute; ``running`` is in arrival order;
 ``num_computed_tokens <= num_tokens <= max_model_len``; ref counts match the block tables; an
 indexed block of a request stores that request's tokens and lies among its first
 ``num_hashed_blocks`` blocks (so a partly computed block is never indexed).
@@ -36,11 +46,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mi.actors.scheduler.block_manager import BlockManager, InvariantError, num_blocks_for
+from mi.actors.scheduler.block_manager import BlockManager, InvariantError, num_blocks_for, peak_blocks
 from mi.actors.scheduler.plan import NewSlot, RequestOutput, SamplingParams, StepPlan
 from mi.actors.scheduler.prefix_cache import ROOT, CachedBlock, extend_hashes
 
-__all__ = ["NewSlot", "RequestOutput", "SamplingParams", "SchedulerCore", "StepPlan"]
+__all__ = ["FREED", "NewSlot", "RequestOutput", "SamplingParams", "SchedulerCore", "StepPlan"]
+
+FREED = -1  # a table entry whose block fell out of the sliding window and went back to the pool
 
 
 @dataclass(eq=False)  # identity, so list.remove finds this very request
@@ -52,7 +64,8 @@ class _Request:
     params: SamplingParams
     num_computed_tokens: int = 0
     slot: int = -1  # -1 while waiting
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # by position; FREED before the window
+    num_freed_blocks: int = 0  # leading entries FREED (sliding window)
     block_hashes: list[bytes] = field(default_factory=list)  # keys of its leading full blocks
     num_hashed_blocks: int = 0  # leading blocks hit or offered to the index since admission
     cache_parent: int = ROOT  # serial of the entry for block num_hashed_blocks - 1
@@ -83,6 +96,7 @@ class SchedulerCore:
         max_model_len: int,
         eos_token_ids: tuple[int, ...],
         enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
     ) -> None:
         for name, value in (
             ("max_num_seqs", max_num_seqs),
@@ -98,6 +112,9 @@ class SchedulerCore:
         self.max_model_len = max_model_len
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_prefix_caching = enable_prefix_caching
+        if sliding_window is not None and sliding_window < 1:
+            raise ValueError(f"sliding_window must be >= 1, got {sliding_window}")
+        self.sliding_window = sliding_window
         self.num_preemptions = 0
         self.prefix_cache_queried_tokens = 0  # num_tokens of each admission that looked up
         self.prefix_cache_hit_tokens = 0  # tokens those admissions found cached
@@ -123,7 +140,12 @@ class SchedulerCore:
                 f"({params.max_tokens}) exceeds max_model_len ({self.max_model_len})"
             )
         # The last sampled token is never computed; a scoring request (max_tokens 0) computes all.
-        needed = num_blocks_for(max(total_len - 1, len(prompt_ids)), self.block_size)
+        needed = peak_blocks(
+            max(total_len - 1, len(prompt_ids)),
+            self.block_size,
+            self.sliding_window,
+            self.max_num_batched_tokens,
+        )
         if needed > self.blocks.num_blocks:
             raise ValueError(
                 f"request {req_id}: needs {needed} KV blocks even alone, the cache "
@@ -254,7 +276,8 @@ class SchedulerCore:
             if row in failed_rows:
                 self._drop(req)
                 continue
-            self._cache_computed_blocks(req)
+            self._cache_computed_blocks(req)  # before freeing: a freed block keeps its entry
+            self._free_out_of_window(req)
             if do_sample:
                 req.token_ids.append(token_id)
                 reason = self._finish_reason(req, token_id)
@@ -302,6 +325,7 @@ class SchedulerCore:
         self.blocks.share(req.block_ids)
         appends.extend((req.slot, b) for b in req.block_ids)
         req.num_computed_tokens = len(hits) * self.block_size
+        self._free_out_of_window(req)
         req.num_hashed_blocks = len(hits)
         req.cache_parent = hits[-1].serial if hits else ROOT
         if not req.is_admitted:
@@ -343,6 +367,19 @@ class SchedulerCore:
             )
         req.num_hashed_blocks = num_full
 
+    def _free_out_of_window(self, req: _Request) -> None:
+        """Frees ``req``'s blocks that no query from its next token on can see."""
+        if self.sliding_window is None:
+            return
+        first_visible = req.num_computed_tokens - self.sliding_window + 1
+        num_dead = max(0, first_visible // self.block_size)
+        if num_dead <= req.num_freed_blocks:
+            return
+        dead = req.block_ids[req.num_freed_blocks : num_dead]
+        self.blocks.free(dead)
+        req.block_ids[req.num_freed_blocks : num_dead] = [FREED] * len(dead)
+        req.num_freed_blocks = num_dead
+
     def _build_plan(
         self, rows: list[_Row], new_reqs: list[NewSlot], appends: list[tuple[int, int]]
     ) -> StepPlan:
@@ -383,8 +420,8 @@ class SchedulerCore:
         return None
 
     def _release(self, req: _Request) -> None:
-        self.blocks.free(req.block_ids)
-        req.block_ids = []
+        self.blocks.free(req.block_ids[req.num_freed_blocks :])
+        req.block_ids, req.num_freed_blocks = [], 0
         req.num_hashed_blocks, req.cache_parent = 0, ROOT
         heapq.heappush(self._free_slots, req.slot)
         self._freed_slots.append(req.slot)
@@ -436,12 +473,24 @@ class SchedulerCore:
                 len(req.block_ids) == num_blocks,
                 f"request {req.req_id}: {len(req.block_ids)} blocks, expected {num_blocks}",
             )
+            num_freed = req.num_freed_blocks
+            _require(
+                all(b == FREED for b in req.block_ids[:num_freed]) and FREED not in req.block_ids[num_freed:],
+                f"request {req.req_id}: FREED entries are not exactly its first {num_freed}",
+            )
+            if self.sliding_window is not None and self._in_flight is None:
+                first_visible = req.num_computed_tokens - self.sliding_window + 1
+                _require(
+                    num_freed == max(0, first_visible // self.block_size) or req.slot < 0,
+                    f"request {req.req_id}: holds blocks no query can see ({num_freed} freed, "
+                    f"{req.num_computed_tokens} computed, window {self.sliding_window})",
+                )
             _require(
                 self._in_flight is not None or req.num_computed_tokens < req.num_tokens,
                 f"request {req.req_id} is fully computed but unfinished: it would stall",
             )
             self._check_cached_blocks(req)
-        self.blocks.check_invariants(r.block_ids for r in running)
+        self.blocks.check_invariants(r.block_ids[r.num_freed_blocks :] for r in running)
 
     def _check_cached_blocks(self, req: _Request) -> None:
         bs = self.block_size
@@ -451,6 +500,8 @@ class SchedulerCore:
             f"only {req.num_computed_tokens} tokens computed",
         )
         for i, block_id in enumerate(req.block_ids):
+            if block_id == FREED:
+                continue
             entry = self.blocks.cached_block(block_id)
             if entry is None:
                 continue

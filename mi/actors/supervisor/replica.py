@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from mi.actors import messages as m
-from mi.config import BackendConfig
+from mi.config import BackendConfig, kv_window
 from mi.shm import Receiver, Ring, Sender
 from mi.shm.allreduce import ShmCollectives
 
@@ -79,6 +79,7 @@ class Replica:
             else None
         )
         self._eos_token_ids = eos_token_ids
+        self._model = model
         self._dist_init_file = os.path.join(run_dir, f"dist-init-{index}")
 
     def _spawn(self, name: str, module: str, spec: dict, rings: list[str], extra_fds: list[int] = ()) -> None:
@@ -142,6 +143,7 @@ class Replica:
             check_invariants=cfg.debug_invariants,
             ready_timeout=cfg.ready_timeout,
             max_queue_wait=cfg.max_queue_wait,
+            sliding_window=kv_window(self._model),
         )
         self._spawn("scheduler", "mi.actors.scheduler", spec, list(rings))
 

@@ -27,12 +27,13 @@ import msgspec
 import numpy as np
 
 from mi.actors import messages as m
+from mi.actors.scheduler.block_manager import peak_blocks
 from mi.actors.supervisor.admission import PromptTokenizer
 from mi.actors.supervisor.detokenizer import TextStream
 from mi.actors.supervisor.replica import Replica, cpu_shares
 from mi.api.backend import GenerateRequest, Logprob, StreamDelta, Usage, check_context_len
 from mi.api.errors import ApiError
-from mi.config import BackendConfig
+from mi.config import BackendConfig, kv_window
 
 log = logging.getLogger("mi.backend")
 
@@ -184,7 +185,12 @@ class Supervisor:
             raise TypeError("submit() takes a tokenized request; admit() tokenizes one")
         prompt_ids = list(req.prompt_ids)
         check_context_len(len(prompt_ids), req.max_tokens, self.cfg.max_model_len)
-        needed = -(-(len(prompt_ids) + max(req.max_tokens, 1) - 1) // self.cfg.block_size)
+        needed = peak_blocks(
+            len(prompt_ids) + max(req.max_tokens, 1) - 1,
+            self.cfg.block_size,
+            kv_window(self.mi_config["model"]),
+            self.cfg.max_num_batched_tokens,
+        )
         if needed > self.num_kv_blocks:
             raise ApiError(
                 400,

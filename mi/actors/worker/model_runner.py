@@ -161,8 +161,8 @@ class ModelRunner:
         if self.device.type == "cpu":  # the references' per-step tables; triton reads blocks in place
             rows = rotary_rows(cos_sin, token_positions if rotary_index is None else rotary_index, self.dtype)
             plan = plan_of() if self.has_full_layers else None
-        if self.window is not None:  # the sliding-window layers' own masks (reference attention, any device)
-            window_plan = plan_of(window=self.window)
+            # the sliding-window layers' own boxes, from each sequence's first visible key
+            window_plan = plan_of(window=self.window) if self.window is not None else None
         meta = AttentionMetadata(
             slot_mapping=dev(slot_mapping),
             block_tables=dev(tables),

@@ -9,10 +9,12 @@ BLOCK_M * BLOCK_G rows:
           -> head   kv_head * G + r % BLOCK_G          (rows past the sequence or G are masked)
 
 It walks the sequence's keys 0 .. min(seq_len, max position in the tile + 1) in tiles of BLOCK_N
-keys; key j lives at cache[block_table[seq, j // block_size], j % block_size, kv_head, :], so a
-key tile may span several blocks and any block size works. Scores and the online softmax
+keys (with a sliding window, from the tile's first visible key, min position - window + 1: it
+then costs about the window, and never reads a block the scheduler freed behind it); key j
+lives at cache[block_table[seq, j // block_size], j % block_size, kv_head, :], so a key tile may
+span several blocks and any block size works. Scores and the online softmax
 (running max m, running sum l) are float32; key j is visible to a row at position p iff
-j <= p and j < seq_len, the reference's mask.
+j <= p and j < seq_len (and p - window < j with a window), the reference's mask.
 
 Both products use tl.dot (float32 inputs at IEEE precision, not TF32), so every tile dim is
 >= 16: BLOCK_D pads the head dim, and a tile has at least 16 rows (masked padding where a decode
@@ -36,6 +38,7 @@ from mi.ops.attention import AttentionMetadata
 from mi.ops.triton_kernels import _guard
 
 BLOCK_N = 32  # keys per inner-loop step; a key tile may span several KV blocks
+_NO_WINDOW = 1 << 62  # int64 in the kernel, past any position
 
 
 @triton.jit
@@ -58,6 +61,7 @@ def _paged_attention_kernel(
     block_size,
     num_queries_per_kv,
     num_heads,
+    window,  # sliding window; no window is one longer than any sequence (no branch in the kernel)
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_G: tl.constexpr,
@@ -89,12 +93,14 @@ def _paged_attention_kernel(
         )  # [R, BLOCK_D]
         q_pos = tl.load(positions_ptr + token, mask=row_valid, other=-1).to(tl.int64)  # [R]
         kv_len = tl.minimum(seq_len, tl.max(q_pos, axis=0) + 1)
+        first_pos = tl.min(tl.where(row_valid, q_pos, seq_len), axis=0)
+        kv_begin = tl.maximum(first_pos - window + 1, 0)
 
         m_i = tl.full([BLOCK_M * BLOCK_G], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M * BLOCK_G], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M * BLOCK_G, BLOCK_D], dtype=tl.float32)
         table = block_tables_ptr + seq * stride_table
-        for key_start in range(0, kv_len, BLOCK_N):
+        for key_start in range(kv_begin, kv_len, BLOCK_N):
             keys = key_start + tl.arange(0, BLOCK_N)
             key_valid = keys < kv_len
             block_ids = tl.load(table + keys // block_size, mask=key_valid, other=0).to(tl.int64)
@@ -113,6 +119,7 @@ def _paged_attention_kernel(
             else:
                 scores = tl.dot(q, tl.trans(k))
             visible = (keys[None, :] <= q_pos[:, None]) & key_valid[None, :]  # [R, BLOCK_N]
+            visible &= keys[None, :] > q_pos[:, None] - window
             scores = tl.where(visible, scores * scale_log2, float("-inf"))
 
             m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -158,10 +165,12 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     out: torch.Tensor | None = None,
+    window: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of the new tokens q [N, H, D] over each sequence's cached K/V
     [num_blocks, block_size, K, D] (already holding this step's keys). Returns [N, H, D]
-    contiguous in q's dtype (or writes `out`)."""
+    contiguous in q's dtype (or writes `out`). `window`: sliding-window attention, a query at
+    position p sees keys in (p - window, p]."""
     op = "paged_attention"
     _guard.check_dtype(op, "q", q, _guard.FLOAT_DTYPES)
     _guard.check_dtype(op, "k_cache", k_cache, _guard.FLOAT_DTYPES)
@@ -194,6 +203,8 @@ def paged_attention(
             _guard.fail(op, f"meta.{name} must have {num_tokens} entries like q")
     if not math.isfinite(scale):
         _guard.fail(op, f"scale must be finite, got {scale}")
+    if window is not None and window < 1:
+        _guard.fail(op, f"window must be >= 1, got {window}")
     _guard.check_unit_stride(op, "q", q)
     _guard.check_contiguous(op, "k_cache", k_cache)
     _guard.check_contiguous(op, "v_cache", v_cache)
@@ -237,6 +248,7 @@ def paged_attention(
         block_size,
         num_queries_per_kv,
         num_heads,
+        window or _NO_WINDOW,
         HEAD_DIM=head_dim,
         BLOCK_M=block_m,
         BLOCK_G=block_g,
