@@ -140,6 +140,11 @@ class BackendConfig:
     profile: bool = False  # MI_PROFILE=1: workers print step / collective time on shutdown
     force_triton: bool = False  # MI_FORCE_TRITON=1: workers run the triton kernels also on CPU
     cpu_linear: str = "onednn"  # MI_CPU_LINEAR: how CPU workers run linear layers (mi/ops/cpu_linear.py)
+    # Lifecycle (docs/reliability.md): after an engine-scoped failure of a replica, "exit" (tear
+    # everything down, exit 1) or "restart" it (mi/actors/supervisor/restarts.py); on the first
+    # SIGTERM, requests in flight get drain_timeout seconds to finish.
+    on_failure: str = "exit"
+    drain_timeout: float = 30.0
 
     def __post_init__(self):
         checks = [
@@ -164,6 +169,11 @@ class BackendConfig:
             ),
             (1 <= self.port <= 65535, f"--port must be in 1..65535, got {self.port}"),
             (self.step_timeout >= 0, f"--step-timeout must be >= 0, got {self.step_timeout}"),
+            (
+                self.on_failure in ("exit", "restart"),
+                f"--on-failure must be exit or restart, got {self.on_failure!r}",
+            ),
+            (self.drain_timeout >= 0, f"--drain-timeout must be >= 0, got {self.drain_timeout}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -25,7 +25,7 @@ import aiohttp
 from aiohttp import web
 
 from mi.actors.frontend.formats import ChatFormat, CompletionFormat, Format, Piece, UsageTotal
-from mi.actors.frontend.state import STATE, FrontendState, json_response, read_json
+from mi.actors.frontend.state import SHUTTING_DOWN, STATE, FrontendState, json_response, read_json
 from mi.api.backend import GenerateRequest, StreamDelta, StreamStart
 from mi.api.chat import parse_chat_request
 from mi.api.errors import ApiError
@@ -103,7 +103,7 @@ async def _generate(
 ) -> web.StreamResponse:
     if stream:
         return await _stream(request, state, fmt, reqs, start)
-    results = await _run_all(state.backend, reqs, state.backend.generate)
+    results = await _until_shutdown(state, _run_all(state.backend, reqs, state.backend.generate))
     usage = UsageTotal(fmt.n)
     for index, result in enumerate(results):
         _check_not_aborted(result.finish_reason)
@@ -111,6 +111,23 @@ async def _generate(
     choices = [fmt.choice(index, result) for index, result in enumerate(results)]
     state.metrics.observe_finished(usage.prompt_tokens, usage.completion_tokens, time.monotonic() - start)
     return json_response(fmt.response(choices, usage.info()))
+
+
+async def _until_shutdown(state: FrontendState, work: Awaitable):
+    """`work`'s result, or 503 shutting_down (and `work` cancelled: its backend calls aborted)
+    once the frontend's drain is over."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(state.stop_requests.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise SHUTTING_DOWN
+        return task.result()
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _check_not_aborted(finish_reason: str | None) -> None:
@@ -197,6 +214,7 @@ async def _stream(
             queue.put_nowait((index, None))
 
     pumps = [asyncio.ensure_future(pump(i, resp)) for i, resp in enumerate(streams)]
+    state.open_streams.add(queue)  # the drain's end puts its error here
     finished: set[int] = set()
     held = _HoldBack()
     usage = UsageTotal(fmt.n)
@@ -248,6 +266,7 @@ async def _stream(
         err = ApiError(500, "The server had an error processing your request.")
         await _write_quietly(response, encode_event(err.body()) + DONE)
     finally:
+        state.open_streams.discard(queue)
         for index, (req, task) in enumerate(zip(reqs, pumps)):
             task.cancel()
             if index not in finished:
