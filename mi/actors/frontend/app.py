@@ -241,3 +241,7 @@ async def serve(config: FrontendConfig) -> None:
         await _drain(app[STATE], stop_now)
     finally:
         await runner.cleanup()
+        # NOTE: a signal after the teardown must not kill us with its default action (exit -15).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)

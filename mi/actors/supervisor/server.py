@@ -293,4 +293,9 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
         if unix_bound:  # never the socket of the backend whose port we failed to bind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(unix_path)
+        # NOTE: a signal after the teardown must not kill us with its default action (exit -15)
+        # once the loop, closing, gives its handlers back.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     return exit_code
