@@ -159,6 +159,7 @@ class BackendStats(_SchedulerCounts, frozen=True):
     prompt_tokens_total: Count = 0
     generation_tokens_total: Count = 0
     requests_finished_total: dict[str, Count] = {}  # finish reason -> requests
+    replica_restarts_total: Count = 0  # replicas replaced after a failure (--on-failure restart)
     replicas: tuple[ReplicaStats, ...] = ()
 
 
