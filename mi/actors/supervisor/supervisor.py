@@ -576,4 +576,5 @@ class Supervisor:
         grace = 0.0 if self.failure.is_set() else self.cfg.shutdown_grace
         # A replica still loading (a restart under way) has no scheduler to read Shutdown.
         await asyncio.gather(*(r.stop(grace if r.phase == "serving" else 0.0, log) for r in self.replicas))
+        self.prompts.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
