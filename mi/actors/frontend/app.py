@@ -33,6 +33,7 @@ from aiohttp import web
 from mi.actors.frontend.generate import chat_completions, completions
 from mi.actors.frontend.info import ROUTES
 from mi.actors.frontend.state import SHUTTING_DOWN, STATE, FrontendConfig, FrontendState, json_response
+from mi.actors.http_deadlines import RUNNER_OPTIONS, body_deadline
 from mi.api.errors import ApiError, default_error_type, error_body
 from mi.api.info import HealthResponse
 
@@ -160,7 +161,8 @@ async def _add_cors_headers(request: web.Request, response: web.StreamResponse) 
 
 def create_app(config: FrontendConfig) -> web.Application:
     app = web.Application(
-        middlewares=[_cors_preflight, _errors, _intake, _api_key], client_max_size=config.max_body_bytes
+        middlewares=[_cors_preflight, _errors, _intake, _api_key, body_deadline],
+        client_max_size=config.max_body_bytes,
     )
     state = FrontendState(config)
     app[STATE] = state
@@ -219,9 +221,7 @@ async def _drain(state: FrontendState, stop_now: asyncio.Event) -> None:
 async def serve(config: FrontendConfig) -> None:
     """Serve until SIGTERM or SIGINT, then drain (see the module invariants) and return."""
     app = create_app(config)
-    # NOTE: handler_cancellation makes a client disconnect cancel its handler (and so abort
-    # the backend request); aiohttp leaves it off by default.
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=1.0)
+    runner = web.AppRunner(app, **RUNNER_OPTIONS, shutdown_timeout=1.0)
     await runner.setup()
     stop, stop_now = asyncio.Event(), asyncio.Event()
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from mi.actors.http_deadlines import RUNNER_OPTIONS, body_deadline
 from mi.actors.supervisor.supervisor import Supervisor
 from mi.api.backend import (
     BackendStats,
@@ -120,10 +121,17 @@ class BackendRoutes:
         return _json(TokenizerFiles(files))
 
     async def _body(self, request: web.Request) -> object:
+        content_type = request.headers.get("Content-Type")
+        if content_type is not None and content_type.split(";", 1)[0].strip().lower() != "application/json":
+            raise ApiError(
+                415, "The body must be JSON (Content-Type: application/json).", code="unsupported_media_type"
+            )
         try:
             return msgspec.json.decode(await request.read())
         except msgspec.DecodeError as exc:
             raise invalid("body", f"The body is not valid JSON: {exc}.") from None
+        except RecursionError:  # msgspec's decoder recurses once per nesting level
+            raise invalid("body", "The body is nested too deeply.") from None
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -223,7 +231,9 @@ def _auth_middleware(secret: str):
 
 def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
     routes = BackendRoutes(sup, model_name)
-    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[_errors, _auth_middleware(secret)])
+    app = web.Application(
+        client_max_size=_MAX_BODY_BYTES, middlewares=[_errors, _auth_middleware(secret), body_deadline]
+    )
     app.router.add_get("/health", routes.health)
     app.router.add_get("/v1/model", routes.model)
     app.router.add_get("/v1/tokenizer", routes.tokenizer)
@@ -242,7 +252,7 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
     sup = Supervisor(cfg, mi_config, tokenizer)
     secret = load_or_create_secret(cfg.cert_path)
     model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
-    runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(make_app(sup, model_name, secret), **RUNNER_OPTIONS)
     await runner.setup()
     unix_path = socket_path(cfg.port, cfg.socket_dir)
     unix_bound = False
