@@ -204,7 +204,9 @@ def decode_answer(raw: bytes, answer_type: type[T]) -> T:
     except msgspec.DecodeError:
         raise _bad_answer(problem[:200]) from None
     status = 400 if err.type == "invalid_request_error" else _LINE_STATUS.get(err.code, 500)
-    raise ApiError(status, err.message, err.param, err.type, err.code)
+    raise ApiError(
+        status, err.message, err.param, err.type, err.code, retry_after=1 if status == 503 else None
+    )
 
 
 # The HTTP status the backend answers for the codes an error line can carry (docs/backend-api.md),

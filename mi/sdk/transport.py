@@ -347,7 +347,7 @@ class Backend:
             typed = Overloaded(
                 f"The backend at {self.url} is overloaded: {message}", float(err.retry_after or 1)
             )
-        elif status == 503:
+        elif status == 503 and err.code != "backend_failed":  # that one is an engine failure
             typed = BackendUnavailable(f"The backend at {self.url} is not ready: {message}")
         elif status == 504 and err.code == "request_timeout":
             typed = RequestTimeout(f"The backend at {self.url} stopped the request: {message}")

@@ -120,7 +120,17 @@ def test_sigterm_during_generation_ends_the_stream(converted):
     body = json.dumps({"prompt": "x", "max_tokens": 2000, "ignore_eos": True, "stream": True})
     auth = f"Authorization: {backend_headers()['Authorization']}"
     curl = subprocess.Popen(
-        ["curl", "-sN", "-H", auth, f"http://127.0.0.1:{port}/v1/generate", "-d", body],
+        [
+            "curl",
+            "-sN",
+            "-H",
+            auth,
+            "-H",
+            "Content-Type: application/json",
+            f"http://127.0.0.1:{port}/v1/generate",
+            "-d",
+            body,
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

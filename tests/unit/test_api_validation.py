@@ -364,7 +364,7 @@ def test_stream_error_line_is_the_error_it_carries():
     }
     with pytest.raises(ApiError) as info:
         stream_of(START, error)
-    assert (info.value.status, info.value.message, info.value.code) == (500, "worker died", "backend_failed")
+    assert (info.value.status, info.value.message, info.value.code) == (503, "worker died", "backend_failed")
     error["error"].update(type="invalid_request_error", param="prompt")
     with pytest.raises(ApiError) as info:
         stream_of(START, error)
