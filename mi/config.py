@@ -153,6 +153,11 @@ class BackendConfig:
     max_prompt_bytes: int = -1  # text prompts longer (UTF-8) get the context-length 400 untokenized; -1: auto
     max_request_time: float = 0.0  # seconds from arrival; a request still running then is stopped (504)
     max_queue_wait: float = 0.0  # seconds a request may wait unscheduled; then 503 + Retry-After
+    # Lifecycle (docs/reliability.md): after an engine-scoped failure of a replica, "exit" (tear
+    # everything down, exit 1) or "restart" it (mi/actors/supervisor/restarts.py); on the first
+    # SIGTERM, requests in flight get drain_timeout seconds to finish.
+    on_failure: str = "exit"
+    drain_timeout: float = 30.0
 
     def __post_init__(self):
         checks = [
@@ -180,6 +185,11 @@ class BackendConfig:
             (self.max_prompt_bytes >= -1, f"--max-prompt-bytes must be >= 0, got {self.max_prompt_bytes}"),
             (self.max_request_time >= 0, f"--max-request-time must be >= 0, got {self.max_request_time}"),
             (self.max_queue_wait >= 0, f"--max-queue-wait must be >= 0, got {self.max_queue_wait}"),
+            (
+                self.on_failure in ("exit", "restart"),
+                f"--on-failure must be exit or restart, got {self.on_failure!r}",
+            ),
+            (self.drain_timeout >= 0, f"--drain-timeout must be >= 0, got {self.drain_timeout}"),
         ]
         for ok, message in checks:
             if not ok:

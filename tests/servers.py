@@ -65,14 +65,20 @@ class Process:
             time.sleep(0.05)
         raise TimeoutError(f"no {needle!r} after {timeout} s:\n{self.output}")
 
-    def stop(self, timeout: float = 15.0) -> int:
+    def stop(self, timeout: float = 15.0, drain: float = 3.0) -> int:
+        """SIGTERM (the servers drain requests in flight), and after `drain` s a second one
+        (they stop at once); SIGKILL after `timeout` s more."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
-                self.proc.wait(timeout)
+                self.proc.wait(drain)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
         self._reader.join(timeout=5)
         return self.proc.returncode
 

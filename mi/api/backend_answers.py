@@ -159,6 +159,7 @@ class BackendStats(_SchedulerCounts, frozen=True):
     prompt_tokens_total: Count = 0
     generation_tokens_total: Count = 0
     requests_finished_total: dict[str, Count] = {}  # finish reason -> requests
+    replica_restarts_total: Count = 0  # replicas replaced after a failure (--on-failure restart)
     replicas: tuple[ReplicaStats, ...] = ()
 
 
@@ -202,8 +203,21 @@ def decode_answer(raw: bytes, answer_type: type[T]) -> T:
         err = _decoder(_ErrorLine).decode(raw).error
     except msgspec.DecodeError:
         raise _bad_answer(problem[:200]) from None
-    status = 400 if err.type == "invalid_request_error" else 500
+    status = 400 if err.type == "invalid_request_error" else _LINE_STATUS.get(err.code, 500)
     raise ApiError(status, err.message, err.param, err.type, err.code)
+
+
+# The HTTP status the backend answers for the codes an error line can carry (docs/backend-api.md),
+# so that a stream's error becomes the same answer as a plain request's.
+_LINE_STATUS = {
+    "backend_failed": 503,
+    "backend_unavailable": 503,
+    "shutting_down": 503,
+    "queue_timeout": 503,
+    "overloaded": 503,
+    "request_timeout": 504,
+    "backend_timeout": 504,
+}
 
 
 class StreamDecoder:

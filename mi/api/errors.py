@@ -159,9 +159,15 @@ def decode_body(body: object, body_type: type[T], *, param_prefix: str = "") -> 
         raise validation_error(str(exc), param_prefix, body_type) from None
 
 
+# NOTE: the JSON parser gives an integer beyond int64 as the nearest float; from 2**53 on a float
+# may be a rounded integer (-2**63 - 1 arrives as -2**63), which must fail as a float, not pass.
+_EXACT_INTEGER_FLOATS = 2.0**53
+
+
 def _integral(value: object) -> object:
-    """A top-level number, or an array (of arrays) of numbers, with integral floats as ints."""
-    if isinstance(value, float) and value.is_integer():
+    """A top-level number, or an array (of arrays) of numbers, with integral floats below 2**53
+    as ints."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < _EXACT_INTEGER_FLOATS:
         return int(value)
     if isinstance(value, list):
         return [_integral(item) for item in value]

@@ -2,8 +2,9 @@
 
     mi-backend --model OUT --device all|N --port 12222
 
-Prints `service start at localhost:PORT` once it accepts requests; SIGTERM or Ctrl-C stops it
-cleanly (exit 0). Before loading anything it checks the host (x86-64 only, `mi.arch`) and the
+Prints `service start at localhost:PORT` once it accepts requests; SIGTERM or Ctrl-C drains it
+(requests in flight finish, for up to --drain-timeout s) and a second one stops it at once (exit 0
+either way). Before loading anything it checks the host (x86-64 only, `mi.arch`) and the
 cert file (`mi.auth.check_cert`, creating it when absent) and the unix socket's private directory
 (`mi.local_socket.prepare_socket_dir`): a failed check is one line, exit 2.
 """
@@ -111,6 +112,23 @@ def build_parser() -> argparse.ArgumentParser:
         "counted; 0 turns the watchdog off",
     )
     _add_admission_flags(p)
+    # Lifecycle flags (docs/reliability.md).
+    p.add_argument(
+        "--on-failure",
+        choices=["exit", "restart"],
+        default="exit",
+        help="after an engine failure of a replica (a child died, --step-timeout, a failed reader): "
+        "fail its requests in flight (503 backend_failed) and exit 1 (exit), or replace the replica "
+        "with fresh processes after 1, 2, 4 s while the others serve on (restart; at most 3 restarts "
+        "in 10 minutes, then exit 1)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds requests in flight may run on (new ones get 503) before "
+        "they are failed; a second signal stops at once",
+    )
     p.add_argument("--log-level", default="INFO")
     return p
 
@@ -204,6 +222,8 @@ def config_from_args(args: argparse.Namespace, mi_config: dict, env: Environment
         max_prompt_bytes=_prompt_bytes(args.max_prompt_bytes),
         max_request_time=args.max_request_time,
         max_queue_wait=args.max_queue_wait,
+        on_failure=args.on_failure,
+        drain_timeout=args.drain_timeout,
     )
 
 

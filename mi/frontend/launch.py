@@ -2,7 +2,8 @@
 
     python -m mi.frontend.launch --backend 12222 --server-port 13000 [--host 127.0.0.1]
 
-Prints `frontend start at http://HOST:PORT` once listening; SIGTERM or SIGINT exits 0. A backend
+Prints `frontend start at http://HOST:PORT` once listening; SIGTERM or SIGINT drains (see
+--drain-timeout) and exits 0, a second one at once. A backend
 cert file that must not be used (empty, unreadable, open to others: `mi.auth.check_cert`) is a
 one-line error at start, exit 2; an absent one is fine (the backend creates it).
 Environment (read once, by `mi.config.read_environment`): MI_API_KEY (the default of
@@ -107,10 +108,12 @@ def build_parser(env: Environment) -> argparse.ArgumentParser:
         help="most tokens one choice may generate (default: what the context leaves)",
     )
     p.add_argument(
+        "--drain-timeout",
         "--shutdown-timeout",
         type=float,
-        default=FrontendConfig.shutdown_timeout,
-        help="seconds in-flight requests may run on after SIGTERM before they are aborted",
+        default=FrontendConfig.drain_timeout,
+        help="on SIGTERM/SIGINT, seconds requests in flight may run on (/health and new requests "
+        "get 503 at once) before they end with an error; a second signal stops at once",
     )
     p.add_argument(
         "--backend-read-timeout",
@@ -149,7 +152,7 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
                 max_logprobs=args.max_logprobs,
                 max_tokens=args.max_tokens,
             ),
-            shutdown_timeout=args.shutdown_timeout,
+            drain_timeout=args.drain_timeout,
             backend_read_timeout=args.backend_read_timeout,
         )
     except (ValueError, OSError) as exc:

@@ -645,12 +645,12 @@ def test_worker_death_fails_every_request_in_flight_cleanly(converted):
 
 
 def test_backend_stopped_or_killed_mid_request_then_restarted(converted):
-    """SIGTERM mid-request: the backend aborts what runs, the frontend answers 503 "aborted";
+    """SIGTERM mid-request (no drain): the backend fails what runs, the frontend answers 503 shutting_down;
     a backend restarted on the same port is used again; SIGKILL cuts the streams, which end with
     an error event (the SDK raises ServerError)."""
     mi_dir, port = converted("llama", 1), free_port()
     backend_url = f"http://127.0.0.1:{port}"
-    backend, _ = start_backend(mi_dir, port=port)
+    backend, _ = start_backend(mi_dir, "--drain-timeout", "0", port=port)
     try:
         frontend, url = start_frontend(port)
     except Exception:
@@ -668,8 +668,8 @@ def test_backend_stopped_or_killed_mid_request_then_restarted(converted):
             backend.proc.send_signal(signal.SIGTERM)
             status, headers, raw = await asyncio.wait_for(plain, 30)
             assert status == 503 and "Retry-After" in headers, (status, raw)
-            assert error_of(raw)["code"] == "aborted"
-            assert_error_event_then_done(await rest_of_stream(stream), "aborted")
+            assert error_of(raw)["code"] == "shutting_down"
+            assert_error_event_then_done(await rest_of_stream(stream), "shutting_down")
 
     async def sigkill():
         async with aiohttp.ClientSession() as session:

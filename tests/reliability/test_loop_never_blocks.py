@@ -57,6 +57,7 @@ def _supervisor(step_timeout: float = 60.0) -> Supervisor:
     replica = replica_module.Replica(0, sup.cfg, {}, [2], sup._run_dir)
     replica.num_kv_blocks = 1000
     sup.replicas.append(replica)
+    replica.phase = "serving"  # as Supervisor._serve leaves a started one
     sup.state = "ok"
     return sup
 

@@ -291,7 +291,7 @@ class _SupervisorWithABug:
 
     state, vocab_size = "ok", VOCAB_SIZE
 
-    def submit(self, req):
+    async def admit(self, req):  # the routes' entry since the admission branch
         return SimpleNamespace(
             request_id=req.request_id, prompt_ids=[5, 6], num_prompt_logprobs=None, events=_FailingEvents()
         )

@@ -260,6 +260,17 @@ def test_generate_rejects(body, param):
     assert err.message
 
 
+@pytest.mark.parametrize("raw", [b"-9223372036854775809", b"9223372036854775808", b"1e18"])
+def test_an_integer_beyond_int64_is_not_rounded_into_range(raw):
+    # The frontend's JSON parser gives such an integer as a float; -2**63 - 1 became -2**63, a
+    # valid seed, and the request sampled with a seed nobody sent.
+    body = orjson.loads(b'{"prompt": "a", "seed": ' + raw + b"}")
+    with pytest.raises(ApiError) as info:
+        parse_completion(body)
+    assert info.value.status == 400 and info.value.param == "seed"
+    assert parse_completion({"prompt": "a", "max_tokens": 7.0}).generate_requests[0].max_tokens == 7
+
+
 @pytest.mark.parametrize(
     "prompt_len, max_tokens, max_model_len, ok",
     [(3, 5, 8, True), (3, 6, 8, False), (1, 1, 2, True), (0, 1, 8, False)],

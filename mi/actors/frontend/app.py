@@ -12,7 +12,10 @@ Invariants:
 - with an API key, every route but /health (and CORS preflights, which carry no credentials)
   needs `Authorization: Bearer KEY`, compared in constant time;
 - a client that goes away cancels its handler (handler cancellation is on), which aborts its
-  backend requests.
+  backend requests;
+- after the first SIGTERM/SIGINT, /health and every new request answer 503 while the requests in
+  flight run on for up to `drain_timeout` s; then (or on a second signal) they end with a 503
+  `shutting_down` (a stream: its error event, then [DONE]) and the server stops.
 """
 
 from __future__ import annotations
@@ -29,8 +32,10 @@ from aiohttp import web
 
 from mi.actors.frontend.generate import chat_completions, completions
 from mi.actors.frontend.info import ROUTES
-from mi.actors.frontend.state import STATE, FrontendConfig, FrontendState, json_response
+from mi.actors.frontend.state import SHUTTING_DOWN, STATE, FrontendConfig, FrontendState, json_response
+from mi.actors.http_deadlines import RUNNER_OPTIONS, body_deadline
 from mi.api.errors import ApiError, default_error_type, error_body
+from mi.api.info import HealthResponse
 
 log = logging.getLogger("mi.frontend")
 
@@ -95,6 +100,23 @@ async def _api_key(request: web.Request, handler: Callable[..., Awaitable]) -> w
     return await handler(request)
 
 
+@web.middleware
+async def _intake(request: web.Request, handler: Callable[..., Awaitable]) -> web.StreamResponse:
+    """Counts the requests in flight; while draining, answers new ones 503 at once."""
+    state = request.app[STATE]
+    if state.is_draining:
+        if request.path == "/health":
+            return json_response(HealthResponse("stopping"), 503, {"Retry-After": "1"})
+        raise SHUTTING_DOWN
+    if request.path == "/health":
+        return await handler(request)
+    state.num_in_flight += 1
+    try:
+        return await handler(request)
+    finally:
+        state.num_in_flight -= 1
+
+
 def _allowed_origin(config: FrontendConfig, origin: str | None) -> str | None:
     """The Access-Control-Allow-Origin value for `origin`, or None when it is not allowed."""
     if origin is None or not config.allowed_origins:
@@ -139,7 +161,8 @@ async def _add_cors_headers(request: web.Request, response: web.StreamResponse) 
 
 def create_app(config: FrontendConfig) -> web.Application:
     app = web.Application(
-        middlewares=[_cors_preflight, _errors, _api_key], client_max_size=config.max_body_bytes
+        middlewares=[_cors_preflight, _errors, _intake, _api_key, body_deadline],
+        client_max_size=config.max_body_bytes,
     )
     state = FrontendState(config)
     app[STATE] = state
@@ -173,26 +196,52 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+async def _drain(state: FrontendState, stop_now: asyncio.Event) -> None:
+    """Until the requests in flight are done, `drain_timeout` passes or `stop_now` is set; then
+    the ones left end with 503 shutting_down."""
+    state.is_draining = True
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + state.config.drain_timeout
+    if state.num_in_flight:
+        log.info("draining %d requests for up to %g s", state.num_in_flight, state.config.drain_timeout)
+    # NOTE: a 20 Hz check, only while stopping; counting on every request end would put an
+    # event on the hot path.
+    while state.num_in_flight and loop.time() < deadline and not stop_now.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop_now.wait(), 0.05)
+    state.stop_requests.set()
+    for queue in state.open_streams:
+        queue.put_nowait((-1, SHUTTING_DOWN))
+    for _ in range(40):  # the error events go out before the handlers are cancelled
+        if not state.num_in_flight:
+            break
+        await asyncio.sleep(0.05)
+
+
 async def serve(config: FrontendConfig) -> None:
-    """Serve until SIGTERM or SIGINT, then stop intake, give in-flight requests
-    `shutdown_timeout` seconds, abort the rest and return."""
+    """Serve until SIGTERM or SIGINT, then drain (see the module invariants) and return."""
     app = create_app(config)
-    # NOTE: handler_cancellation makes a client disconnect cancel its handler (and so abort
-    # the backend request); aiohttp leaves it off by default.
-    runner = web.AppRunner(
-        app, handler_cancellation=True, access_log=None, shutdown_timeout=config.shutdown_timeout
-    )
+    runner = web.AppRunner(app, **RUNNER_OPTIONS, shutdown_timeout=1.0)
     await runner.setup()
-    stop = asyncio.Event()
+    stop, stop_now = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (stop_now if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     # NOTE: handlers go in before the start line: whoever reads it may signal us at once.
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         await web.TCPSite(runner, config.host, config.port).start()
         if not _is_loopback(config.host) and config.api_key is None:
             log.warning("serving on %s without --api-key: anyone who can reach it may use it", config.host)
         print(f"frontend start at http://{config.host}:{config.port}", flush=True)
         await stop.wait()
+        await _drain(app[STATE], stop_now)
     finally:
         await runner.cleanup()
+        # NOTE: a signal after the teardown must not kill us with its default action (exit -15).
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)

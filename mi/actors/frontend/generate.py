@@ -31,7 +31,7 @@ import msgspec
 from aiohttp import web
 
 from mi.actors.frontend.formats import ChatFormat, CompletionFormat, Format, Piece, UsageTotal
-from mi.actors.frontend.state import STATE, FrontendState, json_response, read_json
+from mi.actors.frontend.state import SHUTTING_DOWN, STATE, FrontendState, json_response, read_json
 from mi.api import structured
 from mi.api.backend import (
     GenerateRequest,
@@ -153,7 +153,9 @@ async def _generate(
 ) -> web.StreamResponse:
     if stream:
         return await _stream(request, state, fmt, reqs, start)
-    results = await _run_all(state.backend, reqs, lambda req: _collect(state.backend, req))
+    results = await _until_shutdown(
+        state, _run_all(state.backend, reqs, lambda req: _collect(state.backend, req))
+    )
     usage = UsageTotal(fmt.n)
     for index, result in enumerate(results):
         _check_not_aborted(result.finish_reason)
@@ -194,6 +196,23 @@ async def _collect(backend: Backend, req: GenerateRequest) -> GenerateResult:
         resp.release()
         if not is_done:  # a read timeout, a cut stream, our cancellation: free its KV blocks now
             backend.abort(req.request_id)
+
+
+async def _until_shutdown(state: FrontendState, work: Awaitable):
+    """`work`'s result, or 503 shutting_down (and `work` cancelled: its backend calls aborted)
+    once the frontend's drain is over."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(state.stop_requests.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise SHUTTING_DOWN
+        return task.result()
+    finally:
+        stopping.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 def _check_not_aborted(finish_reason: str | None) -> None:
@@ -280,6 +299,7 @@ async def _stream(
             queue.put_nowait((index, None))
 
     pumps = [asyncio.ensure_future(pump(i, resp)) for i, resp in enumerate(streams)]
+    state.open_streams.add(queue)  # the drain's end puts its error here
     finished: set[int] = set()
     held = _HoldBack()
     usage = UsageTotal(fmt.n)
@@ -331,6 +351,7 @@ async def _stream(
         err = ApiError(500, "The server had an error processing your request.")
         await _write_quietly(response, encode_event(err.body()) + DONE)
     finally:
+        state.open_streams.discard(queue)
         for index, (req, task) in enumerate(zip(reqs, pumps)):
             task.cancel()
             if index not in finished:

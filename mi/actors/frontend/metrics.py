@@ -107,6 +107,10 @@ class _BackendCollector:
             ),
             "mi_backend_prompt_tokens": ("Prompt tokens the backend processed", stats.prompt_tokens_total),
             "mi_backend_generation_tokens": ("Tokens the backend generated", stats.generation_tokens_total),
+            "mi_backend_replica_restarts": (
+                "Replicas the backend replaced after a failure (--on-failure restart)",
+                stats.replica_restarts_total,
+            ),
         }
         for name, (doc, value) in counters.items():
             counter = CounterMetricFamily(name, doc)

@@ -8,6 +8,7 @@ as `request.app[STATE]`; nothing else is shared between requests.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,15 @@ from mi.config import DEFAULT_CERT_PATH
 from mi.sdk.transport import Backend, address, parse_backend
 from mi.sdk.types import AuthenticationError, MIError, RequestTimeout
 
-__all__ = ["STATE", "FrontendConfig", "FrontendState", "backend_error", "json_response", "read_json"]
+__all__ = [
+    "SHUTTING_DOWN",
+    "STATE",
+    "FrontendConfig",
+    "FrontendState",
+    "backend_error",
+    "json_response",
+    "read_json",
+]
 
 log = logging.getLogger("mi.frontend")
 
@@ -42,9 +51,9 @@ class FrontendConfig:
     backend_cert: Path = DEFAULT_CERT_PATH  # the backend's secret file (mi-frontend: or $MI_CERT)
     max_body_bytes: int = 2 * 2**20  # larger request bodies get a 413
     limits: Limits = field(default_factory=Limits)
-    # On SIGTERM in-flight requests get this long to finish, then (aiohttp) as long again to
-    # react to cancellation; the backend requests still open are then aborted.
-    shutdown_timeout: float = 5.0
+    # On SIGTERM requests in flight get this long to finish (new ones get 503 shutting_down);
+    # those still running then end with that error and their backend requests are aborted.
+    drain_timeout: float = 30.0
     # The longest wait for the backend's next bytes (a stream's next line); then 504 and an abort.
     # Above the backend's --step-timeout (60 s), so a hung engine is the backend's to report. 0: none.
     backend_read_timeout: float = 120.0
@@ -53,14 +62,17 @@ class FrontendConfig:
         parse_backend(self.backend)  # fails loudly on a bad spec
         if not 0 <= self.port < 65536:
             raise ValueError(f"port must be in [0, 65536), got {self.port}")
-        if self.max_body_bytes < 1024 or self.shutdown_timeout < 0 or self.backend_read_timeout < 0:
+        if self.max_body_bytes < 1024 or self.drain_timeout < 0 or self.backend_read_timeout < 0:
             raise ValueError(
-                "max_body_bytes >= 1024, shutdown_timeout >= 0 and backend_read_timeout >= 0 are required"
+                "max_body_bytes >= 1024, drain_timeout >= 0 and backend_read_timeout >= 0 are required"
             )
         if self.api_key is not None and not self.api_key.strip():
             raise ValueError("the API key must not be empty")
         if any(not name or len(name) > 256 for name in self.served_model_names):
             raise ValueError("served model names must have 1 to 256 characters")
+
+
+SHUTTING_DOWN = ApiError(503, "The server is shutting down.", code="shutting_down", retry_after=1)
 
 
 def backend_error(err: MIError) -> ApiError:
@@ -106,6 +118,10 @@ class FrontendState:
         self.tokenizers = TokenizerStore(self.backend, config.chat_template)
         self.metrics = FrontendMetrics()
         self.created = int(time.time())
+        self.is_draining = False  # SIGTERM: new requests get 503 shutting_down
+        self.num_in_flight = 0  # requests other than /health being handled
+        self.stop_requests = asyncio.Event()  # the drain is over: requests in flight fail now
+        self.open_streams: set[asyncio.Queue] = set()  # each stream's event queue
 
     async def served_names(self) -> tuple[str, ...]:
         if self.config.served_model_names:

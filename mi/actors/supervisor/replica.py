@@ -10,9 +10,14 @@ The supervisor's loop never waits on the request ring: a message goes out at onc
 has room, else it queues in order (behind any earlier one) and a task sends it as space frees up.
 The queue is bounded by the requests a replica admits (an AddRequest and an AbortRequest each).
 A replica that has work and sends nothing back for `step_timeout` seconds is stalled.
+
+Phases: "loading" (children started, no SchedulerReady yet) -> "serving" -> "failed" (requests
+go elsewhere; under --on-failure restart a fresh Replica of the same index replaces it). `stop`
+kills and reaps every child and frees the rings, whatever the phase (a second call is harmless).
 """
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -54,9 +59,19 @@ def _child_env() -> dict:
 
 
 class Replica:
-    def __init__(self, index: int, cfg: BackendConfig, model: dict, eos_token_ids: list[int], run_dir: str):
+    def __init__(
+        self,
+        index: int,
+        cfg: BackendConfig,
+        model: dict,
+        eos_token_ids: list[int],
+        run_dir: str,
+        generation: int = 0,
+    ):
         self.index = index
+        self.generation = generation  # restarts of this index so far
         self.cfg = cfg
+        self.phase = "loading"
         self.rings = {
             name: Ring.create(size, num_readers=cfg.tp if name == "plan" else 1)
             for name, size in _RING_BYTES.items()
@@ -80,7 +95,8 @@ class Replica:
         )
         self._eos_token_ids = eos_token_ids
         self._model = model
-        self._dist_init_file = os.path.join(run_dir, f"dist-init-{index}")
+        # NOTE: a fresh file per generation: a rendezvous over a dead group's file would hang.
+        self._dist_init_file = os.path.join(run_dir, f"dist-init-{index}-{generation}")
 
     def _spawn(self, name: str, module: str, spec: dict, rings: list[str], extra_fds: list[int] = ()) -> None:
         fds = [fd for ring in rings for fd in self.rings[ring].fds()] + list(extra_fds)
@@ -220,3 +236,6 @@ class Replica:
             ring.close()
         if self.collectives is not None:
             self.collectives.close()
+            self.collectives = None
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._dist_init_file)

@@ -17,6 +17,7 @@ from pathlib import Path
 import msgspec
 from aiohttp import web
 
+from mi.actors.http_deadlines import RUNNER_OPTIONS, body_deadline
 from mi.actors.supervisor.supervisor import Supervisor
 from mi.api.backend import (
     BackendStats,
@@ -120,10 +121,17 @@ class BackendRoutes:
         return _json(TokenizerFiles(files))
 
     async def _body(self, request: web.Request) -> object:
+        content_type = request.headers.get("Content-Type")
+        if content_type is not None and content_type.split(";", 1)[0].strip().lower() != "application/json":
+            raise ApiError(
+                415, "The body must be JSON (Content-Type: application/json).", code="unsupported_media_type"
+            )
         try:
             return msgspec.json.decode(await request.read())
         except msgspec.DecodeError as exc:
             raise invalid("body", f"The body is not valid JSON: {exc}.") from None
+        except RecursionError:  # msgspec's decoder recurses once per nesting level
+            raise invalid("body", "The body is nested too deeply.") from None
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -223,7 +231,9 @@ def _auth_middleware(secret: str):
 
 def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
     routes = BackendRoutes(sup, model_name)
-    app = web.Application(client_max_size=_MAX_BODY_BYTES, middlewares=[_errors, _auth_middleware(secret)])
+    app = web.Application(
+        client_max_size=_MAX_BODY_BYTES, middlewares=[_errors, _auth_middleware(secret), body_deadline]
+    )
     app.router.add_get("/health", routes.health)
     app.router.add_get("/v1/model", routes.model)
     app.router.add_get("/v1/tokenizer", routes.tokenizer)
@@ -235,18 +245,25 @@ def make_app(sup: Supervisor, model_name: str, secret: str) -> web.Application:
 
 async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
     """Runs until SIGTERM/SIGINT (exit code 0) or an engine failure (exit code 1: a failed or
-    hung child, or a failed output reader)."""
+    hung child, or a failed output reader, under --on-failure exit; a restart budget spent under
+    restart). The first signal drains (/health and new requests 503 at once, requests in flight
+    run on for up to --drain-timeout s, the rest fail with 503 shutting_down); a second one
+    stops at once."""
     sup = Supervisor(cfg, mi_config, tokenizer)
     secret = load_or_create_secret(cfg.cert_path)
     model_name = mi_config["model"].get("model_name") or Path(cfg.model_dir).name
-    runner = web.AppRunner(make_app(sup, model_name, secret), handler_cancellation=True, access_log=None)
+    runner = web.AppRunner(make_app(sup, model_name, secret), **RUNNER_OPTIONS)
     await runner.setup()
     unix_path = socket_path(cfg.port, cfg.socket_dir)
     unix_bound = False
-    stop = asyncio.Event()
+    stop, stop_now = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (stop_now if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     exit_code = 0
     try:
         try:
@@ -267,8 +284,11 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
             print(f"service start at localhost:{cfg.port}", flush=True)
             failed = asyncio.create_task(sup.failure.wait())
             await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+            failed.cancel()
             if sup.failure.is_set() and not stop.is_set():
                 exit_code = 1
+            else:
+                await sup.drain(cfg.drain_timeout, stop_now)
         else:
             start.cancel()
         stopped.cancel()
@@ -284,4 +304,9 @@ async def serve(cfg: BackendConfig, mi_config: dict, tokenizer) -> int:
         if unix_bound:  # never the socket of the backend whose port we failed to bind
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(unix_path)
+        # NOTE: a signal after the teardown must not kill us with its default action (exit -15)
+        # once the loop, closing, gives its handlers back.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+            signal.signal(sig, signal.SIG_IGN)
     return exit_code

@@ -7,8 +7,18 @@ It tokenizes prompts, routes each request to the least-loaded replica, turns tok
 text (incremental, UTF-8 safe, stop strings) and hands each request's events to its HTTP handler
 through an asyncio queue. A child that dies, a replica that makes no progress for
 `--step-timeout` seconds while it has work (a hung worker or collective), or a failed reader of a
-replica's outputs turns into an error for every request in flight and a shutdown, never a hang.
-The loop never waits on a ring: sends go through `Replica.send`, reads through `recv_async`.
+replica's outputs is an engine-scoped failure of that replica: its requests in flight get a 503
+`backend_failed`, never a hang; then the backend shuts down (`--on-failure exit`) or the replica
+is replaced (`--on-failure restart`, mi/actors/supervisor/restarts.py). The loop never waits on a
+ring: sends go through `Replica.send`, reads through `recv_async`.
+
+States (GET /health is 200 only in "ok"):
+
+    starting ─► ok ◄─► restarting (no replica serving)
+                 │         │
+                 └────┬────┘
+                      ├─► stopping (SIGTERM: drain, then shutdown)
+                      └─► dead (engine failure, or the restart budget spent)
 """
 
 import asyncio
@@ -31,6 +41,7 @@ from mi.actors.scheduler.block_manager import peak_blocks
 from mi.actors.supervisor.admission import PromptTokenizer
 from mi.actors.supervisor.detokenizer import TextStream
 from mi.actors.supervisor.replica import Replica, cpu_shares
+from mi.actors.supervisor.restarts import RestartBudget, replace_replica
 from mi.api.backend import GenerateRequest, Logprob, StreamDelta, Usage, check_context_len
 from mi.api.errors import ApiError
 from mi.config import BackendConfig, kv_window
@@ -68,6 +79,21 @@ def _logprob_entry(token_id: int, logprob: float, top_ids, top_logprobs, k: int)
     )
 
 
+def _remove_stale_run_dirs() -> None:
+    """The run directories of supervisors that died without their teardown (kill -9)."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        parts = name.split("-")
+        if len(parts) == 4 and parts[:2] == ["mi", "backend"] and parts[2].isdecimal():
+            pid = int(parts[2])
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+            except PermissionError:
+                pass  # someone else's live process
+
+
 class Supervisor:
     def __init__(self, cfg: BackendConfig, mi_config: dict, tokenizer):
         self.cfg = cfg
@@ -76,7 +102,7 @@ class Supervisor:
         model = mi_config["model"]
         self.vocab_size = model["vocab_size"]
         self.eos_token_ids = list(model["eos_token_ids"])
-        self.state = "starting"  # -> "ok" -> "stopping" | "dead"
+        self.state = "starting"  # see the module docstring
         self.failure = asyncio.Event()  # set when a child dies or reports a failure
         self.failure_reason: str | None = None
         self.replicas: list[Replica] = []
@@ -87,13 +113,21 @@ class Supervisor:
         self._by_request_id: dict[str, LiveRequest] = {}
         self._req_ids = itertools.count(1)
         self._tasks: list[asyncio.Task] = []
+        self._pumps: dict[int, asyncio.Task] = {}  # replica index -> its output reader
+        self._cpu_shares: list[tuple[int, list[list[int]]]] = []  # replica index -> start() args
+        self.restarts = RestartBudget()
+        self._drained = asyncio.Event()  # set when the last live request finishes
+        _remove_stale_run_dirs()
         self._run_dir = tempfile.mkdtemp(prefix=f"mi-backend-{os.getpid()}-")
         self.prompts = PromptTokenizer(tokenizer, cfg.max_model_len, cfg.max_prompt_bytes)
         self._grammars: GrammarCompiler | None = None  # from the first structured-output request
 
     @property
     def num_kv_blocks(self) -> int:
-        return min((r.num_kv_blocks for r in self.replicas), default=0)
+        return min((r.num_kv_blocks for r in self._serving()), default=0)
+
+    def _serving(self) -> list[Replica]:
+        return [r for r in self.replicas if r.phase == "serving"]
 
     # -- start-up ---------------------------------------------------------------------------
     async def start(self) -> None:
@@ -106,7 +140,8 @@ class Supervisor:
         for index in range(cfg.num_replicas):
             replica = Replica(index, cfg, self.mi_config["model"], self.eos_token_ids, self._run_dir)
             self.replicas.append(replica)
-            replica.start(threads, cpu_ids[index * cfg.tp : (index + 1) * cfg.tp])
+            self._cpu_shares.append((threads, cpu_ids[index * cfg.tp : (index + 1) * cfg.tp]))
+            replica.start(*self._cpu_shares[index])
         self._tasks.append(asyncio.create_task(self._watch_children()))
         ready = asyncio.create_task(
             asyncio.wait_for(asyncio.gather(*(r.wait_ready() for r in self.replicas)), cfg.ready_timeout)
@@ -122,16 +157,27 @@ class Supervisor:
         except asyncio.TimeoutError:
             raise RuntimeError(f"workers not ready after {cfg.ready_timeout:.0f} s") from None
         self.state = "ok"
-        self._tasks += [asyncio.create_task(self._pump_outputs(r)) for r in self.replicas]
+        for replica in self.replicas:
+            self._serve(replica)
+
+    def _serve(self, replica: Replica) -> None:
+        replica.phase = "serving"
+        replica.last_progress = time.monotonic()
+        self._pumps[replica.index] = asyncio.create_task(self._pump_outputs(replica))
 
     def _fail(self, reason: str) -> None:
+        """An engine failure of the whole backend: every request in flight fails, then exit 1."""
         if self.failure.is_set():
             return
         log.error("backend failed: %s", reason)
         self.failure_reason = reason
         if self.state != "stopping":
             self.state = "dead"
-        for live in list(self._requests.values()):
+        self._fail_requests(list(self._requests.values()))
+        self.failure.set()
+
+    def _fail_requests(self, lives: list[LiveRequest]) -> None:
+        for live in lives:
             self._forget(live)
             live.events.put_nowait(
                 ApiError(
@@ -141,18 +187,80 @@ class Supervisor:
                     code="backend_failed",
                 )
             )
-        self.failure.set()
+
+    def _replica_failed(self, replica: Replica, reason: str) -> None:
+        """An engine-scoped failure of one replica: exit, or replace it (--on-failure)."""
+        if replica.phase == "failed" or self.failure.is_set():
+            return
+        delay = self.restarts.next_delay() if self.cfg.on_failure == "restart" else None
+        if self.state not in ("ok", "restarting") or delay is None:
+            if self.cfg.on_failure == "restart" and self.state in ("ok", "restarting"):
+                reason += (
+                    f" (the restart budget is spent: {self.restarts.max_restarts} restarts in "
+                    f"{self.restarts.window_s:.0f} s)"
+                )
+            self._fail(reason)
+            return
+        log.error("%s; restarting replica %d in %g s", reason, replica.index, delay)
+        replica.phase = "failed"
+        self._fail_requests([live for live in self._requests.values() if live.replica is replica])
+        self._update_state()
+        self._tasks.append(asyncio.create_task(self._restart(replica, delay)))
+
+    def _update_state(self) -> None:
+        if self.state in ("ok", "restarting"):
+            self.state = "ok" if self._serving() else "restarting"
+
+    async def _restart(self, old: Replica, delay: float) -> None:
+        pump = self._pumps.pop(old.index, None)
+        if pump is not None:
+            pump.cancel()  # before stop() closes the ring it reads
+            await asyncio.gather(pump, return_exceptions=True)
+
+        def make() -> Replica:
+            self.restarts.record()
+            new = Replica(
+                old.index,
+                self.cfg,
+                self.mi_config["model"],
+                self.eos_token_ids,
+                self._run_dir,
+                old.generation + 1,
+            )
+            self.replicas[old.index] = new  # from here shutdown() stops it, whatever happens next
+            new.start(*self._cpu_shares[old.index])
+            return new
+
+        try:
+            new, reason = await replace_replica(old, delay, make, self.cfg.ready_timeout)
+        except Exception as exc:  # e.g. no memory for the new rings: the backend's failure
+            log.exception("restarting replica %d failed", old.index)
+            self._fail(f"restarting replica {old.index} failed: {type(exc).__name__}: {exc}")
+            return
+        if reason is not None:
+            self._replica_failed(new, f"replica {old.index} failed to restart: {reason}")
+            return
+        if self.state not in ("ok", "restarting"):
+            return  # stopping meanwhile: shutdown() stops it
+        log.info("replica %d restarted (%d restarts so far)", old.index, self.restarts.num_restarts)
+        self._serve(new)
+        self._update_state()
 
     async def _watch_children(self) -> None:
-        """Every 0.2 s: a dead child, and (once loaded) a replica stalled past --step-timeout."""
-        while True:
-            for replica in self.replicas:
-                reason = replica.dead_child()
-                if reason is None and self.state == "ok":
-                    reason = replica.stalled(self.cfg.step_timeout)
-                if reason and self.state in ("starting", "ok"):
-                    self._fail(reason)
-                    return
+        """Every 0.2 s: a dead child, and (once loaded) a replica stalled past --step-timeout.
+        A replica being replaced is watched by its restart instead."""
+        while not self.failure.is_set():
+            for replica in list(self.replicas):
+                if self.state == "starting":
+                    reason = replica.dead_child()
+                    if reason:
+                        self._fail(reason)
+                    continue
+                if replica.phase != "serving":
+                    continue
+                reason = replica.dead_child() or replica.stalled(self.cfg.step_timeout)
+                if reason:
+                    self._replica_failed(replica, reason)
             await asyncio.sleep(0.2)
 
     # -- requests ---------------------------------------------------------------------------
@@ -174,13 +282,18 @@ class Supervisor:
             self._grammars = GrammarCompiler(self.cfg.model_dir, model["vocab_size"], self.eos_token_ids)
         await asyncio.wrap_future(self._grammars.compile(constraint))
 
-    def _admissible_replica(self, req: GenerateRequest) -> Replica:
-        """The replica for `req`, or the ApiError of a backend that cannot take it now."""
+    def _check_intake(self) -> None:
+        if self.state == "stopping":
+            raise ApiError(503, "The backend is shutting down.", code="shutting_down", retry_after=1)
         if self.state != "ok":
             raise ApiError(503, f"The backend is {self.state}.", code="backend_unavailable", retry_after=1)
+
+    def _admissible_replica(self, req: GenerateRequest) -> Replica:
+        """The replica for `req`, or the ApiError of a backend that cannot take it now."""
+        self._check_intake()
         if req.request_id in self._by_request_id:
             raise ApiError(400, f"request_id {req.request_id!r} is already in use.", "request_id")
-        replica = min(self.replicas, key=lambda r: r.num_live)
+        replica = min(self._serving(), key=lambda r: r.num_live)
         if replica.num_live >= self.cfg.max_num_seqs + self.cfg.max_queued_requests:
             raise ApiError(
                 503,
@@ -256,7 +369,7 @@ class Supervisor:
         live = self._by_request_id.get(request_id)
         if live is None:
             return False
-        if self.state == "ok":
+        if live.replica.phase == "serving" and not self.failure.is_set():
             live.replica.send(m.AbortRequest(req_id=live.req_id))
         self._finish(
             live,
@@ -282,6 +395,8 @@ class Supervisor:
         self._requests.pop(live.req_id, None)
         self._by_request_id.pop(live.request_id, None)
         live.replica.num_live -= 1
+        if not self._requests:
+            self._drained.set()
 
     @staticmethod
     def _no_logprobs(live: LiveRequest) -> list | None:
@@ -351,7 +466,9 @@ class Supervisor:
                 pass
         except Exception as exc:
             log.exception("replica %d: reading the scheduler's outputs failed", replica.index)
-            self._fail(f"replica {replica.index}: reading its outputs failed: {type(exc).__name__}: {exc}")
+            self._replica_failed(
+                replica, f"replica {replica.index}: reading its outputs failed: {type(exc).__name__}: {exc}"
+            )
 
     def _on_scheduler_message(self, replica: Replica, msg) -> bool:
         """Applies one message from a scheduler; False once the replica has failed."""
@@ -388,10 +505,10 @@ class Supervisor:
                 self._forget(live)
                 live.events.put_nowait(ApiError(500, msg.reason, code="request_failed"))
         elif isinstance(msg, m.ActorFailed):
-            self._fail(f"replica {replica.index} {msg.actor}: {msg.reason}")
+            self._replica_failed(replica, f"replica {replica.index} {msg.actor}: {msg.reason}")
             return False
         else:
-            self._fail(f"unexpected {type(msg).__name__} from replica {replica.index}")
+            self._replica_failed(replica, f"unexpected {type(msg).__name__} from replica {replica.index}")
             return False
         return True
 
@@ -412,6 +529,7 @@ class Supervisor:
             "prompt_tokens_total": self.num_prompt_tokens,
             "generation_tokens_total": self.num_generated_tokens,
             "requests_finished_total": {r: self.finished[r] for r in ("stop", "length", "abort")},
+            "replica_restarts_total": self.restarts.num_restarts,
             "replicas": [
                 {
                     "index": r.index,
@@ -424,23 +542,53 @@ class Supervisor:
         }
 
     # -- shutdown ---------------------------------------------------------------------------
+    async def drain(self, timeout: float, abort_now: asyncio.Event) -> None:
+        """SIGTERM: no new requests (503 shutting_down, /health 503); those in flight run on
+        until they finish, `timeout` seconds pass, `abort_now` is set or the engine fails."""
+        if self.state == "dead":
+            return
+        self.state = "stopping"
+        if not self._requests:
+            return
+        log.info("draining %d requests for up to %g s", len(self._requests), timeout)
+        self._drained.clear()
+        waits = [asyncio.ensure_future(e.wait()) for e in (self._drained, abort_now, self.failure)]
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for wait in waits:
+                wait.cancel()
+
     async def shutdown(self) -> None:
-        """Abort in-flight requests, stop the children (grace period, then SIGKILL), free rings."""
+        """Fail the requests still in flight, stop the children (grace period, then SIGKILL),
+        free rings."""
         if self.state != "dead":
             self.state = "stopping"
         for live in list(self._requests.values()):
-            self.abort(live.request_id)
-        for task in self._tasks:
+            if live.replica.phase == "serving" and not self.failure.is_set():
+                live.replica.send(m.AbortRequest(req_id=live.req_id))
+            self._forget(live)
+            live.events.put_nowait(
+                ApiError(
+                    503,
+                    "The backend shut down before this request finished.",
+                    type="server_error",
+                    code="shutting_down",
+                )
+            )
+        for task in [*self._tasks, *self._pumps.values()]:
             task.cancel()
         for replica in self.replicas:
-            if not self.failure.is_set():
+            if replica.phase == "serving" and not self.failure.is_set():
                 # Queued behind any pending request; a scheduler that does not read it within
                 # the grace period is killed with the rest.
                 replica.send(m.Shutdown(reason="supervisor stopping"))
         # After a child failure the survivors may be blocked on it (a scheduler waiting for a
         # dead worker's result): no grace period, kill them now.
         grace = 0.0 if self.failure.is_set() else self.cfg.shutdown_grace
-        await asyncio.gather(*(r.stop(grace, log) for r in self.replicas))
+        # A replica still loading (a restart under way) has no scheduler to read Shutdown.
+        await asyncio.gather(*(r.stop(grace if r.phase == "serving" else 0.0, log) for r in self.replicas))
+        self.prompts.close()
         if self._grammars is not None:
             self._grammars.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)
