@@ -12,8 +12,9 @@ Chat specifics (the common policy is in openai_common.py):
   the context (capped by the server's max-tokens limit);
 - `logprobs: true` with `top_logprobs` k (0 gives `[]` alternatives); `top_logprobs` without
   `logprobs: true` is a 400;
-- `response_format` `{"type": "text"}` is accepted, other formats, tools, audio and predicted
-  outputs are a 400 until they exist; fields that do not change the output (`metadata`, `store`,
+- `response_format` (text, json_object, json_schema) and the other output constraints are the
+  sampling base's (mi/api/structured.py); tools, audio and predicted outputs are a 400 until
+  they exist; fields that do not change the output (`metadata`, `store`,
   `service_tier`, `user`, ...) are accepted and ignored.
 """
 
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta
 
+from mi.api import structured
 from mi.api.backend import GenerateRequest
 from mi.api.errors import ApiError, decode_body
 from mi.api.openai_common import (
@@ -166,12 +168,6 @@ def _text(message: ChatMessage, param: str) -> str:
 # -- the request --------------------------------------------------------------------------------
 
 
-class ResponseFormat(msgspec.Struct, frozen=True):
-    """The format of the answer; other fields (a JSON schema, ...) are not read."""
-
-    type: Annotated[str, Meta(description='Only "text" is supported.', extra_json_schema={"enum": ["text"]})]
-
-
 class ChatCompletionRequest(
     sampling_base("ChatSampling"), frozen=True, forbid_unknown_fields=True, kw_only=True
 ):
@@ -197,7 +193,6 @@ class ChatCompletionRequest(
             description="With logprobs: this many alternatives per token (0 gives []).",
         ),
     ] = None
-    response_format: Annotated[ResponseFormat | None, Meta(description='Only {"type": "text"}.')] = None
     tools: (
         Annotated[
             list[dict[str, Any]],
@@ -269,8 +264,6 @@ class ChatCompletionRequest(
         for key in ("audio", "prediction", "web_search_options", "functions"):
             if getattr(self, key) is not None:
                 raise not_supported(key, f"'{key}'")
-        if self.response_format is not None and self.response_format.type != "text":
-            raise not_supported("response_format", f"response_format type '{self.response_format.type[:40]}'")
         if self.tools:
             raise not_supported("tools", "Tool calling")
         for key in ("tool_choice", "function_call"):
@@ -352,6 +345,7 @@ def parse_chat_request(
     """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first problem."""
     req = decode_body(body, ChatCompletionRequest)
     model = check_model(req.model, served_names)
+    structured.resolve(req)  # one output constraint at most (each choice's request resolves it again)
     req.check_supported()
     plan = ChatPlan(req, model, template_messages(req.messages))
     key = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"

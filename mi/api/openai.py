@@ -24,6 +24,7 @@ from typing import Annotated
 import msgspec
 from msgspec import Meta
 
+from mi.api import structured
 from mi.api.backend import GenerateRequest
 from mi.api.errors import ApiError, decode_body, invalid
 from mi.api.openai_common import (
@@ -243,5 +244,6 @@ def parse_completion_request(
     """Check a decoded body; raise `ApiError` (400, or 404 for an unknown model) on the first problem."""
     req = decode_body(body, CompletionRequest)
     model = check_model(req.model, served_names)
+    structured.resolve(req)  # one output constraint at most (each choice's request resolves it again)
     prompts, reqs = req.to_generate_requests(completion_id, vocab_size=vocab_size, limits=limits)
     return CompletionPlan(req, model, prompts, reqs)

@@ -27,6 +27,7 @@ from msgspec import Meta
 from mi.api.backend import GenerateRequest
 from mi.api.errors import ApiError, invalid, validation_error
 from mi.api.sampling import INT64_MIN, MAX_LOGPROBS, SamplingParams
+from mi.api.structured import GUIDED_FIELDS, ResponseFormat, StructuredOutputs, resolve
 
 __all__ = [
     "CompletionUsage",
@@ -62,7 +63,24 @@ def sampling_base(name: str, *, keep: frozenset[str] = frozenset()) -> type[msgs
             else msgspec.field(default_factory=f.default_factory)
         )
         fields.append((f.name, f.type, default))
+    fields += _CONSTRAINT_FIELDS
     return msgspec.defstruct(name, fields, frozen=True, forbid_unknown_fields=True, module=__name__)
+
+
+# The OpenAI and older vLLM ways to ask for what `structured_outputs` asks (mi/api/structured.py):
+# `guided_json` etc. take the type of the structured_outputs field they name.
+_STRUCTURED_TYPES = {f.name: f.type for f in msgspec.structs.fields(StructuredOutputs)}
+_CONSTRAINT_FIELDS = [
+    (
+        "response_format",
+        Annotated[
+            ResponseFormat | None,
+            Meta(description="text, json_object (some JSON object) or json_schema (following its schema)."),
+        ],
+        None,
+    ),
+    *((name, _STRUCTURED_TYPES[kind], None) for name, kind in GUIDED_FIELDS.items()),
+]
 
 
 def to_generate_request(req: msgspec.Struct, **resolved) -> GenerateRequest:
@@ -72,6 +90,7 @@ def to_generate_request(req: msgspec.Struct, **resolved) -> GenerateRequest:
     fields = {
         name: getattr(req, name) for name in SamplingParams.__struct_fields__ if name not in _OWN_FIELDS
     }
+    fields["structured_outputs"] = resolve(req)
     try:
         return GenerateRequest(**(fields | resolved))
     except ValueError as exc:  # SamplingParams.__post_init__

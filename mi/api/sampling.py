@@ -20,6 +20,7 @@ import msgspec
 from msgspec import Meta
 
 from mi.api.errors import ApiError
+from mi.api.structured import StructuredOutputs
 
 __all__ = [
     "INT32_MAX",
@@ -200,6 +201,10 @@ class SamplingParams(msgspec.Struct, frozen=True, forbid_unknown_fields=True, om
             description="Leave special tokens out of the returned text.",
         ),
     ] = True
+    structured_outputs: Annotated[
+        StructuredOutputs | None,
+        Meta(description="Constrain the output to a JSON schema, a regex, a choice or a grammar."),
+    ] = None
 
     def __post_init__(self) -> None:
         # ValueError here is a msgspec.ValidationError when decoding, naming no field: say it.

@@ -1,7 +1,8 @@
 """Vectorized token sampling for a batch of requests with per-row parameters.
 
 Order (vLLM's): float32 logits -> logit_bias -> repetition penalty -> frequency/presence
-penalties (mi.ops.penalties) -> greedy rows take the argmax here -> temperature -> top_k ->
+penalties (mi.ops.penalties) -> the structured-output mask of constrained rows (xgrammar's
+bitmask) -> greedy rows take the argmax here -> temperature -> top_k ->
 top_p -> min_p -> exponential race (mi.ops.draw, on each row's few candidates where the filters
 leave few). Logprobs are of the raw logits (mi.ops.logprobs), computed only when asked.
 
@@ -62,15 +63,20 @@ class SamplingTensors:
     # (row ids [M] int64, token ids [M] int64, bias [M] float32); -inf bans a token.
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     num_top_logprobs: int = -1  # -1: no logprobs; k >= 0: chosen token's logprob + top k
+    # Structured output: (rows [M] int64, xgrammar bitmask [M, ceil(V / 32)] int32) of the
+    # constrained rows; a token whose bit is 0 gets -inf. None: no row is constrained.
+    token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def has_penalties(self) -> bool:
-        """Whether any row has logit processing before temperature (mi.ops.penalties)."""
+        """Whether any row has logit processing before temperature (mi.ops.penalties, the
+        structured-output mask)."""
         return not (
             self.logit_bias is None
             and self.repetition_penalty is None
             and self.frequency_penalty is None
             and self.presence_penalty is None
+            and self.token_bitmask is None
         )
 
     def __post_init__(self):
@@ -116,6 +122,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
     if num_rows == 0:  # a step whose rows all prefill without sampling
         return _empty_output(logits, st.num_top_logprobs)
     processed = apply_penalties(logits, st)  # [B, V] float32
+    if st.token_bitmask is not None:
+        processed = _apply_token_bitmask(processed, *st.token_bitmask)
 
     do_sample = st.temperature >= GREEDY_TEMPERATURE
     use_top_k = do_sample & (st.top_k > 0) & (st.top_k < vocab_size)
@@ -164,6 +172,16 @@ def sample(logits: torch.Tensor, st: SamplingTensors) -> SamplerOutput:
         return SamplerOutput(token_ids, None, None, None, failed_rows)
     chosen, top_ids, top_logprobs = token_logprobs(logits, token_ids, st.num_top_logprobs)
     return SamplerOutput(token_ids, chosen, top_ids, top_logprobs, failed_rows)
+
+
+def _apply_token_bitmask(processed: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """-inf at the tokens each constrained row's grammar forbids, in place (xgrammar's kernel:
+    C++ on CPU, its own on CUDA). `processed` is apply_penalties' copy, never the raw logits
+    (has_penalties counts the mask): logprobs are of those."""
+    import xgrammar as xgr
+
+    xgr.apply_token_bitmask_inplace(processed, bitmask.to(processed.device), indices=rows.tolist())
+    return processed
 
 
 def _failure_codes(

@@ -328,7 +328,9 @@ def test_chat_errors(client, model):
         client.chat.completions.create(model=model, messages=[], max_tokens=2)
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(
-            model=model, messages=MESSAGES, response_format={"type": "json_object"}
+            model=model,
+            messages=MESSAGES,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nope"}}},
         )
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="no-such-model", messages=MESSAGES)

@@ -32,6 +32,7 @@ from aiohttp import web
 
 from mi.actors.frontend.formats import ChatFormat, CompletionFormat, Format, Piece, UsageTotal
 from mi.actors.frontend.state import SHUTTING_DOWN, STATE, FrontendState, json_response, read_json
+from mi.api import structured
 from mi.api.backend import (
     GenerateRequest,
     GenerateResult,
@@ -77,7 +78,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     )
     tok = await state.tokenizers.get() if needs_tokenizer else None
     reqs = await _tokenized(state, info, creq.prompts, creq.generate_requests)
-    return await _generate(request, state, CompletionFormat(creq, cid, tok), reqs, creq.stream, start)
+    try:
+        return await _generate(request, state, CompletionFormat(creq, cid, tok), reqs, creq.stream, start)
+    except ApiError as err:
+        structured.rename_param(err, creq.request)
+        raise
 
 
 async def _tokenized(
@@ -134,6 +139,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     except ApiError as err:
         if err.param == "prompt":  # the backend's name for what the messages rendered to
             err.param = "messages"
+        structured.rename_param(err, creq.request)
         raise
 
 

@@ -45,6 +45,7 @@ from mi.actors.supervisor.restarts import RestartBudget, replace_replica
 from mi.api.backend import GenerateRequest, Logprob, StreamDelta, Usage, check_context_len
 from mi.api.errors import ApiError
 from mi.config import BackendConfig, kv_window
+from mi.grammar import GrammarCompiler
 
 log = logging.getLogger("mi.backend")
 
@@ -119,6 +120,7 @@ class Supervisor:
         _remove_stale_run_dirs()
         self._run_dir = tempfile.mkdtemp(prefix=f"mi-backend-{os.getpid()}-")
         self.prompts = PromptTokenizer(tokenizer, cfg.max_model_len, cfg.max_prompt_bytes)
+        self._grammars: GrammarCompiler | None = None  # from the first structured-output request
 
     @property
     def num_kv_blocks(self) -> int:
@@ -266,9 +268,19 @@ class Supervisor:
         """Tokenizes a text prompt off the loop (after the cheap checks and the size check),
         then submits the request."""
         self._admissible_replica(req)
+        if req.structured_outputs is not None:
+            await self._check_compiles(req.structured_outputs)
         if req.prompt is not None:
             req = await self.prompts.tokenized(req)
         return self.submit(req)
+
+    async def _check_compiles(self, constraint) -> None:
+        """A 400 (GrammarError) now for a schema, regex or grammar that does not compile, not a
+        failed request later; off the loop, and cached by the constraint's text."""
+        if self._grammars is None:
+            model = self.mi_config["model"]
+            self._grammars = GrammarCompiler(self.cfg.model_dir, model["vocab_size"], self.eos_token_ids)
+        await asyncio.wrap_future(self._grammars.compile(constraint))
 
     def _check_intake(self) -> None:
         if self.state == "stopping":
@@ -577,4 +589,6 @@ class Supervisor:
         # A replica still loading (a restart under way) has no scheduler to read Shutdown.
         await asyncio.gather(*(r.stop(grace if r.phase == "serving" else 0.0, log) for r in self.replicas))
         self.prompts.close()
+        if self._grammars is not None:
+            self._grammars.close()
         shutil.rmtree(self._run_dir, ignore_errors=True)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from mi.actors.messages import StepPlan, StepResult
+from mi.actors.worker.grammar_slots import GrammarSlots
 from mi.actors.worker.row_faults import sample_rows_alone
 from mi.actors.worker.slot_sampling import SlotSampling, to_device
 from mi.convert import load_mi_config
@@ -102,11 +103,21 @@ class ModelRunner:
         self.block_tables = np.zeros((cfg.max_num_seqs, max_blocks_per_seq), dtype=np.int64)
         self.num_slot_blocks = np.zeros(cfg.max_num_seqs, dtype=np.int64)
         self.sampling = SlotSampling(cfg.max_num_seqs, model_cfg["vocab_size"], self.device)
+        # Only rank 0 samples, so only it follows structured-output grammars.
+        self.grammar = (
+            GrammarSlots(cfg.model_dir, cfg.max_num_seqs, model_cfg["vocab_size"], model_cfg["eos_token_ids"])
+            if tp.rank == 0
+            else None
+        )
 
     def apply_diffs(self, plan: StepPlan) -> None:
+        if self.grammar is not None and len(plan.freed_slots):
+            self.grammar.free(plan.freed_slots.astype(np.int64))
         if plan.new_slots:
             self.num_slot_blocks[[new.slot for new in plan.new_slots]] = 0
             self.sampling.admit(plan.new_slots)
+            if self.grammar is not None:
+                self.grammar.admit(plan.new_slots)
         appends = plan.block_appends
         if len(appends):
             slots, blocks = appends[:, 0].astype(np.int64), appends[:, 1]
@@ -188,6 +199,8 @@ class ModelRunner:
             return StepResult(**_empty_result(plan.step_id))
         meta, cos_sin, seq_lens, token_seq_idx, token_slots, positions = self._metadata(plan)
         self.sampling.observe(token_slots, positions, plan.input_ids)
+        if self.grammar is not None:
+            self.grammar.observe(token_slots, positions, plan.input_ids)
         input_ids = to_device(plan.input_ids.astype(np.int64), self.device)
         hidden = self.model(input_ids, self.kv_caches, meta, cos_sin)
 
@@ -223,20 +236,38 @@ class ModelRunner:
         return StepResult(**result)
 
     def _sample(self, logits: torch.Tensor, slots: np.ndarray, positions: np.ndarray) -> SamplerOutput:
-        """The batch's tokens; if sampling the batch raises, its rows alone (row_faults.py)."""
+        """The batch's tokens; if sampling the batch raises, its rows alone (row_faults.py).
+        Rows whose grammar cannot continue fail too (their token is not used)."""
+        masks = self.grammar.masks(slots) if self.grammar is not None and len(slots) else None
+        bitmask = None if masks is None else (masks.rows, masks.bitmask)
         try:
-            return sample(logits, self.sampling.tensors(slots, positions))
+            out = sample(
+                logits, dataclasses.replace(self.sampling.tensors(slots, positions), token_bitmask=bitmask)
+            )
         except Exception as exc:
             batch_error = exc
+        else:
+            if masks is not None and masks.failed_rows:
+                out.failed_rows.update(masks.failed_rows)
+            return out
         num_top_logprobs = int(self.sampling.params["logprobs"][slots].max())
+        constrained = {} if masks is None else {row: i for i, row in enumerate(masks.rows.tolist())}
 
         def sample_row(row: int) -> SamplerOutput:
             one = slice(row, row + 1)
             st = self.sampling.tensors(slots[one], positions[one])
+            i = constrained.get(row)
+            row_mask = None if i is None else (torch.zeros(1, dtype=torch.int64), masks.bitmask[i : i + 1])
             # Every row's logprobs as wide as the batch's, so the rows stack.
-            return sample(logits[one], dataclasses.replace(st, num_top_logprobs=num_top_logprobs))
+            return sample(
+                logits[one],
+                dataclasses.replace(st, num_top_logprobs=num_top_logprobs, token_bitmask=row_mask),
+            )
 
-        return sample_rows_alone(len(slots), sample_row, batch_error)
+        out = sample_rows_alone(len(slots), sample_row, batch_error)
+        if masks is not None:
+            out.failed_rows.update(masks.failed_rows)
+        return out
 
 
 def _numpy(tensor: torch.Tensor, dtype) -> np.ndarray:
