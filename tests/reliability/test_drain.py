@@ -137,7 +137,9 @@ def test_the_drain_ends_at_its_timeout_or_a_second_sigterm(converted, drain, sec
 def test_the_frontend_drains_too(converted):
     backend, port = start_backend(converted("llama", 1))
     procs = tree(backend.proc.pid)
-    frontend, url = start_frontend(port, "--drain-timeout", "10")
+    # 3 s: the short streams (32 tokens) finish within it even on a loaded machine, the long one
+    # (2000 tokens) cannot; with 10 s it sometimes did on a quiet one and ended without the error.
+    frontend, url = start_frontend(port, "--drain-timeout", "3")
     body = {"prompt": "once upon a time", "max_tokens": 32, "temperature": 0, "ignore_eos": True}
 
     async def run() -> tuple:
