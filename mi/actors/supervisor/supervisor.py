@@ -102,6 +102,7 @@ class Supervisor:
         model = mi_config["model"]
         self.vocab_size = model["vocab_size"]
         self.eos_token_ids = list(model["eos_token_ids"])
+        self.kv_window = kv_window(model)  # the scheduler frees blocks behind it (None: keeps all)
         self.state = "starting"  # see the module docstring
         self.failure = asyncio.Event()  # set when a child dies or reports a failure
         self.failure_reason: str | None = None
@@ -313,7 +314,7 @@ class Supervisor:
         needed = peak_blocks(
             len(prompt_ids) + max(req.max_tokens, 1) - 1,
             self.cfg.block_size,
-            kv_window(self.mi_config["model"]),
+            self.kv_window,
             self.cfg.max_num_batched_tokens,
         )
         if needed > self.num_kv_blocks:
