@@ -1,6 +1,6 @@
 """Linear layers on CPU: torch's nn.Linear against oneDNN-packed weights, side by side in one run.
 
-    python benchmarks/bench_cpu_linear.py [--rows 1 2 4 8 16 32 128] [--layers 12]
+    python benchmarks/bench_cpu_linear.py [--rows 1 2 4 8 16 32 128] [--layers 12] [--mixed-steps 300]
 
 1. One projection at a time, for the matrices of the 125M Llama shape (hidden 768, 12 query / 4
    KV heads, intermediate 2048, vocabulary 32000): `--layers` distinct copies are cycled so every
@@ -8,9 +8,16 @@
    streamed and the packed / torch speed ratio per row count.
 2. The whole forward pass of that model (random weights, one decode token per row at context 160,
    the reference paged attention), both ways, in tokens per second.
+3. `--mixed-steps N`: N steps of random row counts (1 to 600, as a server's steps are) through
+   the five projections, oneDNN called with the exact row count against the bucketed count
+   PackedLinear uses, each in a fresh process: seconds and peak RSS (oneDNN keeps one primitive
+   per row count).
 """
 
 import argparse
+import multiprocessing
+import random
+import resource
 import statistics
 import time
 
@@ -124,13 +131,55 @@ def forward_passes(rows_list: list[int], repeats: int) -> None:
         print(f"{rows:5d} {plain[rows]:10.1f} {packed[rows]:10.1f} {packed[rows] / plain[rows]:5.2f}×")
 
 
+def _mixed_row_counts(exact: bool, steps: int, results) -> None:
+    torch.set_num_threads(results["threads"])
+    layers = [PackedLinear(torch.randn(*shape), None) for shape in SHAPES.values()]
+    head = PackedLinear(torch.randn(*HEAD), None)
+    rng = random.Random(0)
+    rows_list = [rng.randint(1, 600) for _ in range(steps)]
+    sequences_list = [rng.randint(1, 32) for _ in range(steps)]  # the head sees one row a sequence
+    start_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    for rows, sequences in zip(rows_list, sequences_list):
+        for layer in (*layers, head):
+            x = torch.randn(rows if layer is not head else sequences, layer.in_features)
+            if exact:
+                torch.ops.mkldnn._linear_pointwise(x, layer.packed_weight, None, "none", [], "")
+            else:
+                layer(x)
+    results["seconds"] = time.perf_counter() - start
+    results["rss_growth_mb"] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - start_kb) / 1024
+    results["distinct"] = len(set(rows_list))
+
+
+def mixed_row_counts(steps: int) -> None:
+    print(f"\n## {steps} steps of random row counts (1-600; 1-32 for the LM head), fresh process each way")
+    context = multiprocessing.get_context("spawn")
+    figures = {}
+    for exact in (True, False):
+        with context.Manager() as manager:
+            results = manager.dict(threads=torch.get_num_threads())
+            child = context.Process(target=_mixed_row_counts, args=(exact, steps, results))
+            child.start()
+            child.join()
+            figures[exact] = dict(results)
+    print(f"{figures[True]['distinct']} distinct row counts")
+    print(f"{'oneDNN called with':>22s} {'seconds':>8s} {'peak RSS growth, MB':>20s}")
+    for exact, label in ((True, "exact row count"), (False, "bucketed (row_bucket)")):
+        print(f"{label:>22s} {figures[exact]['seconds']:8.1f} {figures[exact]['rss_growth_mb']:20.0f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 128])
     parser.add_argument("--layers", type=int, default=12, help="distinct weight copies per matrix")
     parser.add_argument("--repeats", type=int, default=11)
+    parser.add_argument("--mixed-steps", type=int, default=0, help="run only part 3, with this many steps")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.mixed_steps:
+        mixed_row_counts(args.mixed_steps)
+        return
     projections(args.rows, args.layers, args.repeats)
     forward_passes([r for r in args.rows if r <= 32], args.repeats)
 

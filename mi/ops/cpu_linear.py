@@ -11,6 +11,14 @@ figures). torch ships the two operators inductor uses for the same purpose
 
 Results differ from `F.linear` by float32 rounding only (another summation order).
 
+oneDNN builds (and caches) one primitive per input row count, each ~2 ms to create and ~1-2 MB
+to keep, and the cache holds 1,024 of them. A server's steps have every row count from 1 to the
+token budget, so with exact counts memory grew by hundreds of MB under load and small models paid
+the creation cost on most steps. Inputs are therefore padded with zero rows to a bucket
+(`row_bucket`): exact up to 32 rows, where decode lives and a row costs almost nothing, then 16
+buckets per doubling, so at most 1/16 of a step's rows are padding and the whole server uses
+about 130 primitives per weight shape up to 2,048 rows.
+
 The packed tensor is opaque (no storage, no views, not a state_dict entry): a packed model is
 for inference only, and a tied LM head gets its own packed copy of the embedding.
 """
@@ -19,6 +27,16 @@ import torch
 from torch import nn
 
 _SUPPORTED_DTYPES = (torch.float32,)
+_EXACT_ROWS = 32
+_BUCKETS_PER_DOUBLING_LOG2 = 4  # 16 buckets between m and 2m
+
+
+def row_bucket(rows: int) -> int:
+    """The row count oneDNN is called with for `rows` input rows (>= rows)."""
+    if rows <= _EXACT_ROWS:
+        return rows
+    step = 1 << (rows.bit_length() - 1 - _BUCKETS_PER_DOUBLING_LOG2)
+    return -(-rows // step) * step
 
 
 def packing_available() -> bool:
@@ -46,7 +64,14 @@ class PackedLinear(nn.Module):
         self.bias = None if bias is None else bias.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        rows = x.numel() // self.in_features
+        padded_rows = row_bucket(rows)
+        if padded_rows == rows:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed_weight, self.bias, "none", [], "")
+        flat = x.reshape(rows, self.in_features)
+        padded = torch.nn.functional.pad(flat, (0, 0, 0, padded_rows - rows))
+        y = torch.ops.mkldnn._linear_pointwise(padded, self.packed_weight, self.bias, "none", [], "")
+        return y[:rows].view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return (

@@ -10,7 +10,7 @@ from mi.config import read_environment
 from mi.models.loader import load_model
 from mi.models.parallel import TensorParallel
 from mi.ops import AttentionMetadata, rotary_cos_sin
-from mi.ops.cpu_linear import PackedLinear, can_pack, pack_linears, packing_available
+from mi.ops.cpu_linear import PackedLinear, can_pack, pack_linears, packing_available, row_bucket
 
 pytestmark = pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN")
 
@@ -34,6 +34,20 @@ def test_packed_linear_takes_strided_and_batched_inputs():
     torch.testing.assert_close(packed(strided), F.linear(strided, weight), rtol=1e-5, atol=1e-5)
     batched = torch.randn(2, 3, 32)
     torch.testing.assert_close(packed(batched), F.linear(batched, weight), rtol=1e-5, atol=1e-5)
+    padded = torch.randn(3, 13, 32)  # 39 rows, run as 40
+    assert row_bucket(39) == 40
+    out = packed(padded)
+    assert out.shape == (3, 13, 64) and out.is_contiguous()
+    torch.testing.assert_close(out, F.linear(padded, weight), rtol=1e-5, atol=1e-5)
+
+
+def test_row_buckets_are_exact_for_decode_and_waste_at_most_a_sixteenth():
+    buckets = [row_bucket(rows) for rows in range(8193)]
+    assert buckets[:33] == list(range(33))
+    assert all(rows <= b <= rows * 17 / 16 for rows, b in enumerate(buckets))
+    assert all(a <= b for a, b in zip(buckets, buckets[1:]))
+    assert all(row_bucket(b) == b for b in buckets)  # a bucket maps to itself
+    assert len(set(buckets[1:2049])) == 128 and len(set(buckets[1:])) == 160  # bounded primitives
 
 
 @pytest.mark.parametrize(
